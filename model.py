@@ -1,0 +1,523 @@
+"""
+The LLaMA decoder, its HF-format checkpoints and its SentencePiece tokenizer.
+
+One forward serves training, prefill and cached decoding:
+
+    logits = model(idx)                                   # (B, T) -> (B, T, V) fp32
+    logits = model(idx, mask=mask, cache=cache)           # left-padded batch, KV cache
+    logits, h = model(idx, mask=mask, return_hidden=True) # h feeds the reward / value heads
+
+Module names follow transformers' LlamaForCausalLM, so a checkpoint's tensor names map onto ours by one
+rule (`hf_name` below) and any HF LLaMA folder loads without conversion. RoPE uses HF's rotate-half layout.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad config, bad data). CLIs print it without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# config: the fields of HF's LlamaConfig that change the computation
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = None       # None: = num_attention_heads (MHA); 1 is MQA; in between is GQA
+    head_dim: int = None                  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None             # None, {"rope_type": "linear", "factor"} or llama3's five keys
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: object = 2              # an int or a list of ints
+    pad_token_id: int = None
+    extra: dict = field(default_factory=dict)  # other keys of config.json, written back unchanged on save
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d, where="config.json"):
+        d = dict(d)
+        arch = d.get("architectures") or []
+        if d.get("model_type") != "llama" or any(not a.startswith("Llama") for a in arch):
+            raise UserError(f"{where}: model_type={d.get('model_type')!r}, architectures={arch}: not a LLaMA "
+                            f"model. Point --model at a folder holding a LlamaForCausalLM checkpoint.")
+        if d.get("hidden_act", "silu") != "silu":
+            raise UserError(f"{where}: hidden_act={d['hidden_act']!r}; LLaMA uses 'silu'.")
+        # transformers >= 5 writes rope_theta and the scaling together as "rope_parameters"
+        rp = d.pop("rope_parameters", None)
+        if rp:
+            rp = dict(rp)
+            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+            if rp.get("rope_type", rp.get("type", "default")) != "default":
+                d.setdefault("rope_scaling", rp)
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(kw.get(k), int) or kw[k] <= 0:
+                raise UserError(f"{where}: '{k}' is missing or not a positive integer (got {kw.get(k)!r}).")
+        cfg = cls(**kw, extra=extra)
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise UserError(f"{where}: num_attention_heads={cfg.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={cfg.num_key_value_heads}.")
+        if cfg.head_dim % 2:
+            raise UserError(f"{where}: head_dim={cfg.head_dim} must be even for RoPE.")
+        rope_type = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise UserError(f"{where}: rope_scaling type {rope_type!r} is not supported "
+                            f"(supported: none, 'linear', 'llama3').")
+        return cfg
+
+    def to_dict(self):
+        d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}
+        d.update(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        return d
+
+    @property
+    def eos_ids(self):
+        e = self.eos_token_id
+        return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in fp32 whatever the weights' dtype, as HF does: bf16 variance is too coarse
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg):
+    """Inverse frequencies (head_dim/2,) of RoPE, with linear or Llama-3 scaling when the config asks."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.hd, bias=b)
+        self.k_proj = nn.Linear(C, self.n_kv * self.hd, bias=b)
+        self.v_proj = nn.Linear(C, self.n_kv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=b)
+
+    def forward(self, x, cos, sin, attn_mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                 # (B, nkv, S, hd), S = slots so far
+        # GQA: query head h reads kv head h // (nh / nkv), as HF's repeat_kv does
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=attn_mask is None and T > 1, enable_gqa=self.n_kv != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)           # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, H, bias=b)
+        self.up_proj = nn.Linear(C, H, bias=b)
+        self.down_proj = nn.Linear(H, C, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys and values for `max_len` slots. Slots fill left to right for every row at once;
+    `mask` marks which slots hold real tokens (left padding does not), `lengths` counts them per row, so the
+    next token's RoPE position is lengths[b] whatever the padding."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len, self.pos = max_len, 0   # pos: slots filled so far
+        self.padded = False                   # True once any slot is padding: attention then needs the mask
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+
+def hf_name(name):
+    """Our parameter name -> the tensor name in an HF LlamaForCausalLM checkpoint."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.eos_ids = cfg.eos_ids  # stop ids for sampling; from_pretrained prefers generation_config.json
+
+    def init_weights(self, std=0.02):
+        """Random init as HF does (normal(0, std), zero biases, unit norms); for tests and benchmarks."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+        return self
+
+    def new_cache(self, batch_size, max_len):
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
+    def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False, logits="all"):
+        """
+        idx:       (B, T) token ids
+        positions: (B, T) RoPE positions; by default the count of real tokens before each one, so a left-padded
+                   row sees the positions it would see alone
+        mask:      (B, T) bool, False at padding (None: no padding). Keys at padding are never attended to.
+        cache:     a KVCache: the T tokens go into its next T slots and attend to everything before them
+        logits:    "all" (B, T, V), "last" (B, 1, V) or "none"; always fp32
+        returns logits, or (logits, hidden) with hidden (B, T, C) the final-norm states (as HF's last_hidden_state)
+        """
+        B, T = idx.shape
+        dev = idx.device
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        past = cache.pos if cache is not None else 0
+        if cache is not None:
+            if past + T > cache.max_len:
+                raise ValueError(f"KV cache full: {past} + {T} tokens > {cache.max_len} slots")
+            cache.mask[:, past:past + T] = mask
+            cache.padded = cache.padded or not bool(mask.all())
+            key_mask, padded = cache.mask[:, :past + T], cache.padded   # (B, S)
+        else:
+            key_mask, padded = mask, not bool(mask.all())
+        if positions is None:
+            start = cache.lengths[:, None] if cache is not None else 0
+            positions = (start + mask.long().cumsum(-1) - 1).clamp(min=0)       # (B, T)
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(positions.max())} is past the context window "
+                             f"({self.config.max_position_embeddings} tokens)")
+
+        # attention mask (B, 1, T, S): causal AND key is real. Each query also sees itself, so the rows of
+        # padding queries are never empty (their outputs are junk that nothing reads, but finite).
+        attn_mask = None
+        if padded or (past > 0 and T > 1):
+            S = past + T
+            qi = torch.arange(past, S, device=dev)[:, None]
+            kj = torch.arange(S, device=dev)[None, :]
+            attn_mask = ((kj <= qi) & key_mask[:, None, :]) | (kj == qi)       # (B, T, S)
+            attn_mask = attn_mask[:, None]                                      # (B, 1, T, S)
+
+        # RoPE angles, computed in fp32 like HF, shared by all layers
+        freqs = positions[..., None].float() * self.inv_freq                    # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                        # (B, 1, T, hd)
+        x = self.embed_tokens(idx)                                              # (B, T, C)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+            cache.lengths += mask.sum(-1)
+        h = self.norm(x)                                                        # (B, T, C)
+
+        if logits == "none":
+            out = None
+        else:
+            out = self.lm_head(h[:, -1:] if logits == "last" else h).float()   # (B, T or 1, V)
+        return (out, h) if return_hidden else out
+
+    # -------------------------------------------------------------------------
+    # HF-format checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None):
+        """Load any HF LlamaForCausalLM folder: config.json + model.safetensors or a sharded index.
+        The model is built on the meta device and the checkpoint's tensors are assigned into it, so the
+        weights are in memory once. dtype None: fp32 on CPU, bf16 on CUDA."""
+        cfg = load_config(path)
+        device = torch.device(device)
+        if dtype is None:
+            dtype = default_dtype(device)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {hf_name(n): p.shape for n, p in model.named_parameters()}  # tied: lm_head is not listed
+        state = load_safetensors(path, expected, device, dtype)
+        model.load_state_dict({n: state.pop(hf_name(n)) for n, _ in model.named_parameters()},
+                              strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+        model.eos_ids = generation_eos_ids(path) or cfg.eos_ids
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write config.json (+ generation_config.json) and safetensors in HF's layout, sharded with an index
+        above max_shard_bytes. Written into a temporary folder, then renamed: a crash never leaves half a
+        checkpoint under `path`."""
+        state = {hf_name(n): p.detach().contiguous() for n, p in self.named_parameters()}
+        tmp = _tmp_dir(path)
+        shards, cur, size = [], {}, 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name] = t
+            size += nbytes
+        shards.append(cur)
+        from safetensors.torch import save_file
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                        {"metadata": {"total_size": total}, "weight_map": weight_map})
+        d = self.config.to_dict()
+        d["torch_dtype"] = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        _write_json(os.path.join(tmp, "config.json"), d)
+        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.eos_ids}
+        if self.config.pad_token_id is not None:
+            gen["pad_token_id"] = self.config.pad_token_id
+        _write_json(os.path.join(tmp, "generation_config.json"), gen)
+        _commit_dir(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# loading helpers: one loader for configs, tensors and tokenizers
+
+def default_dtype(device):
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _need_dir(path):
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such model folder. Pass a folder holding config.json and "
+                        f"model.safetensors (an HF LLaMA checkpoint), e.g. --model=data/stories260K.")
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}). Restore the file from the original checkpoint.") from None
+
+
+def load_config(path):
+    _need_dir(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{cfg_path}: missing. A model folder needs the config.json of an HF LLaMA checkpoint.")
+    return LlamaConfig.from_dict(_read_json(cfg_path), where=cfg_path)
+
+
+def generation_eos_ids(path):
+    """The stop ids of generation_config.json, if the folder has one (HF's generate() uses these)."""
+    p = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(p):
+        return None
+    e = _read_json(p).get("eos_token_id")
+    return None if e is None else [e] if isinstance(e, int) else list(e)
+
+
+def load_safetensors(path, expected, device, dtype):
+    """Read the checkpoint's tensors, one file at a time, checking names and shapes against `expected`.
+    Floating tensors are cast to `dtype`. Returns {name: tensor}."""
+    from safetensors import safe_open
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map") or {}
+        files = [os.path.join(path, f) for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not os.path.isfile(f):
+                raise UserError(f"{f}: missing, but {index} lists it. Download every shard of the checkpoint.")
+    else:
+        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json. Only safetensors "
+                        f"checkpoints load (never pickles); convert .bin/.pth weights with transformers first.")
+    state, where = {}, {}
+    # tensors HF itself ignores: the RoPE buffer of old checkpoints, a tied lm_head stored anyway
+    ignored = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if "lm_head.weight" not in expected else ())
+    for f in files:
+        try:
+            handle = safe_open(f, framework="pt", device="cpu")
+        except Exception as e:
+            raise UserError(f"{f}: not a readable safetensors file ({e}). Re-download it.") from None
+        with handle:
+            for name in handle.keys():
+                if name.endswith(ignored):
+                    continue
+                if name not in expected:
+                    raise UserError(f"{f}: unexpected tensor '{name}' for this config.json. The weights do not "
+                                    f"belong to this config (or are not a LlamaForCausalLM).")
+                t = handle.get_tensor(name)
+                if tuple(t.shape) != tuple(expected[name]):
+                    raise UserError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, config.json implies "
+                                    f"{tuple(expected[name])}. The weights and config.json do not match.")
+                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                where[name] = f
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
+                        f"'{missing[0]}'. The checkpoint is incomplete or belongs to another config.")
+    return state
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _tmp_dir(path):
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _commit_dir(tmp, path):
+    """Swap a finished temporary folder in place of `path`, keeping files of `path` that tmp does not have
+    (a tokenizer.model, say). The old folder is moved aside first, so `path` is never half written."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        stale = ("model.safetensors", "model.safetensors.index.json")
+        for f in os.listdir(path):
+            src = os.path.join(path, f)
+            if (not os.path.exists(os.path.join(tmp, f)) and not f.startswith(stale)
+                    and not (f.startswith("model-") and f.endswith(".safetensors"))):
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, f))
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+class Tokenizer:
+    """SentencePiece tokenizer: a tokenizer.model file, or a model folder holding one."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise UserError(f"{file}: missing. Copy the checkpoint's SentencePiece tokenizer.model there.")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(file)
+        except Exception:
+            raise UserError(f"{file}: not a SentencePiece model. Use the tokenizer.model that came with "
+                            f"the checkpoint.") from None
+        self.path = file
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text, bos=True, eos=False):
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+
+def load(path, device="cpu", dtype=None):
+    """The model and tokenizer of a folder, checked against each other. Every script loads through here."""
+    model = Llama.from_pretrained(path, device=device, dtype=dtype)
+    tok = Tokenizer(path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+                        f"{model.config.vocab_size}. Use the tokenizer.model that came with this checkpoint.")
+    return model, tok

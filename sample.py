@@ -1,0 +1,238 @@
+"""
+THE sampler: batched, left-padded, KV-cached generation with temperature / top-k / top-p, per-row stop ids and
+the logprob of every sampled token. The CLI, data generation, self-play and PPO rollouts all call `generate`.
+
+    python sample.py                                   # a few stories from the bundled model, streamed
+    python sample.py --prompt="Once upon a time" --temperature=0
+    python sample.py --model=path/to/llama --prompt_file=prompts.txt --num_samples=4 --max_new_tokens=256
+"""
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+
+from model import UserError, load
+
+PAD_ID = 0  # any id works: padded slots are masked out of attention and never sampled
+
+
+# -----------------------------------------------------------------------------
+# choosing the next token
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Set to -inf every logit outside the top-k, then outside the smallest set whose probability reaches
+    top_p (the most likely token always stays). logits: (B, V) fp32, already divided by the temperature."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """logits (B, V) fp32 -> (next ids (B,), their logprobs (B,) under the distribution sampled from).
+    Greedy (temperature 0) reports logprobs under the model's untempered distribution."""
+    if temperature == 0:
+        logp = logits.log_softmax(-1)
+        nxt = logits.argmax(-1)
+    else:
+        logp = filter_logits(logits / temperature, top_k, top_p).log_softmax(-1)
+        # argmax of p / Exp(1) noise is an exact draw from p (the exponential race), and needs no sync
+        noise = torch.empty_like(logp).exponential_(1, generator=generator)
+        nxt = (logp.exp() / noise).argmax(-1)
+    return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# batched generation
+
+def check_lengths(model, prompts, max_new_tokens):
+    ctx = model.config.max_position_embeddings
+    if not prompts:
+        raise UserError("no prompts to sample from: pass at least one prompt.")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise UserError(f"prompt {i} is empty: a prompt needs at least one token (BOS counts).")
+        if len(p) >= ctx:
+            raise UserError(f"prompt {i} has {len(p)} tokens, but the context window is {ctx}: shorten the "
+                            f"prompt (it must leave room for at least one new token).")
+        if len(p) + max_new_tokens > ctx:
+            raise UserError(f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} is past the "
+                            f"context window of {ctx} tokens: lower --max_new_tokens to {ctx - len(p)} or less.")
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=None, seed=None,
+             on_token=None):
+    """
+    prompts: list of B token-id lists (any lengths). They are left-padded into one batch that shares one
+    KV cache; per-row positions keep each row exactly as it would be alone.
+    stop_ids: a row ends at its first one (excluded from the output). None: the model's EOS ids
+    (generation_config.json, else config.json); [] never stops early.
+    seed: the same seed gives the same samples. on_token(step, ids (B,)) is called after every step (streaming).
+    returns (tokens, logprobs): per row, the list of new ids and the list of their fp32 logprobs.
+    """
+    check_lengths(model, prompts, max_new_tokens)
+    device = model.embed_tokens.weight.device
+    stop = torch.tensor(model.eos_ids if stop_ids is None else list(stop_ids), dtype=torch.long, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T0), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(B, T0, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long)               # left padding
+        mask[i, T0 - len(p):] = True
+    idx, mask = idx.to(device), mask.to(device)
+    was_training = model.training
+    model.eval()
+
+    cache = model.new_cache(B, T0 + max_new_tokens)
+    logits = model(idx, mask=mask, cache=cache, logits="last")[:, -1]          # (B, V) prefill
+    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
+    toks, lps = [], []
+    for step in range(max_new_tokens):
+        nxt, lp = sample_next(logits, temperature, top_k, top_p, generator)   # (B,), (B,)
+        toks.append(nxt)
+        lps.append(lp)
+        hit = torch.isin(nxt, stop) & ~done
+        n_new = torch.where(hit, step, n_new)
+        done |= hit
+        if on_token is not None:
+            on_token(step, nxt)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = model(nxt[:, None], mask=ones, cache=cache, logits="last")[:, -1]
+    model.train(was_training)
+
+    toks, lps, n_new = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).float().tolist(), n_new.tolist()
+    return [t[:n] for t, n in zip(toks, n_new)], [l[:n] for l, n in zip(lps, n_new)]
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+@dataclass
+class Config:
+    model: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stories260K")
+    prompt: str = ""             # "" samples from BOS alone
+    prompt_file: str = ""        # one prompt per line; overrides --prompt
+    num_samples: int = 3         # samples per prompt
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.9
+    seed: int = 1337
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = ""              # "" = fp32 on CPU, bf16 on CUDA; or float32 / bfloat16 / float16
+    stream: bool = True          # print each sample as it is generated; False: one batch, printed at the end
+
+
+def parse_args(cls, argv):
+    """--key=value (or --key value) flags onto the dataclass `cls`, type-checked. Unknown flags are errors."""
+    cfg, types = cls(), {f.name: f.type for f in fields(cls)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(f"flags (defaults): " + " ".join(f"--{k}={getattr(cfg, k)!r}" for k in types))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: flags look like --key=value.")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UserError(f"flag --{key} needs a value: --{key}=VALUE.")
+            val, i = argv[i + 1], i + 1
+        if key not in types:
+            raise UserError(f"unknown flag --{key}. Known flags: " + ", ".join("--" + k for k in types))
+        typ = types[key] if isinstance(types[key], type) else eval(types[key])
+        try:
+            if typ is bool:
+                if val.lower() not in ("1", "0", "true", "false"):
+                    raise ValueError
+                setattr(cfg, key, val.lower() in ("1", "true"))
+            else:
+                setattr(cfg, key, typ(val))
+        except ValueError:
+            raise UserError(f"--{key}={val!r}: expected a {typ.__name__}.") from None
+        i += 1
+    return cfg
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def main(argv):
+    cfg = parse_args(Config, argv)
+    if cfg.dtype and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={cfg.device}: no CUDA GPU is visible here. Use --device=cpu.")
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
+        raise UserError("--num_samples and --max_new_tokens must be at least 1.")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+        raise UserError("need --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0.")
+    model, tok = load(cfg.model, device=cfg.device, dtype=DTYPES.get(cfg.dtype))
+    if cfg.prompt_file:
+        if not os.path.isfile(cfg.prompt_file):
+            raise UserError(f"{cfg.prompt_file}: no such prompt file. Give a text file with one prompt per line.")
+        with open(cfg.prompt_file) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        if not texts:
+            raise UserError(f"{cfg.prompt_file}: has no non-empty line. Put one prompt per line.")
+    else:
+        texts = [cfg.prompt]
+    prompts = [tok.encode(t, bos=True) for t in texts]
+    check_lengths(model, prompts, cfg.max_new_tokens)
+    kw = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    t0, n = time.time(), 0
+    if cfg.stream:
+        # one sample at a time (seed, seed+1, ...), its text printed as the tokens arrive
+        for j, (text, ids) in enumerate((t, p) for t, p in zip(texts, prompts) for _ in range(cfg.num_samples)):
+            seen, shown = list(ids), tok.decode(ids)
+            print(text, end="", flush=True)
+
+            def on_token(step, nxt):
+                nonlocal shown
+                seen.append(int(nxt[0]))
+                full = tok.decode(seen)
+                if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    sys.stdout.write(full[len(shown):])
+                    sys.stdout.flush()
+                    shown = full
+
+            out, _ = generate(model, [ids], cfg.max_new_tokens, **kw, seed=cfg.seed + j, on_token=on_token)
+            n += len(out[0])
+            print("\n" + "-" * 40, flush=True)
+    else:
+        # every sample of every prompt in one left-padded batch
+        batch = [p for p in prompts for _ in range(cfg.num_samples)]
+        out, _ = generate(model, batch, cfg.max_new_tokens, **kw, seed=cfg.seed)
+        for ids, new in zip(batch, out):
+            print(tok.decode(ids + new))
+            print("-" * 40)
+        n = sum(len(o) for o in out)
+    dt = time.time() - t0
+    print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s on {cfg.device}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
