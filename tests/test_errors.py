@@ -1,0 +1,168 @@
+"""Every mistake a user can make ends in one clear message naming the file and the fix."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, STORIES
+from model import Llama, UserError, load
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A writable copy of the bundled model."""
+    d = tmp_path / "m"
+    shutil.copytree(STORIES, d)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    return d
+
+
+def edit_config(d, **kw):
+    cfg = json.load(open(d / "config.json"))
+    cfg.update(kw)
+    json.dump(cfg, open(d / "config.json", "w"))
+
+
+def edit_tensors(d, fn):
+    state = load_file(d / "model.safetensors")
+    fn(state)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def check(d, *words):
+    with pytest.raises(UserError) as e:
+        load(str(d))
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_missing_folder(tmp_path):
+    check(tmp_path / "nope", "nope", "no such model folder")
+
+
+def test_missing_config(ckpt):
+    os.remove(ckpt / "config.json")
+    check(ckpt, "config.json", "missing")
+
+
+def test_config_not_json(ckpt):
+    (ckpt / "config.json").write_text("{ not json")
+    check(ckpt, "config.json", "not valid JSON")
+
+
+def test_config_not_llama(ckpt):
+    edit_config(ckpt, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    check(ckpt, "config.json", "not a LLaMA", "gpt2")
+
+
+def test_config_bad_heads(ckpt):
+    edit_config(ckpt, num_key_value_heads=3)
+    check(ckpt, "config.json", "num_key_value_heads=3")
+
+
+def test_unsupported_rope_scaling(ckpt):
+    edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    check(ckpt, "config.json", "yarn")
+
+
+def test_missing_weights_file(ckpt):
+    os.remove(ckpt / "model.safetensors")
+    check(ckpt, "model.safetensors", "never pickles")
+
+
+def test_corrupt_weights_file(ckpt):
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 100)
+    check(ckpt, "model.safetensors", "not a readable safetensors")
+
+
+def test_missing_tensor(ckpt):
+    edit_tensors(ckpt, lambda s: s.pop("model.layers.3.mlp.up_proj.weight"))
+    check(ckpt, "model.layers.3.mlp.up_proj.weight", "lacks")
+
+
+def test_extra_tensor(ckpt):
+    edit_tensors(ckpt, lambda s: s.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(2, 2)))
+    check(ckpt, "model.safetensors", "unexpected tensor", "model.layers.9.mlp.up_proj.weight")
+
+
+def test_wrong_shape(ckpt):
+    edit_tensors(ckpt, lambda s: s.__setitem__("model.norm.weight", torch.ones(65)))
+    check(ckpt, "model.norm.weight", "(65,)", "(64,)")
+
+
+def test_weights_of_another_config(ckpt):
+    edit_config(ckpt, hidden_size=128)
+    check(ckpt, "shape", "config.json")
+
+
+def test_missing_shard(tmp_path, stories):
+    model, _ = stories
+    model.save_pretrained(str(tmp_path / "s"), max_shard_bytes=100_000)
+    index = json.load(open(tmp_path / "s" / "model.safetensors.index.json"))
+    gone = sorted(set(index["weight_map"].values()))[1]
+    os.remove(tmp_path / "s" / gone)
+    with pytest.raises(UserError, match=gone):
+        Llama.from_pretrained(str(tmp_path / "s"))
+
+
+def test_missing_tokenizer(ckpt):
+    os.remove(ckpt / "tokenizer.model")
+    check(ckpt, "tokenizer.model", "missing")
+
+
+def test_tokenizer_vocab_larger_than_model(ckpt):
+    edit_config(ckpt, vocab_size=256)
+    edit_tensors(ckpt, lambda s: s.__setitem__("model.embed_tokens.weight", s["model.embed_tokens.weight"][:256].clone()))
+    check(ckpt, "tokenizer.model", "512 pieces", "vocab_size is 256")
+
+
+# -----------------------------------------------------------------------------
+# the CLI: a message and exit status 2, never a traceback
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model=/nonexistent/llama"], ["/nonexistent/llama", "no such model folder"]),
+    (["--bogus=1"], ["unknown flag --bogus"]),
+    (["--temperature=hot"], ["--temperature", "float"]),
+    (["--prompt=" + "Once upon a time " * 200], ["context window", "shorten"]),
+    (["--max_new_tokens=600"], ["max_new_tokens", "context window"]),
+    (["--prompt_file=/nonexistent.txt"], ["/nonexistent.txt", "prompt file"]),
+    (["--dtype=int3"], ["--dtype"]),
+])
+def test_cli_errors(args, words):
+    r = cli(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def test_cli_error_on_bad_config(ckpt):
+    edit_config(ckpt, model_type="bert")
+    r = cli(f"--model={ckpt}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "config.json" in r.stderr
+
+
+def test_cli_samples(tmp_path):
+    r = cli("--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=40", "--num_samples=1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside "
+                               "in the park. One day, she saw a big, red ball.")
+    f = tmp_path / "p.txt"
+    f.write_text("The dog\n\nLily and Tom\n")
+    r = cli(f"--prompt_file={f}", "--num_samples=2", "--max_new_tokens=20", "--stream=false")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("The dog") == 2 and r.stdout.count("Lily and Tom") == 2

@@ -1,0 +1,149 @@
+"""sample.py: the KV cache, left padding, filtering, seeds, stop ids and logprobs."""
+import math
+
+import pytest
+import torch
+
+from model import UserError
+from sample import filter_logits, generate, sample_next
+
+PROMPTS = ["Once upon a time", "Lily and Tom went to the park. They", "The dog", "A"]
+
+
+def test_cached_decoding_equals_full_forward(stories):
+    """Prefill a left-padded batch, then decode token by token: every step's logits equal those of one
+    full forward over the whole sequence (same mask)."""
+    model, tok = stories
+    ids = [tok.encode(p) for p in PROMPTS]
+    T0, extra = max(map(len, ids)), 6
+    g = torch.Generator().manual_seed(0)
+    cont = torch.randint(3, 512, (len(ids), extra), generator=g)
+    idx = torch.zeros(len(ids), T0 + extra, dtype=torch.long)
+    mask = torch.zeros_like(idx, dtype=torch.bool)
+    for i, p in enumerate(ids):
+        idx[i, T0 - len(p):T0] = torch.tensor(p)
+        mask[i, T0 - len(p):] = True
+    idx[:, T0:] = cont
+    with torch.no_grad():
+        full = model(idx, mask=mask)
+        cache = model.new_cache(len(ids), T0 + extra)
+        steps = [model(idx[:, :T0], mask=mask[:, :T0], cache=cache)]
+        steps.append(model(idx[:, T0:T0 + 2], mask=mask[:, T0:T0 + 2], cache=cache))   # a 2-token chunk
+        for t in range(T0 + 2, T0 + extra):
+            steps.append(model(idx[:, t:t + 1], mask=mask[:, t:t + 1], cache=cache))
+    cached = torch.cat(steps, 1)
+    assert (cached - full)[mask].abs().max().item() < 1e-4
+
+
+def test_greedy_row_in_padded_batch_equals_row_alone(stories):
+    model, tok = stories
+    prompts = [tok.encode(p) for p in PROMPTS]
+    batched, blp = generate(model, prompts, 30, temperature=0, stop_ids=[])
+    for p, b, lp in zip(prompts, batched, blp):
+        alone, alp = generate(model, [p], 30, temperature=0, stop_ids=[])
+        assert alone[0] == b
+        assert max(abs(x - y) for x, y in zip(alp[0], lp)) < 1e-5
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, -2.0, 4.0, 0.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=3))[0].tolist()
+    assert kept == [False, True, True, False, True, False]
+    assert torch.isfinite(filter_logits(logits, top_k=0)).all()          # 0 = off
+    assert torch.isfinite(filter_logits(logits, top_k=10)).all()         # k >= V keeps all
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.4, 0.3, 0.15, 0.1]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(filter_logits(logits, top_p=p))[0].tolist()
+    assert kept(0.4) == [False, True, False, False, False]               # 0.4 alone reaches 0.4
+    assert kept(0.5) == [False, True, True, False, False]                # 0.4 + 0.3
+    assert kept(0.8) == [False, True, True, True, False]                 # 0.4 + 0.3 + 0.15 = 0.85
+    assert kept(0.86) == [False, True, True, True, True]
+    assert kept(0.01) == [False, True, False, False, False]              # the top token always stays
+    assert kept(1.0) == [True] * 5
+    # top-k first, then top-p on what is left (renormalised): {0.4, 0.3}/0.7 -> 0.571, 0.429
+    both = torch.isfinite(filter_logits(logits, top_k=2, top_p=0.5))[0].tolist()
+    assert both == [False, True, False, False, False]
+
+
+def test_samples_follow_the_filtered_distribution():
+    """The exponential race draws from softmax(logits / T) restricted to the kept tokens."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    n = 40000
+    logits = probs.log().expand(n, 4).clone()
+    g = torch.Generator().manual_seed(0)
+    nxt, lp = sample_next(logits, 1.0, 0, 1.0, g)
+    freq = torch.bincount(nxt, minlength=4).float() / n
+    assert (freq - probs).abs().max().item() < 0.01
+    assert torch.allclose(lp, probs.log()[nxt], atol=1e-6)
+    nxt, lp = sample_next(logits, 1.0, 0, 0.7, g)                        # keeps {0.5, 0.25} -> 2/3, 1/3
+    freq = torch.bincount(nxt, minlength=4).float() / n
+    assert (freq - torch.tensor([2 / 3, 1 / 3, 0, 0])).abs().max().item() < 0.01
+    assert torch.allclose(lp.exp(), torch.tensor([2 / 3, 1 / 3])[nxt], atol=1e-6)
+    nxt, _ = sample_next(logits, 0.5, 0, 1.0, g)                         # temperature sharpens: p^2 renormalised
+    sharp = probs ** 2 / (probs ** 2).sum()
+    freq = torch.bincount(nxt, minlength=4).float() / n
+    assert (freq - sharp).abs().max().item() < 0.01
+
+
+def test_logprobs_match_a_teacher_forced_recompute(stories):
+    """What PPO relies on: the returned logprobs equal log_softmax(logits / T) of a fresh forward."""
+    model, tok = stories
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    T = 0.7
+    out, lps = generate(model, prompts, 20, temperature=T, seed=3, stop_ids=[])
+    for p, o, lp in zip(prompts, out, lps):
+        idx = torch.tensor([p + o])
+        with torch.no_grad():
+            logp = (model(idx)[0, len(p) - 1:-1] / T).log_softmax(-1)
+        ref = logp.gather(-1, torch.tensor(o)[:, None]).squeeze(-1)
+        assert (torch.tensor(lp) - ref).abs().max().item() < 1e-4
+
+
+def test_same_seed_same_output(stories):
+    model, tok = stories
+    prompts = [tok.encode(p) for p in PROMPTS]
+    a = generate(model, prompts, 25, temperature=1.0, top_p=0.9, seed=7)
+    b = generate(model, prompts, 25, temperature=1.0, top_p=0.9, seed=7)
+    c = generate(model, prompts, 25, temperature=1.0, top_p=0.9, seed=8)
+    assert a == b and a[0] != c[0]
+
+
+def test_each_row_stops_at_its_first_stop_id(stories):
+    model, tok = stories
+    prompts = [tok.encode(p) for p in PROMPTS]
+    free, _ = generate(model, prompts, 40, temperature=1.0, seed=11, stop_ids=[])
+    # stop each row at the first occurrence of a token that appears somewhere in row 0's output
+    stop = free[0][5]
+    cut, lps = generate(model, prompts, 40, temperature=1.0, seed=11, stop_ids=[stop])
+    for f, c, lp in zip(free, cut, lps):
+        n = f.index(stop) if stop in f else len(f)
+        assert c == f[:n] and len(lp) == len(c)
+    assert len(cut[0]) == 5
+
+
+def test_default_stop_ids_are_the_models_eos(stories):
+    """stories260K ends stories with BOS (generation_config eos [1, 2]); sampling stops there by default."""
+    model, tok = stories
+    out, _ = generate(model, [[tok.bos_id]] * 8, 400, temperature=1.0, seed=0)
+    free, _ = generate(model, [[tok.bos_id]] * 8, 400, temperature=1.0, seed=0, stop_ids=[])
+    assert any(len(o) < 400 for o in out)
+    for o, f in zip(out, free):
+        assert not set(o) & {1, 2}
+        if len(o) < 400:
+            assert f[len(o)] in (1, 2) and f[:len(o)] == o
+
+
+def test_context_window_errors(stories):
+    model, tok = stories
+    ctx = model.config.max_position_embeddings
+    with pytest.raises(UserError, match="context window"):
+        generate(model, [[1] * ctx], 1)
+    with pytest.raises(UserError, match="max_new_tokens"):
+        generate(model, [[1] * 10], ctx - 5)
+    with pytest.raises(UserError, match="empty"):
+        generate(model, [[1], []], 5)
+    out, _ = generate(model, [[1] * 10], ctx - 10, temperature=0, stop_ids=[])   # exactly fills the window
+    assert len(out[0]) == ctx - 10
