@@ -111,10 +111,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # computed in fp32 whatever the weights' dtype, as HF does: bf16 variance is too coarse
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight, normalised in fp32 whatever the dtype, as HF does (a bf16
+        # variance is too coarse); F.rms_norm is that formula in one kernel
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg):
@@ -138,11 +139,6 @@ def rope_inv_freq(cfg):
     return inv_freq
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -158,8 +154,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = q * cos + q.roll(self.hd // 2, -1) * sin                           # RoPE, see Llama.forward
+        k = k * cos + k.roll(self.hd // 2, -1) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)                                 # (B, nkv, S, hd), S = slots so far
         # GQA: query head h reads kv head h // (nh / nkv), as HF's repeat_kv does
@@ -245,6 +241,9 @@ class Llama(nn.Module):
         return self
 
     def new_cache(self, batch_size, max_len):
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"a KV cache of {max_len} slots is past the context window "
+                             f"({self.config.max_position_embeddings} tokens)")
         p = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
@@ -260,21 +259,23 @@ class Llama(nn.Module):
         """
         B, T = idx.shape
         dev = idx.device
-        if mask is None:
-            mask = torch.ones(B, T, dtype=torch.bool, device=dev)
         past = cache.pos if cache is not None else 0
+        if past + T > (cache.max_len if cache is not None else self.config.max_position_embeddings):
+            raise ValueError(f"{past} + {T} tokens do not fit the context window / KV cache")
+        # which keys are real: mask None means no padding, and then the decode path needs no host sync
         if cache is not None:
-            if past + T > cache.max_len:
-                raise ValueError(f"KV cache full: {past} + {T} tokens > {cache.max_len} slots")
-            cache.mask[:, past:past + T] = mask
-            cache.padded = cache.padded or not bool(mask.all())
-            key_mask, padded = cache.mask[:, :past + T], cache.padded   # (B, S)
+            cache.mask[:, past:past + T] = True if mask is None else mask
+            cache.padded = cache.padded or (mask is not None and not bool(mask.all()))
+            key_mask, padded = cache.mask[:, :past + T], cache.padded          # (B, S)
         else:
-            key_mask, padded = mask, not bool(mask.all())
+            key_mask, padded = mask, mask is not None and not bool(mask.all())
         if positions is None:
             start = cache.lengths[:, None] if cache is not None else 0
-            positions = (start + mask.long().cumsum(-1) - 1).clamp(min=0)       # (B, T)
-        if int(positions.max()) >= self.config.max_position_embeddings:
+            if mask is None:
+                positions = start + torch.arange(T, device=dev)[None]            # (B or 1, T)
+            else:
+                positions = (start + mask.long().cumsum(-1) - 1).clamp(min=0)   # (B, T)
+        elif int(positions.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} is past the context window "
                              f"({self.config.max_position_embeddings} tokens)")
 
@@ -288,16 +289,18 @@ class Llama(nn.Module):
             attn_mask = ((kj <= qi) & key_mask[:, None, :]) | (kj == qi)       # (B, T, S)
             attn_mask = attn_mask[:, None]                                      # (B, 1, T, S)
 
-        # RoPE angles, computed in fp32 like HF, shared by all layers
+        # RoPE angles in fp32 like HF, shared by all layers. HF rotates halves: x*cos + cat(-x2, x1)*sin;
+        # we fold the minus sign into sin so the rotation is a roll: x*cos + cat(x2, x1)*sin_signed
         freqs = positions[..., None].float() * self.inv_freq                    # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                        # (B, 1, T, hd)
+        c, s = freqs.cos(), freqs.sin()
         x = self.embed_tokens(idx)                                              # (B, T, C)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos = torch.cat((c, c), -1)[:, None].to(x.dtype)                        # (B, 1, T, hd)
+        sin = torch.cat((-s, s), -1)[:, None].to(x.dtype)                       # (B, 1, T, hd)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, attn_mask, cache, i)
         if cache is not None:
             cache.pos += T
-            cache.lengths += mask.sum(-1)
+            cache.lengths += T if mask is None else mask.sum(-1)
         h = self.norm(x)                                                        # (B, T, C)
 
         if logits == "none":

@@ -99,7 +99,6 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
 
     cache = model.new_cache(B, T0 + max_new_tokens)
     logits = model(idx, mask=mask, cache=cache, logits="last")[:, -1]          # (B, V) prefill
-    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
     toks, lps = [], []
@@ -114,7 +113,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             on_token(step, nxt)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        logits = model(nxt[:, None], mask=ones, cache=cache, logits="last")[:, -1]
+        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]          # (B, V), no padding now
     model.train(was_training)
 
     toks, lps, n_new = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).float().tolist(), n_new.tolist()
