@@ -282,7 +282,9 @@ class Llama(nn.Module):
         # attention mask (B, 1, T, S): causal AND key is real. Each query also sees itself, so the rows of
         # padding queries are never empty (their outputs are junk that nothing reads, but finite).
         attn_mask = None
-        if padded or (past > 0 and T > 1):
+        if padded and T == 1 and mask is None:
+            attn_mask = key_mask[:, None, None, :]     # a decode step: the new token sees every real key
+        elif padded or (past > 0 and T > 1):
             S = past + T
             qi = torch.arange(past, S, device=dev)[:, None]
             kj = torch.arange(S, device=dev)[None, :]

@@ -172,6 +172,22 @@ def test_sharded_checkpoints(tmp_path):
         assert (back(idx).logits - ref).abs().max().item() < 1e-4
 
 
+def test_bf16_matches_hf_bf16(tmp_path):
+    """bf16 weights: RMSNorm and RoPE angles in fp32, matmuls in bf16, logits returned in fp32, as HF does.
+    Our bf16 logits match HF's bf16 logits far closer than bf16 is to fp32."""
+    hf = hf_random(hf_config(**CONFIGS["gqa_tied"]))
+    hf.save_pretrained(tmp_path)
+    idx = batch(hf.config.vocab_size)
+    ours = Llama.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    hf16 = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        got, ref16, ref32 = ours(idx), hf16(idx).logits.float(), hf(idx).logits
+    assert ours.lm_head.weight.dtype == torch.bfloat16 and got.dtype == torch.float32
+    gap = (ref16 - ref32).abs().max().item()
+    assert gap > 1e-3                                           # bf16 really is coarser than fp32 here
+    assert (got - ref16).abs().max().item() < 2e-4
+
+
 def test_bundled_model_parity_with_hf(stories):
     model, tok = stories
     hf = transformers.LlamaForCausalLM.from_pretrained(STORIES).eval()
