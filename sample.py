@@ -46,7 +46,8 @@ def sample_next(logits, temperature, top_k, top_p, generator):
     else:
         logp = filter_logits(logits / temperature, top_k, top_p).log_softmax(-1)
         # argmax of p / Exp(1) noise is an exact draw from p (the exponential race), and needs no sync
-        noise = torch.empty_like(logp).exponential_(1, generator=generator)
+        # (clamped: a draw of exactly 0 would turn p / 0 into inf, or nan for a filtered token, and win)
+        noise = torch.empty_like(logp).exponential_(1, generator=generator).clamp_(min=torch.finfo(logp.dtype).tiny)
         nxt = (logp.exp() / noise).argmax(-1)
     return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
 
@@ -157,7 +158,7 @@ def parse_args(cls, argv):
             val, i = argv[i + 1], i + 1
         if key not in types:
             raise UserError(f"unknown flag --{key}. Known flags: " + ", ".join("--" + k for k in types))
-        typ = types[key] if isinstance(types[key], type) else eval(types[key])
+        typ = types[key]
         try:
             if typ is bool:
                 if val.lower() not in ("1", "0", "true", "false"):

@@ -147,3 +147,11 @@ def test_context_window_errors(stories):
         generate(model, [[1], []], 5)
     out, _ = generate(model, [[1] * 10], ctx - 10, temperature=0, stop_ids=[])   # exactly fills the window
     assert len(out[0]) == ctx - 10
+
+
+def test_zero_noise_never_picks_a_filtered_token(monkeypatch):
+    """Exp(1) noise of exactly 0 happens (about once in 2^24 draws): it must not let a filtered token win."""
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
+    nxt, lp = sample_next(logits, 1.0, 2, 1.0, None)                     # top-k 2 keeps tokens 1 and 2
+    assert nxt.item() in (1, 2) and torch.isfinite(lp).all()
