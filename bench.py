@@ -11,6 +11,9 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
              batch 1; also its memory-bandwidth bound: weight bytes read per token / measured copy bandwidth
   260k_b16   stories260K, batch 16, prompts of 1..60 tokens
   134m_b16   the 134M shape, batch 16, prompts of 1..60 tokens
+  rm_260k    reward-model training throughput (forward + backward of the Bradley-Terry loss, pairs/s) against
+             transformers' LlamaForSequenceClassification: stories260K trunk, 16 pairs of 20..250 tokens
+  rm_134m    the same on the 134M shape, 4 pairs of 20..250 tokens
 """
 import os
 import statistics
@@ -29,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Config:
-    cases: str = "260k_b1,134m_b1,260k_b16,134m_b16"
+    cases: str = "260k_b1,134m_b1,260k_b16,134m_b16,rm_260k,rm_134m"
     new_tokens: int = 128
     repeats: int = 3
     device: str = "cpu"
@@ -125,6 +128,47 @@ def run_case(name, cfg):
     print(line, flush=True)
 
 
+def run_rm_case(name, cfg):
+    """Forward + backward of the BT loss on one batch of pairs, ours against HF's sequence classifier."""
+    import torch.nn.functional as F
+    from transformers import LlamaForSequenceClassification
+    from model import Tokenizer
+    from rm import RewardModel, pad_batch
+    dev = torch.device(cfg.device)
+    trunk = Llama.from_pretrained(os.path.join(HERE, "data", "stories260K"), device=dev) if name == "rm_260k" \
+        else make_134m(dev)
+    trunk.lm_head = None
+    torch.manual_seed(0)
+    ours = RewardModel(trunk, Tokenizer(os.path.join(HERE, "data", "stories260K")), max_length=512).train()
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        hf = LlamaForSequenceClassification.from_pretrained(d, dtype=torch.float32).to(dev).train()
+        pad = hf.config.pad_token_id
+    n_pairs = 16 if name == "rm_260k" else 4
+    g = torch.Generator().manual_seed(0)
+    V = trunk.config.vocab_size
+    seqs = [torch.randint(3, V, (int(torch.randint(20, 250, (1,), generator=g)),), generator=g).tolist() + [2]
+            for _ in range(2 * n_pairs)]
+    idx, mask = pad_batch(seqs, device=dev)                                   # left padded
+    hf_idx = idx.masked_fill(~mask, pad)
+
+    def step_ours():
+        r = ours(idx, mask)
+        F.softplus(r[n_pairs:] - r[:n_pairs]).mean().backward()
+        ours.zero_grad(set_to_none=True)
+
+    def step_hf():
+        r = hf(input_ids=hf_idx, attention_mask=mask.long()).logits[:, 0]
+        F.softplus(r[n_pairs:] - r[:n_pairs]).mean().backward()
+        hf.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        same = (ours(idx, mask) - hf(input_ids=hf_idx, attention_mask=mask.long()).logits[:, 0]).abs().max().item()
+    t_hf, t_ours = timed(step_hf, cfg.repeats), timed(step_ours, cfg.repeats)
+    print(f"{name:9s} {n_pairs:2d} pairs: ours {n_pairs / t_ours:8.1f} pairs/s  transformers {n_pairs / t_hf:8.1f} "
+          f"pairs/s  ratio {t_hf / t_ours:5.2f}x  max score diff {same:.1e}", flush=True)
+
+
 def main(argv):
     cfg = parse_args(Config, argv)
     try:
@@ -134,9 +178,9 @@ def main(argv):
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {cfg.device}, "
           f"threads {torch.get_num_threads()}, {cfg.new_tokens} new tokens, median of {cfg.repeats}")
     for name in cfg.cases.split(","):
-        if name not in ("260k_b1", "134m_b1", "260k_b16", "134m_b16"):
+        if name not in ("260k_b1", "134m_b1", "260k_b16", "134m_b16", "rm_260k", "rm_134m"):
             raise UserError(f"--cases: unknown case {name!r}.")
-        run_case(name, cfg)
+        (run_rm_case if name.startswith("rm_") else run_case)(name, cfg)
 
 
 if __name__ == "__main__":

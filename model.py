@@ -190,6 +190,13 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def last_token_index(mask):
+    """(B, T) bool mask of real tokens -> (B,) index of each row's last real token, for left or right
+    padding alike. The reward score, PPO's reward placement and the value bootstrap all read this token."""
+    T = mask.shape[-1]
+    return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)
+
+
 class KVCache:
     """Preallocated keys and values for `max_len` slots. Slots fill left to right for every row at once;
     `mask` marks which slots hold real tokens (left padding does not), `lengths` counts them per row, so the
@@ -217,14 +224,15 @@ def hf_name(name):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, lm_head=True):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        # lm_head=False: a trunk for the reward / value heads, without the (vocab, hidden) output matrix
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if lm_head else None
+        if lm_head and cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.eos_ids = cfg.eos_ids  # stop ids for sampling; from_pretrained prefers generation_config.json
@@ -305,7 +313,7 @@ class Llama(nn.Module):
             cache.lengths += T if mask is None else mask.sum(-1)
         h = self.norm(x)                                                        # (B, T, C)
 
-        if logits == "none":
+        if logits == "none" or self.lm_head is None:
             out = None
         else:
             out = self.lm_head(h[:, -1:] if logits == "last" else h).float()   # (B, T or 1, V)
@@ -315,31 +323,38 @@ class Llama(nn.Module):
     # HF-format checkpoints
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=None):
+    def from_pretrained(cls, path, device="cpu", dtype=None, lm_head=True, extra=None):
         """Load any HF LlamaForCausalLM folder: config.json + model.safetensors or a sharded index.
         The model is built on the meta device and the checkpoint's tensors are assigned into it, so the
-        weights are in memory once. dtype None: fp32 on CPU, bf16 on CUDA."""
+        weights are in memory once. dtype None: fp32 on CPU, bf16 on CUDA.
+        lm_head=False loads the trunk only (a stored lm_head.weight is skipped).
+        extra: {name: shape} of further tensors to take from the checkpoint if it has them (a reward head,
+        say); they land in model.extra_tensors."""
         cfg = load_config(path)
         device = torch.device(device)
         if dtype is None:
             dtype = default_dtype(device)
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, lm_head=lm_head)
         expected = {hf_name(n): p.shape for n, p in model.named_parameters()}  # tied: lm_head is not listed
-        state = load_safetensors(path, expected, device, dtype)
+        state = load_safetensors(path, expected, device, dtype, optional=extra or {})
         model.load_state_dict({n: state.pop(hf_name(n)) for n, _ in model.named_parameters()},
                               strict=False, assign=True)
-        if cfg.tie_word_embeddings:
+        model.extra_tensors = state
+        if lm_head and cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)
         model.eos_ids = generation_eos_ids(path) or cfg.eos_ids
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, extra=None, config_updates=None, files=None):
         """Write config.json (+ generation_config.json) and safetensors in HF's layout, sharded with an index
         above max_shard_bytes. Written into a temporary folder, then renamed: a crash never leaves half a
-        checkpoint under `path`."""
+        checkpoint under `path`. extra: {name: tensor} saved beside the weights (a reward head, say);
+        config_updates: keys to set in config.json; files: {name: writer(full_path)} for more files (trainer
+        state, say) that must land in the same atomic step."""
         state = {hf_name(n): p.detach().contiguous() for n, p in self.named_parameters()}
+        state.update({n: t.detach().contiguous() for n, t in (extra or {}).items()})
         tmp = _tmp_dir(path)
         shards, cur, size = [], {}, 0
         for name, t in state.items():
@@ -364,7 +379,10 @@ class Llama(nn.Module):
                         {"metadata": {"total_size": total}, "weight_map": weight_map})
         d = self.config.to_dict()
         d["torch_dtype"] = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        d.update(config_updates or {})
         _write_json(os.path.join(tmp, "config.json"), d)
+        for name, write in (files or {}).items():
+            write(os.path.join(tmp, name))
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.eos_ids}
         if self.config.pad_token_id is not None:
             gen["pad_token_id"] = self.config.pad_token_id
@@ -410,9 +428,10 @@ def generation_eos_ids(path):
     return None if e is None else [e] if isinstance(e, int) else list(e)
 
 
-def load_safetensors(path, expected, device, dtype):
-    """Read the checkpoint's tensors, one file at a time, checking names and shapes against `expected`.
-    Floating tensors are cast to `dtype`. Returns {name: tensor}."""
+def load_safetensors(path, expected, device, dtype, optional=None):
+    """Read the checkpoint's tensors, one file at a time, checking names and shapes against `expected`
+    (all required) and `optional` (taken when present). Floating tensors are cast to `dtype`."""
+    optional = optional or {}
     from safetensors import safe_open
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
@@ -427,8 +446,10 @@ def load_safetensors(path, expected, device, dtype):
         raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json. Only safetensors "
                         f"checkpoints load (never pickles); convert .bin/.pth weights with transformers first.")
     state, where = {}, {}
-    # tensors HF itself ignores: the RoPE buffer of old checkpoints, a tied lm_head stored anyway
-    ignored = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if "lm_head.weight" not in expected else ())
+    # tensors HF itself ignores: the RoPE buffer of old checkpoints; an lm_head that is tied, or not wanted
+    # (a trunk for a reward model); a sequence classifier's head when loading a causal LM
+    ignored = ("rotary_emb.inv_freq",) + tuple(n for n in ("lm_head.weight", "score.weight")
+                                               if n not in expected and n not in optional)
     for f in files:
         try:
             handle = safe_open(f, framework="pt", device="cpu")
@@ -438,13 +459,14 @@ def load_safetensors(path, expected, device, dtype):
             for name in handle.keys():
                 if name.endswith(ignored):
                     continue
-                if name not in expected:
+                want = expected.get(name, optional.get(name))
+                if want is None:
                     raise UserError(f"{f}: unexpected tensor '{name}' for this config.json. The weights do not "
                                     f"belong to this config (or are not a LlamaForCausalLM).")
                 t = handle.get_tensor(name)
-                if tuple(t.shape) != tuple(expected[name]):
+                if tuple(t.shape) != tuple(want):
                     raise UserError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, config.json implies "
-                                    f"{tuple(expected[name])}. The weights and config.json do not match.")
+                                    f"{tuple(want)}. The weights and config.json do not match.")
                 state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                 where[name] = f
     missing = [n for n in expected if n not in state]

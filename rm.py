@@ -1,0 +1,525 @@
+"""
+The Bradley-Terry reward model of ALMoST step 1d: a LLaMA trunk and a Linear(hidden, 1) head that scores the last
+real token (the appended EOS) of "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}</s>".
+
+    python rm.py --data=PAIRS.jsonl --model=LLAMA_FOLDER --out=out/rm     # train (paper defaults)
+    python rm.py --data=PAIRS.jsonl --preset=tiny                         # the bundled 260K model, minutes on CPU
+    python rm.py eval --rm=out/rm/best                                    # static HHH + Anthropic HH test splits
+    python rm.py eval --rm=out/rm/best --data=PAIRS.jsonl
+
+Checkpoints are transformers' LlamaForSequenceClassification (num_labels=1, head "score.weight"), so
+`transformers` gives the same scores. Data: jsonl lines {"prompt", "chosen", "rejected"} (TRL's pair format), or
+Anthropic HH lines where `chosen` / `rejected` hold the whole dialogue.
+"""
+import gzip
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import Llama, Tokenizer, UserError, default_dtype, last_token_index, load_config
+from sample import DTYPES, PAD_ID, parse_args
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -----------------------------------------------------------------------------
+# text format and data (ALMOST.md, step 1d)
+
+def format_dialogue(prompt, response=None):
+    """THE prompt format. A plain query becomes "\\n\\nHuman: {query}"; a prompt that already is a dialogue
+    ("\\n\\nHuman: ... \\n\\nAssistant: ... \\n\\nHuman: ...") is kept. Then "\\n\\nAssistant:" and, if given,
+    " {response}". Without a response this is the text a policy continues."""
+    p = prompt if prompt.lstrip(" ").startswith("\n\nHuman:") else "\n\nHuman: " + prompt.strip()
+    p = p.rstrip()
+    return p + "\n\nAssistant:" + ("" if response is None else " " + response.strip())
+
+
+def split_dialogue(text):
+    """An Anthropic HH dialogue -> (prompt, response), split at the last "\\n\\nAssistant:"."""
+    i = text.rfind("\n\nAssistant:")
+    if i < 0:
+        return None
+    return text[:i], text[i + len("\n\nAssistant:"):].strip()
+
+
+def read_pairs(path, on_error="stop"):
+    """Preference pairs from a .jsonl / .jsonl.gz (one object a line) or .json (a list) file, as dicts
+    {"prompt", "chosen", "rejected"} plus any other fields (e.g. "type"). on_error: "stop" at the first bad line
+    with its file:line, or "skip" it with a warning."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such data file. Give a .jsonl file of {{\"prompt\", \"chosen\", \"rejected\"}} "
+                        f"lines.")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                items = list(enumerate(json.load(f), 1))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: not valid JSON ({e}). A .json file must hold a list of pairs; use "
+                                f".jsonl for one pair a line.") from None
+        else:
+            items = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    pairs, skipped = [], 0
+    for lineno, item in items:
+        try:
+            d = json.loads(item) if isinstance(item, str) else item
+            if not isinstance(d, dict) or not isinstance(d.get("chosen"), str) or not isinstance(d.get("rejected"), str):
+                raise ValueError('needs string fields "chosen" and "rejected"')
+            if "prompt" not in d:  # HH layout: the dialogue is in chosen / rejected
+                c, r = split_dialogue(d["chosen"]), split_dialogue(d["rejected"])
+                if c is None or r is None:
+                    raise ValueError('has no "prompt" and no "\\n\\nAssistant:" turn to split the dialogue at')
+                d = {**d, "prompt": c[0], "chosen": c[1], "rejected": r[1], "rejected_prompt": r[0]}
+            elif not isinstance(d["prompt"], str):
+                raise ValueError('"prompt" must be a string')
+            pairs.append(d)
+        except (ValueError, json.JSONDecodeError) as e:
+            where = f"{path}:{lineno}" + ("" if not path.endswith(".json") else f" (item {lineno})")
+            if on_error == "stop":
+                raise UserError(f"{where}: bad pair ({e}). Fix the line, or pass --on_error=skip to skip bad "
+                                f"lines.") from None
+            print(f"warning: {where}: skipped ({e})", file=sys.stderr)
+            skipped += 1
+    if not pairs:
+        raise UserError(f"{path}: no usable pairs" + (f" ({skipped} bad lines skipped)" if skipped else "") +
+                        ". The file needs {\"prompt\", \"chosen\", \"rejected\"} lines.")
+    return pairs
+
+
+def encode(tok, prompt, response, max_length):
+    """Token ids of format_dialogue(prompt, response) + EOS, no BOS (as the released code), left-truncated to
+    max_length so the response's end and the EOS survive."""
+    ids = tok.encode(format_dialogue(prompt, response), bos=False)
+    return ids[-(max_length - 1):] + [tok.eos_id]
+
+
+def pad_batch(seqs, left=True, device="cpu"):
+    """list of id lists -> (B, T) ids and (B, T) bool mask, padded on the left (or right)."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        idx[i, sl] = torch.tensor(s)
+        mask[i, sl] = True
+    return idx.to(device), mask.to(device)
+
+
+# -----------------------------------------------------------------------------
+# the reward model
+
+class RewardModel(nn.Module):
+    def __init__(self, trunk, tok, max_length=1024):
+        super().__init__()
+        self.model, self.tok, self.max_length = trunk, tok, max_length
+        C = trunk.config.hidden_size
+        p = trunk.embed_tokens.weight
+        # the head; saved under HF's name "score.weight" (our score() is the scoring method)
+        self.head = nn.Linear(C, 1, bias=False, device=p.device, dtype=p.dtype)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(C + 1))
+        self.normalizer = {"mean": 0.0, "std": 1.0}   # of raw scores on a reference set; see normalize()
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None, max_length=1024, seed=0):
+        """A saved reward model (its head and normaliser), or any LLaMA folder (trunk only, fresh head)."""
+        C = load_config(path).hidden_size
+        trunk = Llama.from_pretrained(path, device=device, dtype=dtype, lm_head=False,
+                                      extra={"score.weight": (1, C)})
+        tok = Tokenizer(path)
+        if tok.vocab_size > trunk.config.vocab_size:
+            raise UserError(f"{tok.path}: {tok.vocab_size} pieces but the model's vocab_size is "
+                            f"{trunk.config.vocab_size}. Use the tokenizer.model of this checkpoint.")
+        torch.manual_seed(seed)
+        head = trunk.extra_tensors.pop("score.weight", None)
+        if head is not None:   # a saved reward model: its own max_length and normaliser
+            max_length = trunk.config.extra.get("max_length", max_length)
+        rm = cls(trunk, tok, max_length)
+        if head is not None:
+            rm.head.weight = nn.Parameter(head)
+            rm.normalizer = trunk.config.extra.get("reward_normalizer", rm.normalizer)
+        return rm.eval()
+
+    def save_pretrained(self, path, files=None):
+        """LlamaForSequenceClassification layout. transformers scores the last token that is not pad_token_id,
+        so pad is set to a token the texts never end with (not EOS): that is the token we score."""
+        pad = 0 if self.tok.eos_id != 0 else 1
+
+        def write_tokenizer(f):
+            with open(f, "wb") as fh:
+                fh.write(self.tok.sp.serialized_model_proto())
+
+        files = {"tokenizer.model": write_tokenizer, **(files or {})}
+        self.model.save_pretrained(path, extra={"score.weight": self.head.weight}, files=files, config_updates={
+            "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
+            "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad,
+            "reward_normalizer": self.normalizer, "max_length": self.max_length})
+
+    def forward(self, idx, mask):
+        """(B, T) ids and mask -> (B,) fp32 raw scores, read at each row's last real token."""
+        _, h = self.model(idx, mask=mask, return_hidden=True, logits="none")    # (B, T, C)
+        last = h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)]  # (B, C)
+        return self.head(last).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score(self, prompts, responses, batch_size=32, normalize=False):
+        """Scores (N,) of N (prompt, response) texts, batched with left padding (longest first, so batches are
+        tight; the result is in the input order). normalize: (r - mean) / std with the stored normaliser."""
+        return self.score_ids([encode(self.tok, p, r, self.max_length) for p, r in zip(prompts, responses)],
+                              batch_size, normalize)
+
+    @torch.no_grad()
+    def score_ids(self, seqs, batch_size=32, normalize=False):
+        dev = self.head.weight.device
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = torch.empty(len(seqs))
+        was_training = self.training
+        self.eval()
+        for b in range(0, len(seqs), batch_size):
+            ids = order[b:b + batch_size]
+            idx, mask = pad_batch([seqs[i] for i in ids], device=dev)
+            out[ids] = self(idx, mask).cpu()
+        self.train(was_training)
+        if normalize:
+            out = (out - self.normalizer["mean"]) / self.normalizer["std"]
+        return out
+
+    def fit_normalizer(self, seqs, batch_size=32):
+        s = self.score_ids(seqs, batch_size)
+        self.normalizer = {"mean": s.mean().item(), "std": max(s.std().item(), 1e-6), "n": len(seqs)}
+
+
+# -----------------------------------------------------------------------------
+# loss and metrics (Bradley-Terry)
+
+def bt_loss(r_chosen, r_rejected):
+    """-log sigmoid(r_c - r_r), averaged; softplus form for stability."""
+    return F.softplus(r_rejected - r_chosen).mean()
+
+
+def pair_metrics(r_chosen, r_rejected):
+    """Accuracy counts ties as wrong (r_c must be strictly greater)."""
+    r = torch.cat([r_chosen, r_rejected])
+    return {"loss": bt_loss(r_chosen, r_rejected).item(), "accuracy": (r_chosen > r_rejected).float().mean().item(),
+            "margin": (r_chosen - r_rejected).mean().item(), "score_mean": r.mean().item(),
+            "score_std": r.std().item() if len(r) > 1 else 0.0, "n": len(r_chosen)}
+
+
+def pearson(x, y):
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    d = (x.norm() * y.norm()).item()
+    return (x @ y).item() / d if d > 0 else float("nan")
+
+
+def tokenize_pairs(tok, pairs, max_length, where):
+    """-> list of (chosen_ids, rejected_ids, pair); drops pairs whose two texts are identical (they teach
+    nothing and would count as ties) and reports truncation."""
+    out, same, cut = [], 0, 0
+    for p in pairs:
+        c = encode(tok, p["prompt"], p["chosen"], max_length)
+        r = encode(tok, p.get("rejected_prompt", p["prompt"]), p["rejected"], max_length)
+        if c == r:
+            same += 1
+            continue
+        full_c = len(tok.encode(format_dialogue(p["prompt"], p["chosen"]), bos=False)) + 1
+        cut += full_c > max_length
+        out.append((c, r, p))
+    if same:
+        print(f"note: {where}: dropped {same} pair(s) whose chosen and rejected texts are identical", file=sys.stderr)
+    if cut:
+        print(f"note: {where}: {cut} chosen text(s) longer than max_length={max_length} were left-truncated "
+              f"(the response's end and EOS kept)", file=sys.stderr)
+    if not out:
+        raise UserError(f"{where}: no pair left to use (all {len(pairs)} have identical chosen and rejected texts).")
+    return out
+
+
+@torch.no_grad()
+def evaluate(rm, data, batch_size=32):
+    """data: list of (chosen_ids, rejected_ids, pair). Metrics, plus the score-length correlation (characters
+    of the response) and per-"type" accuracy when pairs carry a type (the static HHH set)."""
+    rc = rm.score_ids([d[0] for d in data], batch_size)
+    rr = rm.score_ids([d[1] for d in data], batch_size)
+    m = pair_metrics(rc, rr)
+    lengths = torch.tensor([len(d[2]["chosen"]) for d in data] + [len(d[2]["rejected"]) for d in data])
+    m["length_corr"] = pearson(torch.cat([rc, rr]), lengths.float())
+    types = sorted({d[2]["type"] for d in data if "type" in d[2]})
+    for t in types:
+        sel = torch.tensor([d[2].get("type") == t for d in data])
+        m[f"accuracy_{t}"] = (rc[sel] > rr[sel]).float().mean().item()
+    return m
+
+
+# -----------------------------------------------------------------------------
+# training
+
+@dataclass
+class TrainConfig:
+    data: str = ""                 # pairs .jsonl (required)
+    val_data: str = ""             # held-out pairs; "" splits val_frac off data
+    val_frac: float = 0.05
+    model: str = ""                # LLaMA folder (the pretrained base, not SFT) or a reward model to go on from
+    out: str = "out/rm"
+    preset: str = ""               # "tiny": settings for the bundled 260K model on CPU (see README)
+    max_length: int = 1024
+    batch_size: int = 128          # pairs per optimizer step (paper: 128)
+    micro_batch: int = 8           # pairs per forward/backward; batch_size / micro_batch accumulation steps
+    epochs: float = 1.0
+    lr: float = 2e-5
+    weight_decay: float = 0.1      # on matrices only
+    warmup: float = 0.03           # fraction of the optimizer steps
+    grad_clip: float = 1.0
+    eval_every: int = 50           # optimizer steps
+    log_every: int = 10
+    seed: int = 1337
+    on_error: str = "stop"         # a malformed data line: "stop" or "skip"
+    resume: bool = True            # go on from out/last if it is there
+    stop_after: int = 0            # stop (saving out/last) after this many optimizer steps in this run; 0 = run to the end
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = ""                # "" = fp32 on CPU, bf16 on CUDA
+
+
+PRESETS = {"tiny": dict(model=os.path.join(HERE, "data", "stories260K"), max_length=512, batch_size=32,
+                        micro_batch=16, lr=1e-3, weight_decay=0.0, epochs=3.0, eval_every=25, log_every=5)}
+EVAL_FILES = ("hhh_eval.json", "test.jsonl.gz", "mc_task.json", "task.json", "question.jsonl")
+
+
+def lr_at(step, total, cfg):
+    """Linear warmup, then cosine decay to 0."""
+    warm = max(1, int(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def make_optimizer(rm, cfg):
+    params = [p for p in rm.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def save_training_checkpoint(rm, opt, path, state):
+    """The reward model plus optimizer moments (safetensors) and trainer state (json), in one atomic step."""
+    from safetensors.torch import save_file
+
+    def write_opt(f):
+        tensors = {}
+        for i, p in enumerate(rm.parameters()):
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    tensors[f"{i}.{k}"] = v.contiguous()
+        save_file(tensors, f)
+
+    def write_state(f):
+        with open(f, "w") as fh:
+            json.dump(state, fh, indent=2)
+
+    rm.save_pretrained(path, files={"optimizer.safetensors": write_opt, "trainer_state.json": write_state})
+
+
+def load_optimizer(rm, opt, path):
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    for i, p in enumerate(rm.parameters()):
+        st = {k.split(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
+        if st:
+            opt.state[p] = st
+
+
+def train(cfg):
+    if cfg.preset:
+        if cfg.preset not in PRESETS:
+            raise UserError(f"--preset={cfg.preset!r}: known presets are {', '.join(PRESETS)}.")
+        defaults = TrainConfig()
+        for k, v in PRESETS[cfg.preset].items():
+            if getattr(cfg, k) == getattr(defaults, k):   # flags given on the command line win
+                setattr(cfg, k, v)
+    if not cfg.data:
+        raise UserError("--data is required: a .jsonl file of {\"prompt\", \"chosen\", \"rejected\"} lines.")
+    if not cfg.model:
+        raise UserError("--model is required: a LLaMA folder (the base model) or --preset=tiny.")
+    for f in (cfg.data, cfg.val_data):
+        if f and os.path.basename(f) in EVAL_FILES:
+            raise UserError(f"{f}: this is an evaluation set (it carries a canary); never train on it.")
+    if cfg.on_error not in ("stop", "skip"):
+        raise UserError("--on_error must be 'stop' or 'skip'.")
+    if cfg.batch_size % cfg.micro_batch:
+        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --micro_batch={cfg.micro_batch}.")
+    if cfg.dtype and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
+    dev = torch.device(cfg.device)
+    dtype = DTYPES.get(cfg.dtype) or default_dtype(dev)
+    last, best = os.path.join(cfg.out, "last"), os.path.join(cfg.out, "best")
+    resuming = cfg.resume and os.path.isfile(os.path.join(last, "trainer_state.json"))
+    rm = RewardModel.from_pretrained(last if resuming else cfg.model, device=dev, dtype=dtype,
+                                     max_length=cfg.max_length, seed=cfg.seed)
+
+    # data: tokenized once; a seeded split and a seeded order per epoch, so a resumed run sees the same stream
+    pairs = read_pairs(cfg.data, cfg.on_error)
+    rng = random.Random(cfg.seed)
+    if cfg.val_data:
+        train_pairs, val_pairs = pairs, read_pairs(cfg.val_data, cfg.on_error)
+    else:
+        idx = list(range(len(pairs)))
+        rng.shuffle(idx)
+        n_val = max(1, int(round(cfg.val_frac * len(pairs)))) if len(pairs) > 1 else 0
+        if n_val == 0:
+            raise UserError(f"{cfg.data}: one pair cannot be split into train and held-out; add pairs or "
+                            f"give --val_data.")
+        val_pairs, train_pairs = [pairs[i] for i in idx[:n_val]], [pairs[i] for i in idx[n_val:]]
+    train_set = tokenize_pairs(rm.tok, train_pairs, cfg.max_length, cfg.data)
+    val_set = tokenize_pairs(rm.tok, val_pairs, cfg.max_length, cfg.val_data or cfg.data + " (held out)")
+    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
+    if len(train_set) < cfg.batch_size:
+        print(f"note: {len(train_set)} training pairs < --batch_size={cfg.batch_size}: one step per epoch uses "
+              f"them all", file=sys.stderr)
+    total = max(1, int(cfg.epochs * steps_per_epoch))
+    accum = cfg.batch_size // cfg.micro_batch
+
+    opt = make_optimizer(rm, cfg)
+    state = {"step": 0, "best_accuracy": -1.0}
+    if resuming:
+        with open(os.path.join(last, "trainer_state.json")) as f:
+            state = json.load(f)
+        load_optimizer(rm, opt, last)
+        print(f"resuming from {last} at step {state['step']} of {total}")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=2)
+    print(f"{len(train_set)} training pairs, {len(val_set)} held out; {total} steps of {cfg.batch_size} pairs "
+          f"({accum} x {cfg.micro_batch}); lr {cfg.lr}; {dev} {str(dtype).removeprefix('torch.')}")
+
+    def batches(step):
+        """The micro-batches of optimizer step `step`: epoch e's order is a shuffle seeded by (seed, e)."""
+        e, k = divmod(step, steps_per_epoch)
+        order = list(range(len(train_set)))
+        random.Random(cfg.seed * 1000 + e).shuffle(order)
+        chunk = order[k * cfg.batch_size:(k + 1) * cfg.batch_size] or order
+        for i in range(0, len(chunk), cfg.micro_batch):
+            yield [train_set[j] for j in chunk[i:i + cfg.micro_batch]]
+
+    def log(rec):
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    rm.train()
+    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc="rm", dynamic_ncols=True)
+    t0, pairs_done, run, first = time.time(), 0, [], state["step"]
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, cfg)
+        n_pairs = 0
+        for mb in batches(step):
+            # chosen and rejected of a micro-batch go through one forward (2m rows, left padded)
+            idx, mask = pad_batch([c for c, _, _ in mb] + [r for _, r, _ in mb], device=dev)
+            r = rm(idx, mask)                                                  # (2m,)
+            rc, rr = r[:len(mb)], r[len(mb):]
+            loss = F.softplus(rr - rc).sum() / cfg.batch_size                  # mean over the optimizer step
+            loss.backward()
+            run.append(pair_metrics(rc.detach(), rr.detach()))
+            n_pairs += len(mb)
+        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pairs_done += n_pairs
+        state["step"] = step + 1
+        if state["step"] % cfg.log_every == 0 or state["step"] == total:
+            n = sum(m["n"] for m in run)
+            rec = {"step": state["step"], "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
+                   "pairs_per_s": pairs_done / (time.time() - t0)}
+            rec.update({k: sum(m[k] * m["n"] for m in run) / n for k in ("loss", "accuracy", "margin")})
+            run = []
+            log({"split": "train", **rec})
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}")
+        if state["step"] % cfg.eval_every == 0 or state["step"] == total:
+            m = evaluate(rm, val_set, batch_size=2 * cfg.micro_batch)
+            rm.train()
+            log({"split": "val", "step": state["step"], **m})
+            tqdm.write(f"step {state['step']}: held-out accuracy {m['accuracy']:.4f} loss {m['loss']:.4f} "
+                       f"margin {m['margin']:.3f} length corr {m['length_corr']:.3f}")
+            improved = m["accuracy"] > state["best_accuracy"]
+            if improved:
+                state["best_accuracy"] = m["accuracy"]
+            # normaliser on the held-out responses, so a KL coefficient means the same across runs
+            rm.fit_normalizer([d[0] for d in val_set] + [d[1] for d in val_set], 2 * cfg.micro_batch)
+            rm.train()
+            if improved:
+                rm.save_pretrained(best)
+            save_training_checkpoint(rm, opt, last, state)
+        elif cfg.stop_after and step + 1 - first == cfg.stop_after:
+            save_training_checkpoint(rm, opt, last, state)
+        if cfg.stop_after and step + 1 - first == cfg.stop_after:
+            tqdm.write(f"stopping after {cfg.stop_after} steps (--stop_after); rerun to go on from {last}")
+            break
+    bar.close()
+    if state["step"] < total:
+        return state
+    if not os.path.isdir(best):   # no evaluation improved on nothing: keep the final weights as best
+        rm.save_pretrained(best)
+    print(f"done: best held-out accuracy {state['best_accuracy']:.4f}; reward model in {best}")
+    return state
+
+
+# -----------------------------------------------------------------------------
+# evaluation CLI
+
+@dataclass
+class EvalConfig:
+    rm: str = ""                    # a reward model folder
+    data: str = ""                  # pairs file; "" = the bundled static HHH set and Anthropic HH test splits
+    max_pairs: int = 0              # 0 = all
+    batch_size: int = 16
+    on_error: str = "stop"
+    out: str = ""                   # optional json file for the results
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = ""
+
+
+def run_eval(cfg):
+    if not cfg.rm:
+        raise UserError("--rm is required: a reward model folder (e.g. out/rm/best).")
+    rm = RewardModel.from_pretrained(cfg.rm, device=cfg.device, dtype=DTYPES.get(cfg.dtype))
+    sets = {cfg.data: cfg.data} if cfg.data else {
+        "static HHH": os.path.join(HERE, "data", "almost", "hhh_eval.json"),
+        "HH harmless-base test": os.path.join(HERE, "data", "hh-rlhf", "harmless-base", "test.jsonl.gz"),
+        "HH helpful-base test": os.path.join(HERE, "data", "hh-rlhf", "helpful-base", "test.jsonl.gz")}
+    results = {}
+    for name, path in sets.items():
+        pairs = read_pairs(path, cfg.on_error)
+        if cfg.max_pairs:
+            pairs = pairs[:cfg.max_pairs]
+        m = evaluate(rm, tokenize_pairs(rm.tok, pairs, rm.max_length, path), cfg.batch_size)
+        results[name] = m
+        per_type = "  ".join(f"{k.removeprefix('accuracy_')} {v:.3f}" for k, v in m.items()
+                             if k.startswith("accuracy_"))
+        print(f"{name}: {m['n']} pairs, accuracy {m['accuracy']:.4f}" + (f" ({per_type})" if per_type else "") +
+              f", margin {m['margin']:.3f}, score mean {m['score_mean']:.3f} std {m['score_std']:.3f}, "
+              f"corr(score, length) {m['length_corr']:.3f}")
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv):
+    if argv and argv[0] == "eval":
+        return run_eval(parse_args(EvalConfig, argv[1:]))
+    return train(parse_args(TrainConfig, argv))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,244 @@
+"""rm.py: Bradley-Terry loss and metrics, scoring invariances, training, resume, HF parity, bad input."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, STORIES
+from model import UserError, last_token_index
+from rm import (RewardModel, TrainConfig, bt_loss, encode, format_dialogue, pad_batch, pair_metrics, read_pairs,
+                tokenize_pairs, train)
+
+
+def toy_pairs(n, seed=0):
+    """A learnable preference: the chosen story is happy, the rejected one sad; names, things, templates vary."""
+    rng = random.Random(seed)
+    names = ["Lily", "Tom", "Sue", "Max", "Ben", "Anna", "Tim", "Mia"]
+    things = ["ball", "dog", "cat", "box", "tree", "car", "cake", "toy", "bird", "park"]
+    good, bad = ["happy", "glad", "kind", "nice", "good", "proud"], ["sad", "angry", "mean", "bad", "scared", "upset"]
+    templates = ["{n} saw the {t}. {n} was very {a}.", "The {t} made {n} feel {a}.", "{n} had a {t} and felt {a} all day."]
+    out = []
+    for _ in range(n):
+        nm, th, tp = rng.choice(names), rng.choice(things), rng.choice(templates)
+        out.append({"prompt": f"Tell me about {nm} and the {th}.", "chosen": tp.format(n=nm, t=th, a=rng.choice(good)),
+                    "rejected": tp.format(n=nm, t=th, a=rng.choice(bad))})
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def rm():
+    return RewardModel.from_pretrained(STORIES, max_length=512)
+
+
+TEXTS = [("Tell me a story.", "Lily saw a big dog. She was happy."), ("Hi", "Once upon a time, there was a cat."),
+         ("What did Tom do?", "Tom went to the park and played with his ball all day long. He was tired."),
+         ("Why?", "Because."), ("\n\nHuman: Hello\n\nAssistant: Hi!\n\nHuman: Tell me more", "Sure, here is more.")]
+
+
+# -----------------------------------------------------------------------------
+# loss, metrics, text format
+
+def test_bt_loss_closed_form():
+    rc, rr = torch.tensor([2.0, -1.0, 0.5, 30.0, -30.0]), torch.tensor([1.0, 1.0, 0.5, -30.0, 30.0])
+    expected = sum(-math.log(1 / (1 + math.exp(-(c - r)))) if c - r > -30 else (r - c)
+                   for c, r in zip(rc.tolist(), rr.tolist())) / 5
+    assert abs(bt_loss(rc, rr).item() - expected) < 1e-5
+    assert abs(bt_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() - math.log(2)) < 1e-6
+
+
+def test_accuracy_counts_ties_as_wrong():
+    m = pair_metrics(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([1.0, 1.0, 4.0, -1.0]))
+    assert m["accuracy"] == 0.5            # the tie (1 vs 1) and the loss (3 vs 4) are wrong
+    assert abs(m["margin"] - (0 + 1 - 1 + 1) / 4) < 1e-6
+
+
+def test_format_and_truncation(rm):
+    assert format_dialogue("What is 2+2?", "4.") == "\n\nHuman: What is 2+2?\n\nAssistant: 4."
+    hh = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How are you?"
+    assert format_dialogue(hh, " Fine.") == hh + "\n\nAssistant: Fine."
+    long = " ".join(["Lily played with the ball."] * 100) + " The end."
+    ids = encode(rm.tok, "Tell me a story.", long, 64)
+    assert len(ids) == 64 and ids[-1] == rm.tok.eos_id and rm.tok.bos_id not in ids
+    assert rm.tok.decode(ids[:-1]).endswith("The end.")   # left-truncated: the response's end survives
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert last_token_index(mask).tolist() == [3, 2, 0, 3]
+
+
+def test_hh_layout_is_split_at_the_last_assistant_turn(tmp_path):
+    line = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: Goodbye!",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: No."}
+    p = read_pairs(write_jsonl(tmp_path / "hh.jsonl", [line]))[0]
+    assert p["prompt"] == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye?"
+    assert (p["chosen"], p["rejected"]) == ("Goodbye!", "No.")
+    assert format_dialogue(p["prompt"], p["chosen"]) == line["chosen"]
+
+
+def test_bundled_eval_sets_load():
+    hhh = read_pairs(os.path.join(ROOT, "data", "almost", "hhh_eval.json"))
+    assert len(hhh) == 221 and {p["type"] for p in hhh} == {"helpful", "harmless", "honest", "other"}
+    hh = read_pairs(os.path.join(ROOT, "data", "hh-rlhf", "harmless-base", "test.jsonl.gz"))
+    assert len(hh) == 2312
+
+
+# -----------------------------------------------------------------------------
+# scoring invariances
+
+def test_scores_do_not_depend_on_padding_side_batch_or_size(rm):
+    prompts, responses = zip(*TEXTS)
+    alone = torch.cat([rm.score([p], [r]) for p, r in TEXTS])
+    for bs in (1, 2, 3, 5):
+        assert (rm.score(prompts, responses, batch_size=bs) - alone).abs().max().item() < 1e-5
+    perm = [3, 0, 4, 2, 1]
+    shuffled = rm.score([prompts[i] for i in perm], [responses[i] for i in perm], batch_size=2)
+    assert (shuffled - alone[perm]).abs().max().item() < 1e-5
+    seqs = [encode(rm.tok, p, r, rm.max_length) for p, r in TEXTS]
+    with torch.no_grad():
+        right = rm(*pad_batch(seqs, left=False))
+        left = rm(*pad_batch(seqs, left=True))
+    assert (right - alone).abs().max().item() < 1e-5 and (left - alone).abs().max().item() < 1e-5
+    assert alone.std().item() > 1e-3   # the scores differ between texts: the check is not vacuous
+
+
+def test_head_init_and_normalizer(rm):
+    C = rm.model.config.hidden_size
+    assert rm.head.weight.shape == (1, C) and rm.head.bias is None
+    assert 0.5 / math.sqrt(C + 1) < rm.head.weight.std().item() < 1.5 / math.sqrt(C + 1)
+    assert rm.model.lm_head is None     # a trunk: no output matrix kept
+    raw = rm.score(*zip(*TEXTS))
+    rm.fit_normalizer([encode(rm.tok, p, r, rm.max_length) for p, r in TEXTS])
+    z = rm.score(*zip(*TEXTS), normalize=True)
+    assert abs(z.mean().item()) < 1e-5 and abs(z.std().item() - 1) < 1e-4
+    assert torch.allclose(raw, rm.score(*zip(*TEXTS)))
+    rm.normalizer = {"mean": 0.0, "std": 1.0}
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def tiny_cfg(tmp_path, data, **kw):
+    cfg = TrainConfig(data=data, preset="tiny", out=str(tmp_path / "rm"), val_frac=0.2, epochs=2.0, device="cpu")
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_training_learns_a_toy_preference(tmp_path):
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_pairs(400))
+    state = train(tiny_cfg(tmp_path, data))
+    assert state["best_accuracy"] >= 0.95
+    best = RewardModel.from_pretrained(str(tmp_path / "rm" / "best"))
+    held = [json.loads(l) for l in open(tmp_path / "rm" / "metrics.jsonl") if '"val"' in l]
+    assert held and held[-1]["accuracy"] >= 0.95
+    fresh = toy_pairs(100, seed=99)   # new pairs, never seen
+    rc = best.score([p["prompt"] for p in fresh], [p["chosen"] for p in fresh])
+    rr = best.score([p["prompt"] for p in fresh], [p["rejected"] for p in fresh])
+    assert (rc > rr).float().mean().item() >= 0.95
+    assert best.normalizer["std"] > 0 and best.normalizer["n"] == 160
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_pairs(200))
+    full = train(tiny_cfg(tmp_path / "a", data, eval_every=4, log_every=2))
+    part = train(tiny_cfg(tmp_path / "b", data, eval_every=4, log_every=2, stop_after=5))
+    assert part["step"] == 5 and not (tmp_path / "b" / "rm" / "best" / "trainer_state.json").exists()
+    done = train(tiny_cfg(tmp_path / "b", data, eval_every=4, log_every=2))
+    assert done["step"] == full["step"] == 10
+    a = RewardModel.from_pretrained(str(tmp_path / "a" / "rm" / "last"))
+    b = RewardModel.from_pretrained(str(tmp_path / "b" / "rm" / "last"))
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), n
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "b" / "rm" / "metrics.jsonl") if '"train"' in l]
+    assert steps == [2, 4, 6, 8, 10]                     # no step logged twice, none missing
+    again = train(tiny_cfg(tmp_path / "b", data, eval_every=4, log_every=2))   # finished: nothing more to do
+    assert again["step"] == 10
+
+
+# -----------------------------------------------------------------------------
+# transformers parity
+
+transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (requirements-test.txt)")
+
+
+def test_transformers_gives_the_same_scores(tmp_path, rm):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        rm.head.weight.normal_()   # a head with real spread
+    rm.save_pretrained(str(tmp_path / "rm"))
+    cfg = json.load(open(tmp_path / "rm" / "config.json"))
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["pad_token_id"] != rm.tok.eos_id
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    ours = rm.score(*zip(*TEXTS))
+    seqs = [encode(rm.tok, p, r, rm.max_length) for p, r in TEXTS]
+    with torch.no_grad():
+        alone = torch.cat([hf(torch.tensor([s])).logits[:, 0] for s in seqs])
+        idx, mask = pad_batch(seqs, left=False)        # HF finds the last token that is not pad_token_id
+        idx[~mask] = cfg["pad_token_id"]
+        batched = hf(idx, attention_mask=mask.long()).logits[:, 0]
+    assert (alone - ours).abs().max().item() < 1e-4
+    assert (batched - ours).abs().max().item() < 1e-4
+    back = RewardModel.from_pretrained(str(tmp_path / "rm"))
+    assert torch.allclose(back.score(*zip(*TEXTS)), ours, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+def test_malformed_line_stops_with_file_and_line(tmp_path):
+    rows = toy_pairs(3) + ['{"prompt": "x", "chosen": "y"'] + toy_pairs(2, seed=1)
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(UserError, match=r"bad\.jsonl:4: bad pair.*--on_error=skip"):
+        read_pairs(path)
+    assert len(read_pairs(path, on_error="skip")) == 5
+
+
+def test_missing_fields_and_empty_data(tmp_path):
+    with pytest.raises(UserError, match=r"x\.jsonl:1.*\"chosen\" and \"rejected\""):
+        read_pairs(write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "chosen": "b"}]))
+    with pytest.raises(UserError, match="no usable pairs"):
+        read_pairs(write_jsonl(tmp_path / "empty.jsonl", []))
+    with pytest.raises(UserError, match="no such data file"):
+        read_pairs(str(tmp_path / "nope.jsonl"))
+
+
+def test_identical_pairs_are_dropped(rm, capsys):
+    pairs = toy_pairs(3) + [{"prompt": "a", "chosen": "same", "rejected": "same"}]
+    assert len(tokenize_pairs(rm.tok, pairs, 512, "t.jsonl")) == 3
+    assert "identical" in capsys.readouterr().err
+    with pytest.raises(UserError, match="identical"):
+        tokenize_pairs(rm.tok, pairs[3:], 512, "t.jsonl")
+
+
+def test_not_a_llama_and_eval_sets_refused(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(UserError, match="not a LLaMA"):
+        RewardModel.from_pretrained(str(d))
+    hhh = os.path.join(ROOT, "data", "almost", "hhh_eval.json")
+    with pytest.raises(UserError, match="evaluation set"):
+        train(TrainConfig(data=hhh, preset="tiny", out=str(tmp_path / "o")))
+
+
+def test_cli_errors():
+    for args, words in [(["eval", "--rm=/nonexistent/rm"], ["/nonexistent/rm"]),
+                        (["--data=/nonexistent.jsonl", "--preset=tiny"], ["/nonexistent.jsonl", "no such data file"]),
+                        (["--bogus=2"], ["unknown flag --bogus"])]:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "rm.py"), *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert all(w in r.stderr for w in words), r.stderr
