@@ -229,13 +229,13 @@ def tokenize_pairs(tok, pairs, max_length, where):
         if c == r:
             same += 1
             continue
-        full_c = len(tok.encode(format_dialogue(p["prompt"], p["chosen"]), bos=False)) + 1
-        cut += full_c > max_length
+        for prompt, resp in ((p["prompt"], p["chosen"]), (p.get("rejected_prompt", p["prompt"]), p["rejected"])):
+            cut += len(tok.encode(format_dialogue(prompt, resp), bos=False)) + 1 > max_length
         out.append((c, r, p))
     if same:
         print(f"note: {where}: dropped {same} pair(s) whose chosen and rejected texts are identical", file=sys.stderr)
     if cut:
-        print(f"note: {where}: {cut} chosen text(s) longer than max_length={max_length} were left-truncated "
+        print(f"note: {where}: {cut} text(s) longer than max_length={max_length} were left-truncated "
               f"(the response's end and EOS kept)", file=sys.stderr)
     if not out:
         raise UserError(f"{where}: no pair left to use (all {len(pairs)} have identical chosen and rejected texts).")
@@ -399,14 +399,12 @@ def train(cfg):
     print(f"{len(train_set)} training pairs, {len(val_set)} held out; {total} steps of {cfg.batch_size} pairs "
           f"({accum} x {cfg.micro_batch}); lr {cfg.lr}; {dev} {str(dtype).removeprefix('torch.')}")
 
-    def batches(step):
-        """The micro-batches of optimizer step `step`: epoch e's order is a shuffle seeded by (seed, e)."""
+    def step_pairs(step):
+        """The pairs of optimizer step `step`: epoch e's order is a shuffle seeded by (seed, e)."""
         e, k = divmod(step, steps_per_epoch)
         order = list(range(len(train_set)))
         random.Random(cfg.seed * 1000 + e).shuffle(order)
-        chunk = order[k * cfg.batch_size:(k + 1) * cfg.batch_size] or order
-        for i in range(0, len(chunk), cfg.micro_batch):
-            yield [train_set[j] for j in chunk[i:i + cfg.micro_batch]]
+        return [train_set[j] for j in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
 
     def log(rec):
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
@@ -418,16 +416,17 @@ def train(cfg):
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, cfg)
-        n_pairs = 0
-        for mb in batches(step):
+        batch = step_pairs(step)
+        for i in range(0, len(batch), cfg.micro_batch):
+            mb = batch[i:i + cfg.micro_batch]
             # chosen and rejected of a micro-batch go through one forward (2m rows, left padded)
             idx, mask = pad_batch([c for c, _, _ in mb] + [r for _, r, _ in mb], device=dev)
             r = rm(idx, mask)                                                  # (2m,)
             rc, rr = r[:len(mb)], r[len(mb):]
-            loss = F.softplus(rr - rc).sum() / cfg.batch_size                  # mean over the optimizer step
+            loss = F.softplus(rr - rc).sum() / len(batch)                      # mean over the optimizer step
             loss.backward()
             run.append(pair_metrics(rc.detach(), rr.detach()))
-            n_pairs += len(mb)
+        n_pairs = len(batch)
         gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip).item()
         opt.step()
         opt.zero_grad(set_to_none=True)

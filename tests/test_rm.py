@@ -215,6 +215,13 @@ def test_missing_fields_and_empty_data(tmp_path):
         read_pairs(str(tmp_path / "nope.jsonl"))
 
 
+def test_long_texts_are_truncated_with_a_note(rm, capsys):
+    long = {"prompt": "Tell me a story.", "chosen": "Lily ran. " * 200 + "The end.", "rejected": "No."}
+    (c, r, _), = tokenize_pairs(rm.tok, [long], 128, "long.jsonl")
+    assert len(c) == 128 and c[-1] == rm.tok.eos_id and len(r) < 128
+    assert "long.jsonl: 1 text(s) longer than max_length=128" in capsys.readouterr().err
+
+
 def test_identical_pairs_are_dropped(rm, capsys):
     pairs = toy_pairs(3) + [{"prompt": "a", "chosen": "same", "rejected": "same"}]
     assert len(tokenize_pairs(rm.tok, pairs, 512, "t.jsonl")) == 3
