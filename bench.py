@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from model import Llama, LlamaConfig
-from sample import generate, parse_args, UserError
+from sample import UserError, generate, parse_args, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -184,8 +184,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import Llama, Tokenizer, UserError, default_dtype, last_token_index, load_config
-from sample import DTYPES, PAD_ID, parse_args
+from sample import DTYPES, PAD_ID, parse_args, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -517,8 +517,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
