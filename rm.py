@@ -183,7 +183,7 @@ class RewardModel(nn.Module):
         out = torch.empty(len(seqs))
         was_training = self.training
         self.eval()
-        for b in range(0, len(seqs), batch_size):
+        for b in tqdm(range(0, len(seqs), batch_size), desc="scoring", leave=False, disable=len(seqs) <= 512):
             ids = order[b:b + batch_size]
             idx, mask = pad_batch([seqs[i] for i in ids], device=dev)
             out[ids] = self(idx, mask).cpu()
