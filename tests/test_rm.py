@@ -249,3 +249,33 @@ def test_cli_errors():
                            cwd=ROOT, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_parity_on_an_untied_gqa_config_with_biases(tmp_path):
+    """A LLaMA unlike the bundled one (untied, GQA, biases, explicit head_dim): a reward model built on it and one
+    that transformers saved itself both load and score as transformers does."""
+    cfg = transformers.LlamaConfig(vocab_size=600, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, head_dim=16, attention_bias=True,
+                                   mlp_bias=True, tie_word_embeddings=False, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    import shutil
+    shutil.copy(os.path.join(STORIES, "tokenizer.model"), tmp_path / "base" / "tokenizer.model")
+    rm = RewardModel.from_pretrained(str(tmp_path / "base"))
+    assert rm.model.lm_head is None
+    rm.save_pretrained(str(tmp_path / "rm"))
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    seqs = [encode(rm.tok, p, r, rm.max_length) for p, r in TEXTS]
+    with torch.no_grad():
+        ref = torch.cat([hf(torch.tensor([s])).logits[:, 0] for s in seqs])
+    assert (rm.score(*zip(*TEXTS)) - ref).abs().max().item() < 1e-4
+    # a sequence classifier saved by transformers (random head) loads with its head
+    cfg.pad_token_id, cfg.num_labels = 0, 1
+    hf2 = transformers.LlamaForSequenceClassification(cfg).eval()
+    hf2.save_pretrained(tmp_path / "hf_rm")
+    shutil.copy(os.path.join(STORIES, "tokenizer.model"), tmp_path / "hf_rm" / "tokenizer.model")
+    rm2 = RewardModel.from_pretrained(str(tmp_path / "hf_rm"))
+    with torch.no_grad():
+        ref2 = torch.cat([hf2(torch.tensor([s])).logits[:, 0] for s in seqs])
+    assert (rm2.score(*zip(*TEXTS)) - ref2).abs().max().item() < 1e-4
