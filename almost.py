@@ -1,22 +1,39 @@
 """
-The ALMoST pipeline. Step 1, reward modeling from synthetic feedback (ALMOST.md 1a-1c): the exact rules.
+The ALMoST pipeline, step 1: reward modeling from synthetic feedback (ALMOST.md 1a-1d).
 
-    rouge_l(a, b)                       the novelty filter of query generation (1a)
-    postprocess_response(text)          cut a sampled response out of its continuation (1b)
-    is_bad_response(text)               the BAD rules (1b)
-    make_comparisons(responses, rubric) synthetic comparisons with the heuristic length filter (1c)
+    python almost.py                                   # the bundled story profile, on CPU in a few minutes
+    python almost.py --stages=compare,rm               # rerun some stages; each skips work already on disk
+    python almost.py --profile=paper --query_model=LLAMA --generators=NAME=LLAMA:PROMPT_FILE:SHOTS,... \
+                     --rubric="A>B>C"                  # the paper's setting on LLaMA folders you supply
 
-and the file plumbing every stage is built on: append-only jsonl, flushed per record, that a rerun resumes.
-
-Not written yet: the stages themselves (queries, responses, compare, rm) with their CLI and the two profiles
-(the paper's, and the bundled story profile); see the README's status line.
+Stages, each a function that reads and writes files in --out (default out/):
+    queries    1a  10-shot query generation from the seed pool, ROUGE-L novelty filter, length filter
+                   -> queries.jsonl
+    responses  1b  one response per query from every generator config (model, prompt file, shots), sampled in
+                   batches with THE sampler, post-processed, BAD marked           -> responses.jsonl
+    compare    1c  the heuristic comparison rule over the rubric  -> comparisons.jsonl (+ comparisons_nofilter
+                   .jsonl without the length rule, for the ablation), compare_stats.json
+    rm         1d  the reward model (rm.py) on the comparisons, held out split, static HHH
+                   -> rm/ (and rm_nofilter/), rm_stats.json
+queries.jsonl and responses.jsonl are append-only, flushed per record: a killed stage loses at most the record
+being written, and a rerun skips what is on disk.
 """
 import json
 import os
+import random
 import re
 import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
 
-from model import UserError
+import torch
+from tqdm import tqdm
+
+from model import UserError, load
+from sample import generate, parse_args, run_cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # -----------------------------------------------------------------------------
@@ -95,7 +112,7 @@ def rubric_ranks(rubric):
     return ranks
 
 
-def make_comparisons(responses, rubric):
+def make_comparisons(responses, rubric, length_filter=True):
     """responses: dicts {"query", "config", "response"}; rubric: config names best first (an item may be a list
     of names sharing a rank). Returns {"prompt", "chosen", "rejected", "meta"} dicts in the order the rule walks,
     queries in first-seen order. Per query, over its non-BAD responses:
@@ -104,7 +121,8 @@ def make_comparisons(responses, rubric):
       - walk the index pairs (i < j) in order and emit chosen=i, rejected=j unless they share a rank, or i's
         rank already gave a chosen for this query, or len(chosen) < len(rejected) and chosen is not long enough.
     So at most K-1 pairs a query; a too-short better answer is paired with the next worse one shorter than it.
-    Pairs whose two texts are identical are dropped at the end."""
+    Pairs whose two texts are identical are dropped at the end. length_filter=False drops the length rule (for
+    the ablation: then every query gives the K-1 pairs of neighbouring ranks)."""
     ranks = rubric_ranks(rubric)
     by_query = {}
     for r in responses:
@@ -127,7 +145,7 @@ def make_comparisons(responses, rubric):
                 ri, rj = ranks[ci["config"]][0], ranks[cj["config"]][0]
                 if ri == rj or ri in used:
                     continue
-                if lengths[i] < lengths[j] and lengths[i] < long_enough:
+                if length_filter and lengths[i] < lengths[j] and lengths[i] < long_enough:
                     continue
                 used.add(ri)
                 pairs.append({"prompt": query, "chosen": ci["response"].strip(), "rejected": cj["response"].strip(),
@@ -182,3 +200,422 @@ class RecordWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, records):
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+# -----------------------------------------------------------------------------
+# profiles: the paper's generators on LLaMA folders you supply, or the bundled story models
+
+DATA = os.path.join(HERE, "data")
+PROFILES = {
+    # the paper: dialogue prompts (HHH / Faithful), "Query:" lines for query generation; models are the user's
+    "paper": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=10000,
+                  query_model="", generators="", rubric="", rm_model="", rm_preset=""),
+    # the bundled story domain (README, "The story profile"): queries are story openings, responses continue
+    # them, demonstrations are short stories; the generators differ in model size, shots and demo quality
+    "stories": dict(format="story", seeds=os.path.join(DATA, "stories", "seed_openings.txt"), n_queries=300,
+                    query_model=os.path.join(DATA, "stories260K"),
+                    generators=",".join([
+                        f"260K-good-2shot={DATA}/stories260K:{DATA}/stories/good_stories.txt:2:160",
+                        f"260K-plain-1shot={DATA}/stories260K:{DATA}/stories/plain_stories.txt:1:160",
+                        f"50K-plain-1shot={DATA}/stories50K:{DATA}/stories/plain_stories.txt:1:160",
+                        f"50K-0shot={DATA}/stories50K::0:160"]),
+                    rubric="260K-good-2shot>260K-plain-1shot>50K-plain-1shot>50K-0shot",
+                    rm_model=os.path.join(DATA, "stories260K"), rm_preset="tiny"),
+}
+
+
+@dataclass
+class Config:
+    profile: str = "stories"        # "stories" (bundled) or "paper"
+    out: str = "out"
+    stages: str = "queries,responses,compare,check,rm"
+    n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000)
+    seeds: str = ""                 # seed pool file ("" = the profile's); its first line is an instruction line
+    query_model: str = ""           # "" = the profile's
+    generators: str = ""            # NAME=MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS],...  ("" = the profile's)
+    rubric: str = ""                # config names best first, ">" between ranks, "=" inside one: "A>B=C>D"
+    rm_model: str = ""              # base LLaMA for the reward model ("" = the profile's)
+    rm_preset: str = ""             # rm.py preset ("" = the profile's: tiny for stories, the paper's defaults otherwise)
+    rm_filter_ablation: bool = True  # also train a reward model without the length rule
+    batch_size: int = 32            # prompts per sampler call
+    seed: int = 1337
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = ""
+
+
+def resolve(cfg):
+    """Fill the profile's defaults into the fields left empty."""
+    if cfg.profile not in PROFILES:
+        raise UserError(f"--profile={cfg.profile!r}: use one of {', '.join(PROFILES)}.")
+    prof = PROFILES[cfg.profile]
+    for k in ("seeds", "query_model", "generators", "rubric", "rm_model", "rm_preset", "n_queries"):
+        if not getattr(cfg, k):
+            setattr(cfg, k, prof[k])
+    cfg.format = prof["format"]
+    return cfg
+
+
+@dataclass
+class Generator:
+    name: str
+    model: str
+    prompt_file: str
+    shots: int
+    max_new_tokens: int
+
+
+def parse_generators(spec, fmt):
+    if not spec:
+        raise UserError("--generators is required for this profile: NAME=MODEL:PROMPT_FILE:SHOTS[:MAX_NEW],... "
+                        "e.g. 30b-faithful-3shot=/models/llama-30b:data/almost/Faithful_prompt.txt:3")
+    gens = []
+    for item in spec.split(","):
+        name, eq, rest = item.partition("=")
+        parts = rest.split(":")
+        if not eq or len(parts) not in (3, 4) or not parts[2].isdigit() or (len(parts) == 4 and not parts[3].isdigit()):
+            raise UserError(f"--generators: {item!r} is not NAME=MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS].")
+        model, pfile, shots = parts[0], parts[1], int(parts[2])
+        default_new = 160 if fmt == "story" else (768 if "Faithful" in pfile else 384)   # the paper's budgets
+        new = int(parts[3]) if len(parts) == 4 else default_new
+        if shots and not os.path.isfile(pfile):
+            raise UserError(f"--generators: {name}: prompt file {pfile!r} does not exist.")
+        gens.append(Generator(name.strip(), model, pfile, shots, new))
+    if len({g.name for g in gens}) < len(gens):
+        raise UserError("--generators: two generators share a name.")
+    return gens
+
+
+def parse_rubric(spec, gens):
+    """"A>B=C>D" -> ["A", ["B", "C"], "D"]; every name must be a generator."""
+    if not spec:
+        raise UserError('--rubric is required: generator names best first, e.g. --rubric="A>B=C>D".')
+    rubric = [r.split("=") if "=" in r else r for r in (x.strip() for x in spec.split(">"))]
+    names = {g.name for g in gens}
+    for item in rubric:
+        for n in ([item] if isinstance(item, str) else item):
+            if n not in names:
+                raise UserError(f"--rubric: {n!r} is not one of the generators ({', '.join(sorted(names))}).")
+    return rubric
+
+
+def read_seeds(path):
+    """Seed pool file: an instruction line, then one query (or story opening) per line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such seed file. Give --seeds a file: an instruction line, then one query a line.")
+    lines = [l.strip() for l in open(path, encoding="utf-8").read().splitlines()]
+    seeds = [l for l in lines[1:] if l]
+    if len(seeds) < 2:
+        raise UserError(f"{path}: needs an instruction line and at least two seed lines.")
+    return lines[0], seeds
+
+
+def read_demos(path):
+    """A prompt file: a preamble, then demonstrations separated by lines "-----" -> (preamble, [demos])."""
+    if not path:
+        return "", []
+    parts = [p for p in open(path, encoding="utf-8").read().split("\n\n-----") if p.strip("\n ")]
+    return parts[0], parts[1:]
+
+
+# -----------------------------------------------------------------------------
+# prompts. The paper's (dialogue) format is text; the story format joins stories with BOS, the way the story
+# models saw their training data, so "demonstrations" are simply the previous stories in the context.
+
+def query_prompt(tok, fmt, instruction, shots):
+    if fmt == "dialogue":   # 1a: instruction, blank line, "Query: <seed>" lines, then "Query:"
+        return tok.encode(f"{instruction}\n\n" + "".join(f"Query: {s}\n" for s in shots) + "Query:", bos=True)
+    return [i for s in shots for i in tok.encode(s, bos=True)] + [tok.bos_id]
+
+
+def extract_query(text, fmt):
+    """1a: the first generated line, stripped, cut at a further "Query:". Story format: the opening is the first
+    sentence, or the first two when the first is shorter than 30 characters."""
+    if fmt == "dialogue":
+        line = text.strip("\n ").split("\n")[0]
+        return re.split(r"query\s?:", line, flags=re.IGNORECASE)[0].strip()
+    line = text.strip().split("\n")[0]
+    sents = re.findall(r".*?[.!?](?=\s|$)", line)
+    q = sents[0].strip() if sents else ""
+    if q and len(q) < 30 and len(sents) > 1:
+        q = (q + " " + sents[1].strip()).strip()
+    return q
+
+
+def response_prompt(tok, fmt, preamble, demos, shots, query):
+    if fmt == "dialogue":   # 1b: preamble + the first k dialogues, then "\n\nHuman: {query}\n\nAssistant:"
+        from rm import format_dialogue
+        head = "\n\n-----".join([preamble] + demos[:shots]) + "\n\n-----" if shots else preamble
+        return tok.encode(head + format_dialogue(query), bos=True)
+    return [i for d in demos[:shots] for i in tok.encode(d.strip(), bos=True)] + tok.encode(query, bos=True)
+
+
+def trim_to_sentence(text):
+    """A story cut by the token budget, back to its last sentence that ends in "." or "!" (not inside a quote)."""
+    ends = [m.end() for m in re.finditer(r"[.!](?=\s|$)", text)]
+    return text[:ends[-1]] if ends else text
+
+
+def story_response(text, ended):
+    return text.strip() if ended else trim_to_sentence(text.strip()).strip()
+
+
+# -----------------------------------------------------------------------------
+# 1a. queries
+
+def is_novel(q_tokens, pool_tokens, threshold=0.5):
+    """ROUGE-L F1 < threshold against every pool entry. A cheap upper bound (bag-of-words overlap >= LCS) skips
+    most LCS computations."""
+    from collections import Counter
+    cq = Counter(q_tokens)
+    for t in pool_tokens:
+        overlap = sum((cq & Counter(t)).values())
+        if overlap == 0 or 2 * overlap / (len(q_tokens) + len(t)) < threshold:
+            continue
+        lcs = lcs_length(q_tokens, t)
+        if lcs and 2 * lcs / (len(q_tokens) + len(t)) >= threshold:   # F1 = 2 LCS / (|a| + |b|)
+            return False
+    return True
+
+
+def stage_queries(cfg):
+    path = os.path.join(cfg.out, "queries.jsonl")
+    done = read_records(path)
+    if len(done) >= cfg.n_queries:
+        print(f"queries: {len(done)} already in {path}, skipping")
+        return
+    instruction, seeds = read_seeds(cfg.seeds)
+    model, tok = load(cfg.query_model, device=cfg.device)
+    pool = seeds + [r["query"] for r in done]
+    pool_tokens = [rouge_tokens(q) for q in pool]
+    rng = random.Random(cfg.seed * 7919 + len(done))
+    rejected = {"empty": 0, "length": 0, "overlap": 0}
+    tries, n_new = 0, 0
+    with RecordWriter(path) as w, tqdm(total=cfg.n_queries, initial=len(done), desc="queries") as bar:
+        while len(done) + n_new < cfg.n_queries:
+            if tries > 50 * cfg.n_queries:
+                raise UserError(f"queries: only {len(done) + n_new} of {cfg.n_queries} accepted after {tries} "
+                                f"samples ({rejected}). Lower --n_queries or add seeds to {cfg.seeds}.")
+            prompts = [query_prompt(tok, cfg.format, instruction, rng.sample(pool, min(10, len(pool))))
+                       for _ in range(cfg.batch_size)]
+            outs, _ = generate(model, prompts, 64, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31))
+            for o in outs:
+                tries += 1
+                q = extract_query(tok.decode(o), cfg.format)
+                qt = rouge_tokens(q)
+                reason = ("empty" if not qt else "length" if not 30 <= len(q) <= 250
+                          else "overlap" if not is_novel(qt, pool_tokens) else None)
+                if reason:
+                    rejected[reason] += 1
+                    continue
+                pool.append(q)
+                pool_tokens.append(qt)
+                w.write({"id": len(done) + n_new, "query": q})
+                n_new += 1
+                bar.update(1)
+                if len(done) + n_new >= cfg.n_queries:
+                    break
+    print(f"queries: {n_new} new ({tries} samples; rejected: {rejected}) -> {path}")
+
+
+# -----------------------------------------------------------------------------
+# 1b. responses
+
+def stage_responses(cfg):
+    import zlib
+    queries = read_records(os.path.join(cfg.out, "queries.jsonl"))[:cfg.n_queries]
+    if not queries:
+        raise UserError(f"{cfg.out}/queries.jsonl is empty or missing: run the queries stage first "
+                        f"(--stages=queries,responses).")
+    gens = parse_generators(cfg.generators, cfg.format)
+    path = os.path.join(cfg.out, "responses.jsonl")
+    done = {(r["query_id"], r["config"]) for r in read_records(path)}
+    models = {}
+    with RecordWriter(path) as w:
+        for g in gens:
+            todo = [q for q in queries if (q["id"], g.name) not in done]
+            if not todo:
+                print(f"responses: {g.name}: all {len(queries)} on disk, skipping")
+                continue
+            if g.model not in models:
+                models = {g.model: load(g.model, device=cfg.device)}   # one model in memory at a time
+            model, tok = models[g.model]
+            preamble, demos = read_demos(g.prompt_file)
+            if g.shots > len(demos):
+                raise UserError(f"{g.prompt_file}: {g.name} asks for {g.shots} shots, the file has {len(demos)}.")
+            prompts = {q["id"]: response_prompt(tok, cfg.format, preamble, demos, g.shots, q["query"]) for q in todo}
+            ctx = model.config.max_position_embeddings
+            longest = max(map(len, prompts.values()))
+            if longest + g.max_new_tokens > ctx:
+                raise UserError(f"{g.name}: a prompt of {longest} tokens + max_new_tokens {g.max_new_tokens} is past "
+                                f"the context window ({ctx}): use fewer shots or a smaller MAX_NEW_TOKENS.")
+            todo.sort(key=lambda q: len(prompts[q["id"]]))           # similar lengths batch together
+            for b in tqdm(range(0, len(todo), cfg.batch_size), desc=f"responses {g.name}"):
+                batch = todo[b:b + cfg.batch_size]
+                seed = (cfg.seed * 1000003 + zlib.crc32(g.name.encode()) + batch[0]["id"]) % 2**31
+                outs, _ = generate(model, [prompts[q["id"]] for q in batch], g.max_new_tokens,
+                                   temperature=1.0, top_p=0.9, seed=seed)
+                for q, o in zip(batch, outs):
+                    text = tok.decode(o)
+                    resp = postprocess_response(text) if cfg.format == "dialogue" else \
+                        story_response(text, ended=len(o) < g.max_new_tokens)
+                    w.write({"query_id": q["id"], "query": q["query"], "config": g.name, "response": resp,
+                             "bad": is_bad_response(resp)})
+    print(f"responses -> {path}")
+
+
+# -----------------------------------------------------------------------------
+# 1c. comparisons
+
+def stage_compare(cfg):
+    gens = parse_generators(cfg.generators, cfg.format)
+    rubric = parse_rubric(cfg.rubric, gens)
+    names = {n for item in rubric for n in ([item] if isinstance(item, str) else item)}
+    rs = [r for r in read_records(os.path.join(cfg.out, "responses.jsonl")) if r["config"] in names]
+    if not rs:
+        raise UserError(f"{cfg.out}/responses.jsonl has no responses of the rubric's configs: run the responses "
+                        f"stage first.")
+    pairs = make_comparisons(rs, rubric)
+    unfiltered = make_comparisons(rs, rubric, length_filter=False)
+    write_jsonl_atomic(os.path.join(cfg.out, "comparisons.jsonl"), pairs)
+    write_jsonl_atomic(os.path.join(cfg.out, "comparisons_nofilter.jsonl"), unfiltered)
+    from collections import Counter
+    per_config = {n: [r for r in rs if r["config"] == n] for n in sorted(names)}
+    stats = {"responses": len(rs), "queries": len({r["query_id"] for r in rs}),
+             "bad_rate": {n: sum(r["bad"] for r in v) / max(1, len(v)) for n, v in per_config.items()},
+             "mean_chars_good": {n: statistics.fmean([len(r["response"]) for r in v if not r["bad"]] or [0])
+                                 for n, v in per_config.items()},
+             "pairs": len(pairs), "pairs_without_length_rule": len(unfiltered),
+             "pairs_per_rank_pair": dict(Counter(p["meta"] for p in pairs)),
+             "pairs_per_rank_pair_without_length_rule": dict(Counter(p["meta"] for p in unfiltered)),
+             "chosen_longer_rate": sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs) / max(1, len(pairs))}
+    write_atomic(os.path.join(cfg.out, "compare_stats.json"), json.dumps(stats, indent=2))
+    print(f"compare: {len(pairs)} pairs ({len(unfiltered)} without the length rule) from {stats['queries']} "
+          f"queries; BAD rate " + ", ".join(f"{n} {v:.0%}" for n, v in stats["bad_rate"].items()))
+    for m, c in stats["pairs_per_rank_pair"].items():
+        print(f"  {m}: {c}")
+
+
+# -----------------------------------------------------------------------------
+# check: is the ranking assumption true here? An independent look at each generator's answers
+
+@torch.no_grad()
+def stage_check(cfg):
+    """Per config, over its non-BAD responses: the judge model's mean NLL per token of the response given the
+    query alone (no demonstrations), the rate of repeated word 3-grams, and the mean length. The judge is the
+    rm_model (stories: the larger stories260K), which sampled some of these answers itself: lower NLL favours its
+    own outputs, so read the size axis with that in mind."""
+    from rm import format_dialogue
+    model, tok = load(cfg.rm_model, device=cfg.device)
+    rs = [r for r in read_records(os.path.join(cfg.out, "responses.jsonl")) if not r["bad"]]
+    out = {}
+    for name in dict.fromkeys(r["config"] for r in rs):
+        nll = toks = 0.0
+        rep = []
+        for r in tqdm([r for r in rs if r["config"] == name], desc=f"check {name}", leave=False):
+            if cfg.format == "story":
+                prefix, full = tok.encode(r["query"]), tok.encode(r["query"] + " " + r["response"])
+            else:
+                prefix = tok.encode(format_dialogue(r["query"]))
+                full = tok.encode(format_dialogue(r["query"], r["response"]))
+            full = full[-model.config.max_position_embeddings:]
+            n = len(full) - min(len(prefix), len(full) - 1)
+            logits = model(torch.tensor([full], device=cfg.device))[0, -n - 1:-1]
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(full[-n:], device=cfg.device),
+                                                     reduction="sum").item()
+            toks += n
+            w = rouge_tokens(r["response"])
+            grams = list(zip(w, w[1:], w[2:]))
+            rep.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+        out[name] = {"n": len(rep), "nll_per_token": nll / max(toks, 1), "repeated_3grams": statistics.fmean(rep),
+                     "mean_chars": statistics.fmean([len(r["response"]) for r in rs if r["config"] == name])}
+    write_atomic(os.path.join(cfg.out, "check_stats.json"), json.dumps(out, indent=2))
+    print("check (judge " + os.path.basename(cfg.rm_model.rstrip("/")) + "): " + "; ".join(
+        f"{n}: NLL/token {v['nll_per_token']:.3f}, repeated 3-grams {v['repeated_3grams']:.1%}" for n, v in out.items()))
+
+
+# -----------------------------------------------------------------------------
+# 1d. the reward model
+
+def stage_rm(cfg):
+    import rm as rmlib
+    pairs = {"filter": read_records(os.path.join(cfg.out, "comparisons.jsonl")),
+             "nofilter": read_records(os.path.join(cfg.out, "comparisons_nofilter.jsonl"))}
+    if not pairs["filter"]:
+        raise UserError(f"{cfg.out}/comparisons.jsonl is empty or missing: run the compare stage first.")
+    # one held-out split by query, shared by both reward models, so their accuracies compare
+    queries = sorted({p["prompt"] for p in pairs["filter"] + pairs["nofilter"]})
+    random.Random(cfg.seed).shuffle(queries)
+    held = set(queries[:max(1, len(queries) // 10)])
+    data_dir = os.path.join(cfg.out, "rm_data")
+    os.makedirs(data_dir, exist_ok=True)
+    for k, ps in pairs.items():
+        write_jsonl_atomic(os.path.join(data_dir, f"train_{k}.jsonl"), [p for p in ps if p["prompt"] not in held])
+        write_jsonl_atomic(os.path.join(data_dir, f"val_{k}.jsonl"), [p for p in ps if p["prompt"] in held])
+    variants = ["filter", "nofilter"] if cfg.rm_filter_ablation else ["filter"]
+    stats = {}
+    for k in variants:
+        out = os.path.join(cfg.out, "rm" if k == "filter" else "rm_nofilter")
+        tc = rmlib.TrainConfig(data=os.path.join(data_dir, f"train_{k}.jsonl"),
+                               val_data=os.path.join(data_dir, "val_filter.jsonl"), model=cfg.rm_model, out=out,
+                               preset=cfg.rm_preset, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+        rmlib.train(tc)
+        model = rmlib.RewardModel.from_pretrained(os.path.join(out, "best"), device=cfg.device)
+        s = {}
+        for name, path in [("held_out", os.path.join(data_dir, "val_filter.jsonl")),
+                           ("held_out_nofilter", os.path.join(data_dir, "val_nofilter.jsonl")),
+                           ("static_hhh", os.path.join(DATA, "almost", "hhh_eval.json"))]:
+            ps = rmlib.read_pairs(path)
+            s[name] = rmlib.evaluate(model, rmlib.tokenize_pairs(model.tok, ps, model.max_length, path))
+        stats[k] = s
+        print(f"rm ({'with' if k == 'filter' else 'without'} the length rule): held-out accuracy "
+              f"{s['held_out']['accuracy']:.3f}, corr(score, length) {s['held_out']['length_corr']:.3f}, "
+              f"static HHH {s['static_hhh']['accuracy']:.3f}")
+    write_atomic(os.path.join(cfg.out, "rm_stats.json"), json.dumps(stats, indent=2))
+
+
+# -----------------------------------------------------------------------------
+# main
+
+STAGES = {"queries": stage_queries, "responses": stage_responses, "compare": stage_compare, "check": stage_check,
+          "rm": stage_rm}
+
+
+def main(argv):
+    cfg = resolve(parse_args(Config, argv))
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    for s in stages:
+        if s not in STAGES:
+            raise UserError(f"--stages: unknown stage {s!r}; stages are {', '.join(STAGES)}.")
+    if cfg.profile == "paper" and not cfg.query_model and "queries" in stages:
+        raise UserError("--query_model is required for the paper profile: a LLaMA folder (the paper used the "
+                        "vanilla base model).")
+    if cfg.profile == "paper" and not cfg.rm_model and ("rm" in stages or "check" in stages):
+        raise UserError("--rm_model is required for the paper profile: the base LLaMA folder the RM starts from "
+                        "(the check stage uses it as the judge).")
+    if {"responses", "compare"} & set(stages):   # configuration mistakes surface before any work is done
+        parse_rubric(cfg.rubric, parse_generators(cfg.generators, cfg.format))
+    os.makedirs(cfg.out, exist_ok=True)
+    write_atomic(os.path.join(cfg.out, "almost_config.json"), json.dumps(asdict(cfg), indent=2))
+    tpath = os.path.join(cfg.out, "timings.json")
+    timings = json.load(open(tpath)) if os.path.isfile(tpath) else {}
+    for s in stages:
+        t0 = time.time()
+        STAGES[s](cfg)
+        timings[s] = round(time.time() - t0, 1)
+        write_atomic(tpath, json.dumps(timings, indent=2))
+        print(f"[{s}: {timings[s]:.1f}s]")
+
+
+if __name__ == "__main__":
+    run_cli(main)

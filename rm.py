@@ -2,6 +2,7 @@
 The Bradley-Terry reward model of ALMoST step 1d: a LLaMA trunk and a Linear(hidden, 1) head that scores the last
 real token (the appended EOS) of "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}</s>".
 
+    python rm.py                                                          # the bundled synthetic pairs, ~1 min
     python rm.py --data=PAIRS.jsonl --model=LLAMA_FOLDER --out=out/rm     # train (paper defaults)
     python rm.py --data=PAIRS.jsonl --preset=tiny                         # the bundled 260K model, minutes on CPU
     python rm.py eval --rm=out/rm/best                                    # static HHH + Anthropic HH test splits
@@ -510,10 +511,18 @@ def run_eval(cfg):
     return results
 
 
+BUNDLED_PAIRS = os.path.join(HERE, "data", "stories", "comparisons.jsonl")
+
+
 def main(argv):
     if argv and argv[0] == "eval":
         return run_eval(parse_args(EvalConfig, argv[1:]))
-    return train(parse_args(TrainConfig, argv))
+    cfg = parse_args(TrainConfig, argv)
+    if not cfg.data and not cfg.model and not cfg.preset:
+        # no arguments: the synthetic comparisons the bundled story profile made (almost.py), tiny preset
+        cfg.data, cfg.preset = BUNDLED_PAIRS, "tiny"
+        print(f"no --data/--model: training on the bundled synthetic comparisons {cfg.data} with --preset=tiny")
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,123 @@ def test_records_resume_without_duplicates_or_losses(tmp_path):
         f.write('{"id": 5}\n')
     with pytest.raises(UserError, match=r"responses\.jsonl:6"):
         read_records(path)
+
+
+# -----------------------------------------------------------------------------
+# the stages on the bundled story profile, with tiny counts
+
+import json
+import os
+
+import almost
+from almost import Config, resolve
+from conftest import ROOT
+
+
+def tiny(tmp_path, **kw):
+    cfg = Config(out=str(tmp_path / "out"), n_queries=6, batch_size=2, device="cpu", rm_filter_ablation=False)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return resolve(cfg)
+
+
+def interrupt_after(monkeypatch, n_calls):
+    """Make the sampler fail on its (n_calls + 1)-th call, as a kill would."""
+    real, calls = almost.generate, [0]
+
+    def flaky(*a, **k):
+        calls[0] += 1
+        if calls[0] > n_calls:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(almost, "generate", flaky)
+
+
+def test_interrupted_stages_resume_with_no_duplicate_and_no_missing_record(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            almost.stage_queries(cfg)
+    partial = read_records(os.path.join(cfg.out, "queries.jsonl"))
+    assert len(partial) < cfg.n_queries
+    almost.stage_queries(cfg)
+    queries = read_records(os.path.join(cfg.out, "queries.jsonl"))
+    assert [q["id"] for q in queries] == list(range(cfg.n_queries))
+    assert queries[:len(partial)] == partial                      # nothing already written was redone
+    assert len({q["query"] for q in queries}) == cfg.n_queries
+
+    with monkeypatch.context() as m:
+        interrupt_after(m, 4)                                      # dies inside the second generator
+        with pytest.raises(KeyboardInterrupt):
+            almost.stage_responses(cfg)
+    path = os.path.join(cfg.out, "responses.jsonl")
+    with open(path, "a") as f:                                     # and a record half written
+        f.write('{"query_id": 5, "config": "50K-0')
+    n_before = len(read_records(path))
+    assert 0 < n_before < 4 * cfg.n_queries
+    almost.stage_responses(cfg)
+    rs = read_records(path)
+    keys = [(r["query_id"], r["config"]) for r in rs]
+    assert len(keys) == len(set(keys)) == 4 * cfg.n_queries     # 4 generators x 6 queries, each once
+    assert all(isinstance(r["bad"], bool) and r["query"] == queries[r["query_id"]]["query"] for r in rs)
+    almost.stage_responses(cfg)                                    # a third run has nothing to do
+    assert len(read_records(path)) == 4 * cfg.n_queries
+
+
+def test_whole_pipeline_tiny(tmp_path):
+    """All stages with tiny counts, through the CLI, as `python almost.py` runs them."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
+                        "--rm_filter_ablation=false"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ["queries.jsonl", "responses.jsonl", "comparisons.jsonl", "comparisons_nofilter.jsonl",
+              "compare_stats.json", "check_stats.json", "rm_stats.json", "timings.json", "rm/best/config.json"]:
+        assert (out / f).exists(), f
+    stats = json.load(open(out / "compare_stats.json"))
+    pairs = read_records(str(out / "comparisons.jsonl"))
+    assert stats["pairs"] == len(pairs) > 0 and stats["pairs_without_length_rule"] >= len(pairs)
+    assert all(set(p) == {"prompt", "chosen", "rejected", "meta"} for p in pairs)
+    assert set(json.load(open(out / "timings.json"))) == {"queries", "responses", "compare", "check", "rm"}
+    rm_stats = json.load(open(out / "rm_stats.json"))
+    assert 0 <= rm_stats["filter"]["static_hhh"]["accuracy"] <= 1 and rm_stats["filter"]["static_hhh"]["n"] == 221
+    # rerunning skips the finished work
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
+                        "--rm_filter_ablation=false", "--stages=queries,responses"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert r.returncode == 0 and "already in" in r.stdout and "skipping" in r.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--stages=queries,bogus"], ["unknown stage 'bogus'"]),
+    (["--profile=paper", "--stages=responses"], ["--generators is required"]),
+    (["--profile=gpt"], ["--profile='gpt'"]),
+    (["--generators=a=/m:/p", "--stages=compare"], ["NAME=MODEL:PROMPT_FILE:SHOTS"]),
+    (["--rubric=260K-good-2shot>nope", "--stages=compare"], ["'nope' is not one of the generators"]),
+])
+def test_cli_errors(tmp_path, args, words):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={tmp_path}", *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_prompt_formats(stories):
+    from almost import extract_query, query_prompt, read_demos, response_prompt, trim_to_sentence
+    model, tok = stories
+    pre, demos = read_demos(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"))
+    assert len(demos) == 14 and pre.startswith("Below are a series of dialogues")
+    p = tok.decode(response_prompt(tok, "dialogue", pre, demos, 1, "How are you?"))
+    assert p.endswith("\n\n-----\n\nHuman: How are you?\n\nAssistant:") and p.count("-----") == 2
+    ids = response_prompt(tok, "story", "", ["Story one.", "Story two."], 2, "Once upon a time.")
+    assert ids.count(tok.bos_id) == 3 and tok.decode(ids) == "Story one. Story two. Once upon a time."
+    assert tok.decode(query_prompt(tok, "dialogue", "Make queries.", ["a?", "b?"], )) == "Make queries.\n\nQuery: a?\nQuery: b?\nQuery:"
+    assert extract_query(" What is X? Query: next\nQuery: more", "dialogue") == "What is X?"
+    assert extract_query("Tom ran. He saw a dog. Then more.", "story") == "Tom ran. He saw a dog."
+    assert extract_query("Once upon a time, there was a big red car. It was fast.", "story") == \
+        "Once upon a time, there was a big red car."
+    assert trim_to_sentence('He ran. She said, "Stop." Then the dog') == "He ran."
