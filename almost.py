@@ -456,19 +456,23 @@ def stage_responses(cfg):
             prompts = {q["id"]: response_prompt(tok, cfg.format, preamble, demos, g.shots, q["query"]) for q in todo}
             ctx = model.config.max_position_embeddings
             longest = max(map(len, prompts.values()))
-            if longest + g.max_new_tokens > ctx:
-                raise UserError(f"{g.name}: a prompt of {longest} tokens + max_new_tokens {g.max_new_tokens} is past "
-                                f"the context window ({ctx}): use fewer shots or a smaller MAX_NEW_TOKENS.")
+            if longest >= ctx:
+                raise UserError(f"{g.name}: a prompt of {longest} tokens does not fit the context window ({ctx}) "
+                                f"of {g.model}: use fewer shots.")
+            if longest + g.max_new_tokens > ctx:   # as vLLM does: the budget stops at the context window
+                print(f"note: {g.name}: the longest prompt ({longest} tokens) leaves {ctx - longest} of the "
+                      f"{g.max_new_tokens} new tokens inside the context window ({ctx}); longer answers are cut")
             todo.sort(key=lambda q: len(prompts[q["id"]]))           # similar lengths batch together
             for b in tqdm(range(0, len(todo), cfg.batch_size), desc=f"responses {g.name}"):
                 batch = todo[b:b + cfg.batch_size]
                 seed = (cfg.seed * 1000003 + zlib.crc32(g.name.encode()) + batch[0]["id"]) % 2**31
-                outs, _ = generate(model, [prompts[q["id"]] for q in batch], g.max_new_tokens,
+                budget = min(g.max_new_tokens, ctx - max(len(prompts[q["id"]]) for q in batch))
+                outs, _ = generate(model, [prompts[q["id"]] for q in batch], budget,
                                    temperature=1.0, top_p=0.9, seed=seed)
                 for q, o in zip(batch, outs):
                     text = tok.decode(o)
                     resp = postprocess_response(text) if cfg.format == "dialogue" else \
-                        story_response(text, ended=len(o) < g.max_new_tokens)
+                        story_response(text, ended=len(o) < budget)
                     w.write({"query_id": q["id"], "query": q["query"], "config": g.name, "response": resp,
                              "bad": is_bad_response(resp)})
     print(f"responses -> {path}")
