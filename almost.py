@@ -408,7 +408,12 @@ def stage_queries(cfg):
                                 f"samples ({rejected}). Lower --n_queries or add seeds to {cfg.seeds}.")
             prompts = [query_prompt(tok, cfg.format, instruction, rng.sample(pool, min(10, len(pool))))
                        for _ in range(cfg.batch_size)]
-            outs, _ = generate(model, prompts, 64, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31))
+            budget = min(64, model.config.max_position_embeddings - max(map(len, prompts)))
+            if budget < 16:
+                raise UserError(f"queries: a 10-shot query prompt of {max(map(len, prompts))} tokens leaves no room "
+                                f"in the context window ({model.config.max_position_embeddings}) of "
+                                f"{cfg.query_model}: use shorter seeds or a model with a longer context.")
+            outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31))
             for o in outs:
                 tries += 1
                 q = extract_query(tok.decode(o), cfg.format)

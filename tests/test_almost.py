@@ -242,3 +242,29 @@ def test_prompt_formats(stories):
     assert extract_query("Once upon a time, there was a big red car. It was fast.", "story") == \
         "Once upon a time, there was a big red car."
     assert trim_to_sentence('He ran. She said, "Stop." Then the dog') == "He ran."
+
+
+def test_paper_profile_dialogue_path_runs(tmp_path):
+    """The paper's dialogue format end to end, with the bundled models standing in for LLaMA folders (0-shot:
+    the HHH dialogues do not fit a 512-token context; the quality of the text is beside the point)."""
+    import subprocess
+    import sys
+    d = os.path.join(ROOT, "data")
+    gens = (f"a={d}/stories260K:{d}/almost/HHH_prompt.txt:0:48,"
+            f"b={d}/stories50K:{d}/almost/HHH_prompt.txt:0:48")
+    seeds = tmp_path / "seeds.txt"   # the paper's 100 seeds are too long for ten of them in 512 tokens
+    seeds.write_text("### Instruction: Please generate initial query to start conversation with bot.\n" + "\n".join(
+        ["How do I bake bread?", "What is a cat?", "Why is the sky blue?", "Where do birds sleep?",
+         "Can you help me cook rice?", "How old is the moon?", "What do dogs eat?", "Is tea good for me?",
+         "How do trees grow?", "Why do we dream?", "What is rain?", "How do I tie a shoe?"]) + "\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), "--profile=paper", f"--out={tmp_path}",
+                        "--n_queries=4", f"--seeds={seeds}", f"--query_model={d}/stories260K", f"--rm_model={d}/stories260K",
+                        f"--generators={gens}", "--rubric=a>b", "--stages=queries,responses,compare,check"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    qs = read_records(str(tmp_path / "queries.jsonl"))
+    assert len(qs) == 4 and all(30 <= len(q["query"]) <= 250 and "query:" not in q["query"].lower() for q in qs)
+    rs = read_records(str(tmp_path / "responses.jsonl"))
+    assert sorted((r["query_id"], r["config"]) for r in rs) == [(i, c) for i in range(4) for c in "ab"]
+    assert all("Human:" not in r["response"] and "Assistant:" not in r["response"] for r in rs)
+    assert json.load(open(tmp_path / "compare_stats.json"))["responses"] == 8
