@@ -15,8 +15,16 @@ Stages, each a function that reads and writes files in --out (default out/):
                    .jsonl without the length rule, for the ablation), compare_stats.json
     rm         1d  the reward model (rm.py) on the comparisons, held out split, static HHH
                    -> rm/ (and rm_nofilter/), rm_stats.json
-queries.jsonl and responses.jsonl are append-only, flushed per record: a killed stage loses at most the record
-being written, and a rerun skips what is on disk.
+Step 2, RM-guided self-play and SFT (ALMOST.md step 2):
+    selfplay   a user model and an assistant model talk for up to --turns turns; at each assistant turn
+               --n candidates are sampled (many dialogues in one batch), scored by the reward model given the
+               dialogue so far, and the best is kept -> selfplay_n{N}.jsonl (every candidate and its score);
+               the plain self-play baseline (N = 1) -> selfplay_n1.jsonl
+    sft        supervised fine-tuning on the dialogues, loss on assistant tokens only -> sft/ (and sft_plain/
+               from the baseline), then both policies answer held-out queries, scored by the reward model
+               -> sft_stats.json
+queries.jsonl, responses.jsonl and the self-play files are append-only, flushed per record (self-play: per batch
+of dialogues): a killed stage loses at most what was in flight, and a rerun skips what is on disk.
 """
 import json
 import os
@@ -220,7 +228,8 @@ DATA = os.path.join(HERE, "data")
 PROFILES = {
     # the paper: dialogue prompts (HHH / Faithful), "Query:" lines for query generation; models are the user's
     "paper": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=10000,
-                  query_model="", generators="", rubric="", rm_model="", rm_preset=""),
+                  query_model="", generators="", rubric="", rm_model="", rm_preset="", assistant="", user="",
+                  sft={}),
     # the bundled story domain (README, "The story profile"): queries are story openings, responses continue
     # them, demonstrations are short stories; the generators differ in model size, shots and demo quality
     "stories": dict(format="story", seeds=os.path.join(DATA, "stories", "seed_openings.txt"), n_queries=300,
@@ -231,7 +240,12 @@ PROFILES = {
                         f"50K-plain-1shot={DATA}/stories50K:{DATA}/stories/plain_stories.txt:1:160",
                         f"50K-0shot={DATA}/stories50K::0:160"]),
                     rubric="260K-good-2shot>260K-plain-1shot>50K-plain-1shot>50K-0shot",
-                    rm_model=os.path.join(DATA, "stories260K"), rm_preset="tiny"),
+                    rm_model=os.path.join(DATA, "stories260K"), rm_preset="tiny",
+                    # step 2: stories260K with one good demonstration continues the story; stories260K plays the
+                    # user by adding the next sentence; SFT settings for a 260K model on CPU
+                    assistant=f"{DATA}/stories260K:{DATA}/stories/good_stories.txt:1:120",
+                    user=f"{DATA}/stories260K::0:40",
+                    sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10)),
 }
 
 
@@ -239,7 +253,7 @@ PROFILES = {
 class Config:
     profile: str = "stories"        # "stories" (bundled) or "paper"
     out: str = "out"
-    stages: str = "queries,responses,compare,check,rm"
+    stages: str = "queries,responses,compare,check,rm,selfplay,sft"
     n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000)
     seeds: str = ""                 # seed pool file ("" = the profile's); its first line is an instruction line
     query_model: str = ""           # "" = the profile's
@@ -248,6 +262,20 @@ class Config:
     rm_model: str = ""              # base LLaMA for the reward model ("" = the profile's)
     rm_preset: str = ""             # rm.py preset ("" = the profile's: tiny for stories, the paper's defaults otherwise)
     rm_filter_ablation: bool = True  # also train a reward model without the length rule
+    # step 2
+    turns: int = 2                  # self-play: assistant turns per dialogue
+    n: int = 4                      # self-play: candidates per assistant turn (best of n by the reward model)
+    selfplay_baseline: bool = True  # also the plain self-play baseline (n = 1)
+    assistant: str = ""             # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] ("" = the profile's)
+    user: str = ""                  # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] that plays the human ("" = the profile's)
+    reward_model: str = ""          # "" = {out}/rm/best, step 1's
+    sft_model: str = ""             # the policy SFT starts from ("" = the assistant's model)
+    sft_lr: float = 2e-5            # SFT defaults: the paper's (the story profile overrides them)
+    sft_batch: int = 64             # sequences per optimizer step
+    sft_micro_batch: int = 8
+    sft_epochs: float = 3.0
+    sft_max_length: int = 512
+    sft_eval_every: int = 50
     batch_size: int = 32            # prompts per sampler call
     seed: int = 1337
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,9 +287,15 @@ def resolve(cfg):
     if cfg.profile not in PROFILES:
         raise UserError(f"--profile={cfg.profile!r}: use one of {', '.join(PROFILES)}.")
     prof = PROFILES[cfg.profile]
-    for k in ("seeds", "query_model", "generators", "rubric", "rm_model", "rm_preset", "n_queries"):
+    for k in ("seeds", "query_model", "generators", "rubric", "rm_model", "rm_preset", "n_queries", "assistant",
+              "user"):
         if not getattr(cfg, k):
             setattr(cfg, k, prof[k])
+    defaults = Config()
+    for k, v in prof["sft"].items():
+        if getattr(cfg, k) == getattr(defaults, k):   # flags given on the command line win
+            setattr(cfg, k, v)
+    cfg.reward_model = cfg.reward_model or os.path.join(cfg.out, "rm", "best")
     cfg.format = prof["format"]
     return cfg
 
@@ -275,6 +309,19 @@ class Generator:
     max_new_tokens: int
 
 
+def parse_generator(name, spec, fmt):
+    """MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] -> Generator (PROMPT_FILE may be empty with 0 shots)."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or not parts[2].isdigit() or (len(parts) == 4 and not parts[3].isdigit()):
+        raise UserError(f"{name}: {spec!r} is not MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS].")
+    model, pfile, shots = parts[0], parts[1], int(parts[2])
+    default_new = 160 if fmt == "story" else (768 if "Faithful" in pfile else 384)   # the paper's budgets
+    new = int(parts[3]) if len(parts) == 4 else default_new
+    if pfile and not os.path.isfile(pfile):
+        raise UserError(f"{name}: prompt file {pfile!r} does not exist.")
+    return Generator(name, model, pfile, shots, new)
+
+
 def parse_generators(spec, fmt):
     if not spec:
         raise UserError("--generators is required for this profile: NAME=MODEL:PROMPT_FILE:SHOTS[:MAX_NEW],... "
@@ -282,15 +329,10 @@ def parse_generators(spec, fmt):
     gens = []
     for item in spec.split(","):
         name, eq, rest = item.partition("=")
-        parts = rest.split(":")
-        if not eq or len(parts) not in (3, 4) or not parts[2].isdigit() or (len(parts) == 4 and not parts[3].isdigit()):
+        if not eq or len(rest.split(":")) not in (3, 4):
             raise UserError(f"--generators: {item!r} is not NAME=MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS].")
-        model, pfile, shots = parts[0], parts[1], int(parts[2])
-        default_new = 160 if fmt == "story" else (768 if "Faithful" in pfile else 384)   # the paper's budgets
-        new = int(parts[3]) if len(parts) == 4 else default_new
-        if shots and not os.path.isfile(pfile):
-            raise UserError(f"--generators: {name}: prompt file {pfile!r} does not exist.")
-        gens.append(Generator(name.strip(), model, pfile, shots, new))
+        gens.append(parse_generator(f"--generators: {name.strip()}", rest, fmt))
+        gens[-1].name = name.strip()
     if len({g.name for g in gens}) < len(gens):
         raise UserError("--generators: two generators share a name.")
     return gens
@@ -594,10 +636,302 @@ def stage_rm(cfg):
 
 
 # -----------------------------------------------------------------------------
+# 2. RM-guided self-play (RMSP)
+
+def best_of(scores, bad):
+    """Index of the highest score among the candidates that are not BAD (None if all are BAD)."""
+    ok = [i for i in range(len(scores)) if not bad[i]]
+    return max(ok, key=lambda i: scores[i]) if ok else None
+
+
+def split_queries(cfg):
+    """Step 1's queries: self-play uses the first 90%; the last 10% are held out to compare the SFT policies."""
+    qs = read_records(os.path.join(cfg.out, "queries.jsonl"))[:cfg.n_queries]
+    if len(qs) < 2:
+        raise UserError(f"{cfg.out}/queries.jsonl has {len(qs)} queries: run the queries stage first.")
+    k = max(1, len(qs) // 10)
+    return qs[:-k], qs[-k:]
+
+
+def story_so_far(turns):
+    return " ".join(t.strip() for _, t in turns)
+
+
+def role_prompt(tok, fmt, g, turns, role):
+    """The prompt that makes a model write the next turn. Dialogue: the prompt file's preamble and first k
+    dialogues, then the dialogue so far and "\n\nAssistant:" (or "\n\nHuman:" for the user's side). Story: the
+    demonstration stories after BOS, then the story so far."""
+    from rm import dialogue_text
+    preamble, demos = read_demos(g.prompt_file)
+    if fmt == "dialogue":
+        head = "\n\n-----".join([preamble] + demos[:g.shots]) + "\n\n-----" if g.shots else preamble
+        tag = "\n\nAssistant:" if role == "assistant" else "\n\nHuman:"
+        return tok.encode(head + dialogue_text(turns) + tag, bos=True)
+    return [i for d in demos[:g.shots] for i in tok.encode(d.strip(), bos=True)] + tok.encode(story_so_far(turns))
+
+
+def sample_turns(model, tok, prompts, g, fmt, role, seed):
+    """Sample one turn per prompt with THE sampler; returns texts ("" where the context is full)."""
+    ctx = model.config.max_position_embeddings
+    budget = min(g.max_new_tokens, ctx - max(map(len, prompts)))
+    if budget < 8:
+        return [""] * len(prompts)
+    outs, _ = generate(model, prompts, budget, temperature=1.0, top_p=0.9, seed=seed)
+    texts = []
+    for o in outs:
+        t = tok.decode(o)
+        if fmt == "dialogue":
+            t = postprocess_response(t)
+        elif role == "assistant":
+            t = story_response(t, ended=len(o) < budget)
+        else:   # the story's user adds one sentence
+            t = extract_query(t, "story")
+        texts.append(t)
+    return texts
+
+
+def selfplay(cfg, n, path, assistant, user, rm):
+    import zlib
+    queries, _ = split_queries(cfg)
+    done = {r["query_id"] for r in read_records(path)}
+    todo = [q for q in queries if q["id"] not in done]
+    if not todo:
+        print(f"selfplay n={n}: all {len(queries)} dialogues in {path}, skipping")
+        return
+    a_model, a_tok = load(assistant.model, device=cfg.device)
+    u_model, u_tok = (a_model, a_tok) if user.model == assistant.model else load(user.model, device=cfg.device)
+    per_call = max(1, cfg.batch_size // n)   # dialogues per chunk: their n candidates share one sampler call
+    from rm import dialogue_text
+    with RecordWriter(path) as w:
+        for b in tqdm(range(0, len(todo), per_call), desc=f"selfplay n={n}"):
+            chunk = todo[b:b + per_call]
+            dls = [{"query_id": q["id"], "query": q["query"], "turns": [("user", q["query"])], "candidates": [],
+                    "ended": False} for q in chunk]
+            for t in range(cfg.turns):
+                live = [d for d in dls if not d["ended"]]
+                if not live:
+                    break
+                seed = (cfg.seed * 1000003 + zlib.crc32(f"{n}".encode()) + chunk[0]["id"] * 31 + t) % 2**31
+                prompts = [role_prompt(a_tok, cfg.format, assistant, d["turns"], "assistant") for d in live for _ in range(n)]
+                cands = sample_turns(a_model, a_tok, prompts, assistant, cfg.format, "assistant", seed)
+                scores = rm.score([dialogue_text(d["turns"]) for d in live for _ in range(n)], cands).tolist()
+                for i, d in enumerate(live):
+                    cs, sc = cands[i * n:(i + 1) * n], scores[i * n:(i + 1) * n]
+                    bad = [is_bad_response(c) for c in cs]
+                    pick = best_of(sc, bad)
+                    d["candidates"].append([{"text": c, "score": x, "bad": y} for c, x, y in zip(cs, sc, bad)])
+                    if pick is None:       # every candidate BAD: the dialogue ends before this turn
+                        d["ended"] = True
+                        continue
+                    d["candidates"][-1][pick]["chosen"] = True
+                    d["turns"].append(("assistant", cs[pick]))
+                if t == cfg.turns - 1:
+                    break
+                live = [d for d in dls if not d["ended"]]
+                if not live:
+                    break
+                uprompts = [role_prompt(u_tok, cfg.format, user, d["turns"], "user") for d in live]
+                utexts = sample_turns(u_model, u_tok, uprompts, user, cfg.format, "user", seed + 1)
+                for d, u in zip(live, utexts):
+                    if len(u) < 10:        # no usable user turn: the dialogue ends here
+                        d["ended"] = True
+                    else:
+                        d["turns"].append(("user", u))
+            for d in dls:
+                if d["turns"][-1][0] == "user" and len(d["turns"]) > 1:
+                    d["turns"].pop()       # a dialogue ends with the assistant
+                w.write({"query_id": d["query_id"], "query": d["query"], "n": n,
+                         "turns": [{"role": r, "text": x} for r, x in d["turns"]],
+                         "usable": len(d["turns"]) > 1, "candidates": d["candidates"]})
+
+
+def stage_selfplay(cfg):
+    from rm import RewardModel
+    assistant = parse_generator("--assistant", cfg.assistant, cfg.format)
+    user = parse_generator("--user", cfg.user, cfg.format)
+    rm = RewardModel.from_pretrained(cfg.reward_model, device=cfg.device)
+    for n in [cfg.n] + ([1] if cfg.selfplay_baseline and cfg.n != 1 else []):
+        selfplay(cfg, n, os.path.join(cfg.out, f"selfplay_n{n}.jsonl"), assistant, user, rm)
+    stats = selfplay_stats(read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl")))
+    write_atomic(os.path.join(cfg.out, "selfplay_stats.json"), json.dumps(stats, indent=2))
+    print(f"selfplay: {stats['dialogues']} dialogues ({stats['usable']} usable, {stats['assistant_turns']} "
+          f"assistant turns); mean RM score of the chosen candidate {stats['chosen_score']:.3f} vs a random one "
+          f"{stats['random_score']:.3f}; expected best of k: " +
+          ", ".join(f"k={k} {v:.3f}" for k, v in stats["best_of_k"].items()))
+
+
+def selfplay_stats(records):
+    """The best-of-N gain: mean RM score of the chosen candidate vs a random (non-BAD) one, and the expected
+    best score among k candidates drawn without replacement from each turn's non-BAD ones, for k = 1..N."""
+    from itertools import combinations
+    turns = [[c["score"] for c in cs if not c["bad"]] for r in records for cs in r["candidates"]]
+    turns = [t for t in turns if t]
+    chosen = [max(t) for t in turns]
+    best_of_k = {}
+    for k in range(1, max((len(t) for t in turns), default=0) + 1):
+        vals = [statistics.fmean(max(c) for c in combinations(t, k)) for t in turns if len(t) >= k]
+        best_of_k[k] = statistics.fmean(vals) if vals else float("nan")
+    return {"dialogues": len(records), "usable": sum(r["usable"] for r in records), "assistant_turns": len(turns),
+            "chosen_score": statistics.fmean(chosen) if chosen else float("nan"),
+            "random_score": statistics.fmean(statistics.fmean(t) for t in turns) if turns else float("nan"),
+            "best_of_k": best_of_k}
+
+
+# -----------------------------------------------------------------------------
+# 2. supervised fine-tuning on the self-play dialogues
+
+def encode_dialogue(tok, turns, max_length):
+    """BOS + dialogue_text(turns) + EOS -> (ids, mask) with mask True exactly on the assistant tokens of every
+    turn and the final EOS: the loss is on what the assistant says. Token spans come from tokenizing prefixes of
+    the text (checked to be prefixes of the whole), so they match prompt-then-generate tokenization. None if the
+    dialogue is longer than max_length."""
+    text, spans = "", []
+    for role, t in turns:
+        if role == "user":
+            text += "\n\nHuman: " + t.strip()
+        else:
+            text += "\n\nAssistant:"
+            start = len(text)
+            text += " " + t.strip()
+            spans.append((start, len(text)))
+    ids = tok.encode(text, bos=True) + [tok.eos_id]
+    if len(ids) > max_length:
+        return None
+    mask = [False] * len(ids)
+    for start, end in spans:
+        a, b = (len(tok.encode(text[:k], bos=True)) for k in (start, end))
+        if tok.encode(text[:end], bos=True) != ids[:b]:
+            raise ValueError(f"tokenization of a turn boundary is not a prefix of the whole: {text[:end][-40:]!r}")
+        mask[a:b] = [True] * (b - a)
+    mask[-1] = True                                                            # EOS
+    return ids, mask
+
+
+def sft_train(cfg, data_path, out, base):
+    """Train `base` on the usable dialogues of data_path; loss (token mean over each optimizer step) on assistant
+    tokens only. AdamW (no weight decay, as the paper), warmup 3% + cosine, accumulation, held-out loss every
+    sft_eval_every steps, metrics.jsonl, best (held-out loss) and last checkpoints, resume from last."""
+    import rm as rmlib
+    from model import Llama, Tokenizer
+    records = [r for r in read_records(data_path) if r.get("usable")]
+    if len(records) < 2:
+        raise UserError(f"{data_path}: {len(records)} usable dialogue(s); SFT needs at least 2. Run selfplay first.")
+    tok = Tokenizer(base)
+    data = [encode_dialogue(tok, [(t["role"], t["text"]) for t in r["turns"]], cfg.sft_max_length) for r in records]
+    dropped = sum(d is None for d in data)
+    data = [d for d in data if d is not None]
+    if dropped:
+        print(f"note: {data_path}: {dropped} dialogue(s) longer than sft_max_length={cfg.sft_max_length} left out")
+    order = list(range(len(data)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = max(1, len(data) // 20)
+    val, train = [data[i] for i in order[:n_val]], [data[i] for i in order[n_val:]]
+    last, best = os.path.join(out, "last"), os.path.join(out, "best")
+    resuming = os.path.isfile(os.path.join(last, "trainer_state.json"))
+    model = Llama.from_pretrained(last if resuming else base, device=cfg.device)
+    hp = rmlib.TrainConfig(lr=cfg.sft_lr, weight_decay=0.0, warmup=0.03)
+    opt = rmlib.make_optimizer(model, hp)
+    params = list(model.parameters())
+    state = {"step": 0, "best_loss": float("inf")}
+    if resuming:
+        state = json.load(open(os.path.join(last, "trainer_state.json")))
+        rmlib.load_optimizer(params, opt, last)
+    steps_per_epoch = max(1, len(train) // cfg.sft_batch)
+    total = max(1, int(cfg.sft_epochs * steps_per_epoch))
+    os.makedirs(out, exist_ok=True)
+
+    def loss_of(batch):
+        """Summed token loss over the assistant tokens of a list of (ids, mask), and their count."""
+        T = max(len(i) for i, _ in batch)
+        idx = torch.zeros(len(batch), T, dtype=torch.long)
+        tgt = torch.full((len(batch), T), -100, dtype=torch.long)       # right padding; -100 = no loss
+        for r, (ids, m) in enumerate(batch):
+            idx[r, :len(ids)] = torch.tensor(ids)
+            tgt[r, :len(ids) - 1] = torch.tensor([t if mm else -100 for t, mm in zip(ids[1:], m[1:])])
+        pad = torch.arange(T)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]
+        logits = model(idx.to(cfg.device), mask=pad.to(cfg.device))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.to(cfg.device).flatten(), reduction="sum",
+                                                 ignore_index=-100)
+        return loss, int((tgt != -100).sum())
+
+    def save(path, files):
+        model.save_pretrained(path, files={"tokenizer.model": tok.save, **files})
+
+    def log(rec):
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    model.train()
+    for step in tqdm(range(state["step"], total), initial=state["step"], total=total, desc=f"sft {os.path.basename(out)}"):
+        e, k = divmod(step, steps_per_epoch)
+        perm = list(range(len(train)))
+        random.Random(cfg.seed * 1000 + e).shuffle(perm)
+        batch = [train[i] for i in perm[k * cfg.sft_batch:(k + 1) * cfg.sft_batch]]
+        n_tok = sum(sum(m[1:]) for _, m in batch)
+        for g in opt.param_groups:
+            g["lr"] = rmlib.lr_at(step, total, hp)
+        total_loss = 0.0
+        for i in range(0, len(batch), cfg.sft_micro_batch):
+            loss, _ = loss_of(batch[i:i + cfg.sft_micro_batch])
+            (loss / max(n_tok, 1)).backward()
+            total_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        log({"split": "train", "step": state["step"], "loss": total_loss / max(n_tok, 1), "lr": opt.param_groups[0]["lr"]})
+        if state["step"] % cfg.sft_eval_every == 0 or state["step"] == total:
+            model.eval()
+            with torch.no_grad():
+                parts = [loss_of(val[i:i + cfg.sft_micro_batch]) for i in range(0, len(val), cfg.sft_micro_batch)]
+            model.train()
+            vloss = sum(l.item() for l, _ in parts) / max(1, sum(c for _, c in parts))
+            log({"split": "val", "step": state["step"], "loss": vloss})
+            tqdm.write(f"sft step {state['step']}: held-out loss {vloss:.4f}")
+            if vloss < state["best_loss"]:
+                state["best_loss"] = vloss
+                save(best, {})
+            rmlib.save_training_checkpoint(save, params, opt, last, state)
+    return state, model
+
+
+@torch.no_grad()
+def stage_sft(cfg):
+    """SFT on the RMSP dialogues (-> sft/) and on the plain self-play ones (-> sft_plain/); then each policy
+    answers the held-out queries (temperature 0.7, as the paper's Vicuna protocol) and the reward model scores
+    the answers."""
+    from rm import RewardModel, format_dialogue
+    assistant = parse_generator("--assistant", cfg.assistant, cfg.format)
+    base = cfg.sft_model or assistant.model
+    runs = {"sft": f"selfplay_n{cfg.n}.jsonl"}
+    if cfg.selfplay_baseline and cfg.n != 1:
+        runs["sft_plain"] = "selfplay_n1.jsonl"
+    stats = {}
+    for name, data in runs.items():
+        with torch.enable_grad():
+            st, _ = sft_train(cfg, os.path.join(cfg.out, data), os.path.join(cfg.out, name), base)
+        stats[name] = {"best_held_out_loss": st["best_loss"], "steps": st["step"]}
+    rm = RewardModel.from_pretrained(cfg.reward_model, device=cfg.device)
+    _, held = split_queries(cfg)
+    for name in ["base"] + list(runs):
+        model, tok = load(base if name == "base" else os.path.join(cfg.out, name, "best"), device=cfg.device)
+        prompts = [tok.encode(format_dialogue(q["query"]), bos=True) for q in held]
+        budget = min(assistant.max_new_tokens, model.config.max_position_embeddings - max(map(len, prompts)))
+        outs, _ = generate(model, prompts, budget, temperature=0.7, top_p=1.0, seed=cfg.seed)
+        answers = [postprocess_response(tok.decode(o)) for o in outs]
+        scores = rm.score([q["query"] for q in held], answers)
+        stats.setdefault(name, {}).update({"held_out_queries": len(held), "mean_rm_score": scores.mean().item(),
+                                           "bad_rate": statistics.fmean(is_bad_response(a) for a in answers),
+                                           "example": answers[0]})
+    write_atomic(os.path.join(cfg.out, "sft_stats.json"), json.dumps(stats, indent=2))
+    print("sft: mean RM score on held-out queries: " + ", ".join(f"{k} {v['mean_rm_score']:.3f}" for k, v in stats.items()))
+
+
+# -----------------------------------------------------------------------------
 # main
 
 STAGES = {"queries": stage_queries, "responses": stage_responses, "compare": stage_compare, "check": stage_check,
-          "rm": stage_rm}
+          "rm": stage_rm, "selfplay": stage_selfplay, "sft": stage_sft}
 
 
 def main(argv):

@@ -539,6 +539,11 @@ class Tokenizer:
     def decode(self, ids):
         return self.sp.decode(list(ids))
 
+    def save(self, path):
+        """Write the SentencePiece model to `path` (a checkpoint's tokenizer.model)."""
+        with open(path, "wb") as f:
+            f.write(self.sp.serialized_model_proto())
+
 
 def load(path, device="cpu", dtype=None):
     """The model and tokenizer of a folder, checked against each other. Every script loads through here."""

@@ -44,6 +44,12 @@ def format_dialogue(prompt, response=None):
     return p + "\n\nAssistant:" + ("" if response is None else " " + response.strip())
 
 
+def dialogue_text(turns):
+    """[(role, text), ...] with roles "user" / "assistant" -> "\n\nHuman: ...\n\nAssistant: ..." in the same
+    format as format_dialogue (which takes this text as its prompt for the next answer)."""
+    return "".join(("\n\nHuman: " if role == "user" else "\n\nAssistant: ") + text.strip() for role, text in turns)
+
+
 def split_dialogue(text):
     """An Anthropic HH dialogue -> (prompt, response), split at the last "\\n\\nAssistant:"."""
     i = text.rfind("\n\nAssistant:")
@@ -153,12 +159,7 @@ class RewardModel(nn.Module):
         """LlamaForSequenceClassification layout. transformers scores the last token that is not pad_token_id,
         so pad is set to a token the texts never end with (not EOS): that is the token we score."""
         pad = 0 if self.tok.eos_id != 0 else 1
-
-        def write_tokenizer(f):
-            with open(f, "wb") as fh:
-                fh.write(self.tok.sp.serialized_model_proto())
-
-        files = {"tokenizer.model": write_tokenizer, **(files or {})}
+        files = {"tokenizer.model": self.tok.save, **(files or {})}
         self.model.save_pretrained(path, extra={"score.weight": self.head.weight}, files=files, config_updates={
             "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
             "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad,
@@ -309,13 +310,14 @@ def make_optimizer(rm, cfg):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def save_training_checkpoint(rm, opt, path, state):
-    """The reward model plus optimizer moments (safetensors) and trainer state (json), in one atomic step."""
+def save_training_checkpoint(save, params, opt, path, state):
+    """A model (save(path, files=...) writes it) plus optimizer moments (safetensors) and trainer state (json),
+    in one atomic step. Used by the reward-model and SFT trainers."""
     from safetensors.torch import save_file
 
     def write_opt(f):
         tensors = {}
-        for i, p in enumerate(rm.parameters()):
+        for i, p in enumerate(params):
             for k, v in opt.state.get(p, {}).items():
                 if torch.is_tensor(v):
                     tensors[f"{i}.{k}"] = v.contiguous()
@@ -325,13 +327,13 @@ def save_training_checkpoint(rm, opt, path, state):
         with open(f, "w") as fh:
             json.dump(state, fh, indent=2)
 
-    rm.save_pretrained(path, files={"optimizer.safetensors": write_opt, "trainer_state.json": write_state})
+    save(path, files={"optimizer.safetensors": write_opt, "trainer_state.json": write_state})
 
 
-def load_optimizer(rm, opt, path):
+def load_optimizer(params, opt, path):
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    for i, p in enumerate(rm.parameters()):
+    for i, p in enumerate(params):
         st = {k.split(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
         if st:
             opt.state[p] = st
@@ -392,7 +394,7 @@ def train(cfg):
     if resuming:
         with open(os.path.join(last, "trainer_state.json")) as f:
             state = json.load(f)
-        load_optimizer(rm, opt, last)
+        load_optimizer(list(rm.parameters()), opt, last)
         print(f"resuming from {last} at step {state['step']} of {total}")
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -455,9 +457,9 @@ def train(cfg):
             rm.train()
             if improved:
                 rm.save_pretrained(best)
-            save_training_checkpoint(rm, opt, last, state)
+            save_training_checkpoint(rm.save_pretrained, list(rm.parameters()), opt, last, state)
         elif cfg.stop_after and step + 1 - first == cfg.stop_after:
-            save_training_checkpoint(rm, opt, last, state)
+            save_training_checkpoint(rm.save_pretrained, list(rm.parameters()), opt, last, state)
         if cfg.stop_after and step + 1 - first == cfg.stop_after:
             tqdm.write(f"stopping after {cfg.stop_after} steps (--stop_after); rerun to go on from {last}")
             break

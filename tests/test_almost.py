@@ -201,7 +201,13 @@ def test_whole_pipeline_tiny(tmp_path):
     pairs = read_records(str(out / "comparisons.jsonl"))
     assert stats["pairs"] == len(pairs) > 0 and stats["pairs_without_length_rule"] >= len(pairs)
     assert all(set(p) == {"prompt", "chosen", "rejected", "meta"} for p in pairs)
-    assert set(json.load(open(out / "timings.json"))) == {"queries", "responses", "compare", "check", "rm"}
+    assert set(json.load(open(out / "timings.json"))) == {"queries", "responses", "compare", "check", "rm",
+                                                            "selfplay", "sft"}
+    for f in ["selfplay_n4.jsonl", "selfplay_n1.jsonl", "selfplay_stats.json", "sft/best/config.json",
+              "sft_plain/best/config.json", "sft_stats.json"]:
+        assert (out / f).exists(), f
+    sft = json.load(open(out / "sft_stats.json"))
+    assert set(sft) == {"sft", "sft_plain", "base"} and all("mean_rm_score" in v for v in sft.values())
     rm_stats = json.load(open(out / "rm_stats.json"))
     assert 0 <= rm_stats["filter"]["static_hhh"]["accuracy"] <= 1 and rm_stats["filter"]["static_hhh"]["n"] == 221
     # rerunning skips the finished work
@@ -268,3 +274,96 @@ def test_paper_profile_dialogue_path_runs(tmp_path):
     assert sorted((r["query_id"], r["config"]) for r in rs) == [(i, c) for i in range(4) for c in "ab"]
     assert all("Human:" not in r["response"] and "Assistant:" not in r["response"] for r in rs)
     assert json.load(open(tmp_path / "compare_stats.json"))["responses"] == 8
+
+
+# -----------------------------------------------------------------------------
+# step 2: self-play and SFT
+
+def test_best_of_picks_the_arg_max_of_the_good_candidates():
+    from almost import best_of
+    assert best_of([0.1, 2.0, -1.0, 1.9], [False] * 4) == 1
+    assert best_of([0.1, 2.0, -1.0, 1.9], [False, True, False, False]) == 3   # BAD ones never win
+    assert best_of([5.0, 1.0], [True, True]) is None
+
+
+def test_sft_loss_mask_is_exactly_the_assistant_tokens(stories):
+    from almost import encode_dialogue
+    _, tok = stories
+    turns = [("user", "Once upon a time, Tom found a ball."), ("assistant", "He played with it all day. He was happy."),
+             ("user", "Then it started to rain."), ("assistant", "Tom ran home and drank warm milk!")]
+    ids, mask = encode_dialogue(tok, turns, 512)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask[-1] and not mask[0]
+    spans, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans.append(cur)
+    assert [tok.decode(s) for s in spans] == [turns[1][1], turns[3][1]]  # EOS decodes to ""
+    assert spans[-1][-1] == tok.eos_id                                     # the last turn's span ends with EOS
+    # the unmasked tokens are the human turns and the role tags, nothing of the assistant's
+    unmasked = tok.decode([i for i, m in zip(ids[1:], mask[1:]) if not m])
+    assert "Tom found a ball" in unmasked and "rain" in unmasked and "happy" not in unmasked and "milk" not in unmasked
+    # prompt-then-generate tokenization equals the masked split: the prompt is exactly the unmasked prefix
+    from rm import format_dialogue
+    prompt = tok.encode(format_dialogue(turns[0][1]), bos=True)
+    assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)]) and mask[len(prompt)]
+    assert encode_dialogue(tok, turns, 20) is None                          # longer than max_length
+
+
+def test_selfplay_interrupted_resumes_without_duplicates(tmp_path, monkeypatch):
+    from rm import RewardModel
+    cfg = tiny(tmp_path, n_queries=12, batch_size=4, n=2, selfplay_baseline=False)
+    almost.stage_queries(cfg)
+    rm_dir = tmp_path / "rm"
+    RewardModel.from_pretrained(os.path.join(ROOT, "data", "stories260K")).save_pretrained(str(rm_dir))
+    cfg.reward_model = str(rm_dir)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            almost.stage_selfplay(cfg)
+    path = os.path.join(cfg.out, "selfplay_n2.jsonl")
+    first = read_records(path)
+    assert 0 < len(first) < 11
+    almost.stage_selfplay(cfg)
+    rs = read_records(path)
+    ids = [r["query_id"] for r in rs]
+    assert sorted(ids) == list(range(11)) and rs[:len(first)] == first   # 90% of 12 queries, each once
+    for r in rs:
+        assert r["turns"][0] == {"role": "user", "text": r["query"]}
+        for cands in r["candidates"]:
+            assert len(cands) == 2
+            picked = [c for c in cands if c.get("chosen")]
+            good = [c["score"] for c in cands if not c["bad"]]
+            assert (len(picked) == 1 and picked[0]["score"] == max(good)) if good else not picked
+    assert os.path.isfile(os.path.join(cfg.out, "selfplay_stats.json"))
+
+
+def test_sft_trains_on_selfplay_and_reloads_to_identical_logits(tmp_path):
+    import torch
+    from model import Llama
+    from almost import sft_train
+    turns = [("user", "Once upon a time, Tom found a ball."), ("assistant", "He played with it all day. He was happy.")]
+    path = tmp_path / "sp.jsonl"
+    with open(path, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"query_id": i, "usable": True, "turns": [{"role": r, "text": t} for r, t in turns]}) + "\n")
+    cfg = tiny(tmp_path, sft_epochs=2.0, sft_batch=8, sft_micro_batch=4, sft_eval_every=2)
+    state, model = sft_train(cfg, str(path), str(tmp_path / "sft"), os.path.join(ROOT, "data", "stories260K"))
+    assert state["step"] == 4
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "sft" / "metrics.jsonl") if '"train"' in l]
+    assert losses[-1] < losses[0]                                      # it learns the one dialogue
+    again = Llama.from_pretrained(str(tmp_path / "sft" / "last"))
+    idx = torch.tensor([[1, 400, 401, 260, 300, 12, 99]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx), again(idx))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "sft" / "last").eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - again(idx)).abs().max().item() < 1e-4
+    # a rerun finds the finished run and does not train again
+    state2, _ = sft_train(cfg, str(path), str(tmp_path / "sft"), os.path.join(ROOT, "data", "stories260K"))
+    assert state2["step"] == 4 and len(open(tmp_path / "sft" / "metrics.jsonl").readlines()) == len(losses) + 2
