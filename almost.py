@@ -948,6 +948,12 @@ def main(argv):
                         "(the check stage uses it as the judge).")
     if {"responses", "compare"} & set(stages):   # configuration mistakes surface before any work is done
         parse_rubric(cfg.rubric, parse_generators(cfg.generators, cfg.format))
+    if {"selfplay", "sft"} & set(stages):
+        for flag, spec in (("--assistant", cfg.assistant), ("--user", cfg.user)):
+            if not spec:
+                raise UserError(f"{flag} is required for step 2 with this profile: MODEL:PROMPT_FILE:SHOTS"
+                                f"[:MAX_NEW_TOKENS] (or leave selfplay and sft out of --stages).")
+            parse_generator(flag, spec, cfg.format)
     os.makedirs(cfg.out, exist_ok=True)
     write_atomic(os.path.join(cfg.out, "almost_config.json"), json.dumps(asdict(cfg), indent=2))
     tpath = os.path.join(cfg.out, "timings.json")

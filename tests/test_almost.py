@@ -220,6 +220,7 @@ def test_whole_pipeline_tiny(tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--stages=queries,bogus"], ["unknown stage 'bogus'"]),
     (["--profile=paper", "--stages=responses"], ["--generators is required"]),
+    (["--profile=paper", "--stages=selfplay"], ["--assistant is required"]),
     (["--profile=gpt"], ["--profile='gpt'"]),
     (["--generators=a=/m:/p", "--stages=compare"], ["NAME=MODEL:PROMPT_FILE:SHOTS"]),
     (["--rubric=260K-good-2shot>nope", "--stages=compare"], ["'nope' is not one of the generators"]),
