@@ -229,7 +229,8 @@ PROFILES = {
     # the paper: dialogue prompts (HHH / Faithful), "Query:" lines for query generation; models are the user's
     "paper": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=10000,
                   query_model="", generators="", rubric="", rm_model="", rm_preset="", assistant="", user="",
-                  sft={}),
+                  sft={}, ppo=dict(steps=1000, lr=1e-6, value_lr=1e-6, batch_size=64, minibatch=8,
+                                   max_new_tokens=256)),
     # the bundled story domain (README, "The story profile"): queries are story openings, responses continue
     # them, demonstrations are short stories; the generators differ in model size, shots and demo quality
     "stories": dict(format="story", seeds=os.path.join(DATA, "stories", "seed_openings.txt"), n_queries=300,
@@ -245,7 +246,11 @@ PROFILES = {
                     # user by adding the next sentence; SFT settings for a 260K model on CPU
                     assistant=f"{DATA}/stories260K:{DATA}/stories/good_stories.txt:1:120",
                     user=f"{DATA}/stories260K::0:40",
-                    sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10)),
+                    sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10),
+                    # PPO: the SFT policy almost never ends a story within the budget, so a missing-EOS penalty
+                    # would give every response the same score; truncated responses keep their RM score instead
+                    ppo=dict(steps=40, lr=3e-4, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=64,
+                             penalize_missing_eos=False)),
 }
 
 
@@ -253,7 +258,7 @@ PROFILES = {
 class Config:
     profile: str = "stories"        # "stories" (bundled) or "paper"
     out: str = "out"
-    stages: str = "queries,responses,compare,check,rm,selfplay,sft"
+    stages: str = "queries,responses,compare,check,rm,selfplay,sft,ppo"
     n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000)
     seeds: str = ""                 # seed pool file ("" = the profile's); its first line is an instruction line
     query_model: str = ""           # "" = the profile's
@@ -276,6 +281,9 @@ class Config:
     sft_epochs: float = 3.0
     sft_max_length: int = 512
     sft_eval_every: int = 50
+    # step 3 (ppo.py's settings; the story profile sets its own)
+    ppo_steps: int = 0              # 0 = the profile's (stories 40, paper 1000)
+    ppo_lr: float = 0.0             # 0 = the profile's
     batch_size: int = 32            # prompts per sampler call
     seed: int = 1337
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -928,10 +936,38 @@ def stage_sft(cfg):
 
 
 # -----------------------------------------------------------------------------
+# 3. RL from synthetic feedback: PPO (ppo.py) on the SFT policy against the reward model
+
+def stage_ppo(cfg):
+    """PPO from step 2's SFT policy (out/sft/best) against step 1's reward model; the RL prompts are the
+    self-play queries (the held-out 10% stay unseen). ppo.py resumes from out/ppo/last."""
+    import ppo as ppolib
+    queries, _ = split_queries(cfg)
+    prompts = os.path.join(cfg.out, "ppo_prompts.jsonl")
+    write_jsonl_atomic(prompts, [{"query": q["query"]} for q in queries])
+    settings = dict(PROFILES[cfg.profile]["ppo"])
+    if cfg.ppo_steps:
+        settings["steps"] = cfg.ppo_steps
+    if cfg.ppo_lr:
+        settings["lr"] = cfg.ppo_lr
+    policy = os.path.join(cfg.out, "sft", "best")
+    if not os.path.isfile(os.path.join(policy, "config.json")):
+        raise UserError(f"{policy}: no SFT policy; run the sft stage first (--stages=sft,ppo).")
+    state = ppolib.train(ppolib.Config(policy=policy, rm=cfg.reward_model, prompts=prompts,
+                                       out=os.path.join(cfg.out, "ppo"), seed=cfg.seed, device=cfg.device,
+                                       dtype=cfg.dtype, **settings))
+    rows = read_records(os.path.join(cfg.out, "ppo", "metrics.jsonl"))
+    if rows:
+        print(f"ppo: {state['step']} steps; RM score {rows[0]['rm_score_mean']:.3f} -> {rows[-1]['rm_score_mean']:.3f}, "
+              f"KL {rows[-1]['kl']:.2f}, EOS rate {rows[0]['eos_rate']:.2f} -> {rows[-1]['eos_rate']:.2f}, "
+              f"response length {rows[0]['response_length']:.0f} -> {rows[-1]['response_length']:.0f}")
+
+
+# -----------------------------------------------------------------------------
 # main
 
 STAGES = {"queries": stage_queries, "responses": stage_responses, "compare": stage_compare, "check": stage_check,
-          "rm": stage_rm, "selfplay": stage_selfplay, "sft": stage_sft}
+          "rm": stage_rm, "selfplay": stage_selfplay, "sft": stage_sft, "ppo": stage_ppo}
 
 
 def main(argv):

@@ -1,0 +1,363 @@
+"""
+PPO with GAE, from scratch: ALMoST step 3, RL from synthetic feedback. The checklist of RLHF_NOTES.md, item by item
+(the numbers in the comments below).
+
+    python ppo.py --policy=out/sft/best --rm=out/rm/best --prompts=out/queries.jsonl --out=out/ppo
+
+Per step: sample a rollout batch from the policy with THE sampler (1), recompute the logprobs of the policy and the
+frozen reference (the SFT policy) and the values with the training forward on the same token layout (3), build
+per-token rewards -beta * (logp - logp_ref) with the reward model's score (normalised) at the last real response
+token (6), GAE backwards over the response (8), whiten the advantages (7), then ppo_epochs passes of minibatches
+over fresh permutations with the clipped policy and value losses (9, 10, 11), and update beta (12). Every metric of
+item 13 goes to metrics.jsonl; checkpoints are HF folders (policy: LlamaForCausalLM, value:
+LlamaForSequenceClassification) and a rerun resumes.
+"""
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import Llama, Tokenizer, UserError, _commit_dir, last_token_index
+from rm import RewardModel, format_dialogue, load_optimizer, lr_at, make_optimizer, save_training_checkpoint
+from sample import DTYPES, PAD_ID, generate, parse_args, run_cli
+
+
+# -----------------------------------------------------------------------------
+# masked statistics and GAE (the public helpers)
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the positions where mask is True (all of them, or along dim)."""
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1)
+    return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Population variance over the valid positions (0 when there are fewer than two)."""
+    n = mask.sum()
+    if n <= 1:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over valid positions (7); shift_mean=False keeps the mean (for rewards). With one valid
+    token there is no spread to divide by: x is only centred (or returned unchanged). Invalid positions -> 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if mask.sum() <= 1:
+        out = x - mean if shift_mean else x
+    else:
+        out = (x - mean) * torch.rsqrt(var + 1e-8)
+        if not shift_mean:
+            out = out + mean
+    return out * mask
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (8) on (B, T) tensors whose mask marks each row's response tokens (a
+    prefix of the row). Backwards: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V
+    and A past the last token 0. Returns (advantages, returns = A + V), both 0 off the mask, detached."""
+    rewards, values, m = rewards.detach(), values.detach(), mask.to(rewards.dtype)
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_m = m[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        next_v = values[:, t + 1] * next_m if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * next_m * last) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * m
+
+
+def token_rewards(score, logp, ref_logp, mask, beta):
+    """Per-token rewards (6): -beta * (logp - logp_ref) on every response token, plus the sequence score at the
+    last real response token (the EOS when there is one). Returns (rewards, non_score part)."""
+    kl = (logp - ref_logp) * mask
+    non_score = -beta * kl
+    rewards = non_score.clone()
+    rows = torch.arange(len(score), device=score.device)
+    rewards[rows, last_token_index(mask)] += score
+    return rewards, non_score
+
+
+def adaptive_kl(beta, kl, target, horizon, n):
+    """Ziegler et al. 2019 (12): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+    err = min(max(kl / target - 1, -0.2), 0.2)
+    return beta * (1 + err * n / horizon)
+
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class Config:
+    policy: str = ""               # the SFT policy (HF LLaMA folder); also the frozen reference
+    rm: str = ""                   # the reward model; the value model starts from it (head re-used)
+    prompts: str = ""              # .jsonl with "query" (or "prompt") fields, or .txt with one prompt a line
+    out: str = "out/ppo"
+    steps: int = 100               # rollout batches
+    batch_size: int = 16           # episodes per rollout batch
+    minibatch: int = 4
+    ppo_epochs: int = 4
+    max_new_tokens: int = 128
+    temperature: float = 1.0       # rollouts sample at T with top-k 0 and top-p 1 (1)
+    lr: float = 1e-5
+    value_lr: float = 1e-5
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5           # scales the value loss (separate optimizer, but reported together)
+    beta: float = 0.05             # initial KL coefficient
+    adaptive_kl: bool = True
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = -1.0   # the score of a response that never emits EOS (5)
+    penalize_missing_eos: bool = True   # False: a truncated response keeps its RM score (marked truncated in eos_rate)
+    grad_clip: float = 1.0
+    log_every: int = 1
+    save_every: int = 10
+    samples_per_log: int = 2
+    seed: int = 1337
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = ""
+
+
+def read_prompts(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such prompts file. Give a .jsonl with \"query\" fields or a .txt, one a line.")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    d = json.loads(line)
+                    out.append(d.get("query", d.get("prompt")))
+                except (json.JSONDecodeError, AttributeError):
+                    raise UserError(f"{path}:{i}: not a JSON object with a \"query\" field.") from None
+                if not isinstance(out[-1], str):
+                    raise UserError(f"{path}:{i}: no string \"query\" (or \"prompt\") field.")
+            else:
+                out.append(line.rstrip("\n"))
+    if not out:
+        raise UserError(f"{path}: no prompts.")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the models' forward on a rollout: one layout for every pass (3)
+
+def layout(prompts, responses):
+    """Left-padded prompts then right-padded responses: ids (B, P+R), mask (B, P+R), response mask (B, R)."""
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    B = len(prompts)
+    idx = torch.full((B, P + R), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(B, P + R, dtype=torch.bool)
+    rmask = torch.zeros(B, R, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        idx[i, P - len(p):P] = torch.tensor(p)
+        idx[i, P:P + len(r)] = torch.tensor(r)
+        mask[i, P - len(p):P + len(r)] = True
+        rmask[i, :len(r)] = True
+    return idx, mask, rmask, P
+
+
+def logprobs_of(model, idx, mask, P, temperature):
+    """Logprobs (B, R) of the response tokens under softmax(logits / T), and the entropy of that distribution."""
+    logits = model(idx, mask=mask)[:, P - 1:-1] / temperature               # (B, R, V): position t predicts t+1
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, idx[:, P:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def values_of(value_model, idx, mask, P):
+    """Per-token values (B, R): the value head on the state that emits each response token."""
+    _, h = value_model.model(idx, mask=mask, return_hidden=True, logits="none")
+    return value_model.head(h[:, P - 1:-1]).squeeze(-1).float()
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def save_checkpoint(path, policy, tok, value, opts, state):
+    """policy/, value/ and state in one folder, swapped in atomically (a crash never leaves a mixed checkpoint)."""
+    tmp = path + ".new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_training_checkpoint(lambda p, files: policy.save_pretrained(p, files={"tokenizer.model": tok.save, **files}),
+                             list(policy.parameters()), opts[0], os.path.join(tmp, "policy"), state)
+    save_training_checkpoint(value.save_pretrained, list(value.parameters()), opts[1], os.path.join(tmp, "value"), state)
+    _commit_dir(tmp, path)
+
+
+def train(cfg):
+    for k in ("policy", "rm", "prompts"):
+        if not getattr(cfg, k):
+            raise UserError(f"--{k} is required (python ppo.py --policy=SFT_FOLDER --rm=RM_FOLDER --prompts=FILE).")
+    if cfg.batch_size % cfg.minibatch:
+        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --minibatch={cfg.minibatch}.")
+    if cfg.temperature <= 0:
+        raise UserError("--temperature must be > 0: PPO needs a sampling distribution.")
+    dev = torch.device(cfg.device)
+    dtype = DTYPES.get(cfg.dtype)
+    prompts_text = read_prompts(cfg.prompts)
+    last = os.path.join(cfg.out, "last")
+    resuming = os.path.isfile(os.path.join(last, "policy", "trainer_state.json"))
+    policy = Llama.from_pretrained(os.path.join(last, "policy") if resuming else cfg.policy, device=dev, dtype=dtype)
+    ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=dtype).requires_grad_(False)   # frozen SFT (14)
+    tok = Tokenizer(cfg.policy)
+    rm = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=dtype).requires_grad_(False)
+    value = RewardModel.from_pretrained(os.path.join(last, "value") if resuming else cfg.rm, device=dev, dtype=dtype)
+    for m in (policy, ref, rm, value):
+        m.eval()   # (2) no dropout anywhere; LLaMA has none, and eval() keeps it that way
+    hp_p = type("H", (), {"lr": cfg.lr, "weight_decay": 0.0, "warmup": 0.0})()
+    hp_v = type("H", (), {"lr": cfg.value_lr, "weight_decay": 0.0, "warmup": 0.0})()
+    opt_p, opt_v = make_optimizer(policy, hp_p), make_optimizer(value, hp_v)
+    state = {"step": 0, "beta": cfg.beta}
+    if resuming:
+        with open(os.path.join(last, "policy", "trainer_state.json")) as f:
+            state = json.load(f)
+        load_optimizer(list(policy.parameters()), opt_p, os.path.join(last, "policy"))
+        load_optimizer(list(value.parameters()), opt_v, os.path.join(last, "value"))
+        print(f"resuming from {last} at step {state['step']} (beta {state['beta']:.4f})")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=2)
+    eos = tok.eos_id
+    ctx = policy.config.max_position_embeddings
+    prompt_ids = [tok.encode(format_dialogue(p), bos=True) for p in prompts_text]
+    too_long = [i for i, p in enumerate(prompt_ids) if len(p) + cfg.max_new_tokens > ctx]
+    if too_long:
+        print(f"note: {len(too_long)} prompt(s) of {cfg.prompts} leave no room for {cfg.max_new_tokens} new tokens "
+              f"in the {ctx}-token context; they are skipped", file=sys.stderr)
+        prompt_ids = [p for i, p in enumerate(prompt_ids) if i not in set(too_long)]
+        prompts_text = [p for i, p in enumerate(prompts_text) if i not in set(too_long)]
+    if len(prompt_ids) < cfg.batch_size:
+        raise UserError(f"{cfg.prompts}: {len(prompt_ids)} usable prompts, fewer than --batch_size={cfg.batch_size}.")
+
+    def log(rec):
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="ppo", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        g = torch.Generator().manual_seed(cfg.seed * 100003 + step)     # everything random follows (seed, step)
+        pick = torch.randperm(len(prompt_ids), generator=g)[:cfg.batch_size].tolist()
+        batch_prompts = [prompt_ids[i] for i in pick]
+
+        # rollout (1, 5): THE sampler, stopping at EOS; the EOS is part of the response
+        policy.eval()
+        toks, sampled_lp = generate(policy, batch_prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
+                                    top_p=1.0, stop_ids=[eos], seed=cfg.seed * 7 + step)
+        t_gen = time.time() - t0
+        ended = [len(t) < cfg.max_new_tokens for t in toks]
+        responses = [t + [eos] if e else t for t, e in zip(toks, ended)]
+        responses = [r if r else [eos] for r in responses]
+        idx, mask, rmask, P = layout(batch_prompts, responses)
+        idx, mask, rmask = idx.to(dev), mask.to(dev), rmask.to(dev)
+
+        with torch.no_grad():
+            old_logp, _ = logprobs_of(policy, idx, mask, P, cfg.temperature)
+            ref_logp, _ = logprobs_of(ref, idx, mask, P, cfg.temperature)      # same T for the reference (1)
+            old_values = values_of(value, idx, mask, P)
+            texts = [tok.decode(t) for t in toks]
+            raw = rm.score([prompts_text[i] for i in pick], texts, normalize=True).to(dev)
+            score = raw
+            if cfg.penalize_missing_eos:                                          # (5)
+                score = torch.where(torch.tensor(ended, device=dev), raw, torch.full_like(raw, cfg.missing_eos_penalty))
+            mismatch = max((abs(a - b) for t, s, row in zip(toks, sampled_lp, old_logp.tolist())
+                            for a, b in zip(s, row[:len(t)])), default=0.0)
+            rewards, non_score = token_rewards(score, old_logp, ref_logp, rmask, state["beta"])
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, rmask, shift_mean=False)
+            adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)   # returns before whitening (8)
+            adv = masked_whiten(adv, rmask)
+
+        # PPO epochs (9-11)
+        policy.train()
+        value.train()
+        mstats, first = [], None
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(cfg.batch_size, generator=g)
+            for mb in perm.split(cfg.minibatch):
+                mb = mb.to(dev)
+                m = rmask[mb]
+                logp, ent = logprobs_of(policy, idx[mb], mask[mb], P, cfg.temperature)
+                ratio = torch.exp(logp - old_logp[mb])
+                a = adv[mb]
+                pg = masked_mean(torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)), m)
+                v = values_of(value, idx[mb], mask[mb], P)
+                v_old = old_values[mb]
+                v_clip = v_old + (v - v_old).clamp(-cfg.value_clip, cfg.value_clip)
+                vf = 0.5 * masked_mean(torch.max((v - returns[mb]) ** 2, (v_clip - returns[mb]) ** 2), m)
+                (pg + cfg.vf_coef * vf).backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.grad_clip)
+                opt_p.step()
+                opt_v.step()
+                opt_p.zero_grad(set_to_none=True)
+                opt_v.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    s = {"policy_loss": pg.item(), "value_loss": vf.item(),
+                         "ratio": masked_mean(ratio, m).item(),
+                         "approx_kl": masked_mean(0.5 * (logp - old_logp[mb]) ** 2, m).item(),
+                         "clipfrac": masked_mean(((ratio - 1).abs() > cfg.clip).float(), m).item(),
+                         "value_clipfrac": masked_mean(((v - v_old).abs() > cfg.value_clip).float(), m).item(),
+                         "entropy": masked_mean(ent, m).item()}
+                mstats.append(s)
+                first = first or s
+        policy.eval()
+        value.eval()
+
+        # adaptive KL (12), once per rollout batch, on the per-sequence KL summed over tokens
+        kl_seq = ((old_logp - ref_logp) * rmask).sum(-1)
+        kl = kl_seq.mean().item()
+        beta_used = state["beta"]
+        if cfg.adaptive_kl:
+            state["beta"] = adaptive_kl(state["beta"], kl, cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
+        state["step"] = step + 1
+
+        # metrics (13)
+        dt = time.time() - t0
+        r_all, v_all = returns[rmask], old_values[rmask]
+        ev = 1 - (r_all - v_all).var() / r_all.var() if r_all.numel() > 1 and r_all.var() > 0 else torch.tensor(0.0)
+        rec = {"step": state["step"], "score_mean": score.mean().item(), "score_std": score.std().item(),
+               "rm_score_mean": raw.mean().item(), "kl": kl, "beta": beta_used,
+               "non_score_reward": non_score.sum(-1).mean().item(), "response_length": rmask.sum(-1).float().mean().item(),
+               "eos_rate": sum(ended) / len(ended), "explained_variance": ev.item(),
+               "tokens_per_s": rmask.sum().item() / dt, "gen_tokens_per_s": sum(map(len, toks)) / max(t_gen, 1e-9),
+               "gen_time_share": t_gen / dt, "step_time": dt, "rollout_logprob_mismatch": mismatch,
+               "first_minibatch": first}
+        rec.update({k: sum(s[k] for s in mstats) / len(mstats) for k in mstats[0]})
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(score=f"{rec['rm_score_mean']:.3f}", kl=f"{kl:.2f}", len=f"{rec['response_length']:.0f}")
+        if state["step"] % cfg.log_every == 0:
+            for i in range(min(cfg.samples_per_log, len(texts))):
+                tqdm.write(f"  [{score[i].item():+.2f}] {prompts_text[pick[i]][:60]!r} -> {texts[i][:100]!r}")
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            save_checkpoint(last, policy, tok, value, (opt_p, opt_v), state)
+    bar.close()
+    return state
+
+
+def main(argv):
+    train(parse_args(Config, argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

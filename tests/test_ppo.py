@@ -1,0 +1,125 @@
+"""ppo.py: GAE, masked statistics, reward placement, the KL controller, the first-minibatch sanity, a learnable run."""
+import json
+import os
+
+import pytest
+import torch
+
+import ppo
+import rm as rmlib
+from conftest import STORIES, toy_pairs, write_jsonl
+from ppo import adaptive_kl, gae, layout, masked_mean, masked_whiten, token_rewards
+
+
+def prefix_mask(lengths, T):
+    return torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+
+
+def test_gae_equals_a_plain_reverse_loop():
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 9
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = [9, 1, 4, 7, 2]
+    mask = prefix_mask(lengths, T)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)]:
+        adv, ret = gae(rewards, values, mask, gamma, lam)
+        for b, n in enumerate(lengths):
+            a_next = 0.0
+            for t in reversed(range(n)):
+                v_next = values[b, t + 1].item() if t + 1 < n else 0.0
+                delta = rewards[b, t].item() + gamma * v_next - values[b, t].item()
+                a_next = delta + gamma * lam * a_next
+                assert abs(adv[b, t].item() - a_next) < 1e-5
+                assert abs(ret[b, t].item() - (a_next + values[b, t].item())) < 1e-5
+            assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+
+
+def test_masked_statistics_and_one_token_whitening():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[True, True, True, False]])
+    assert masked_mean(x, m).item() == pytest.approx(2.0)
+    w = masked_whiten(x, m)
+    assert masked_mean(w, m).item() == pytest.approx(0.0, abs=1e-6) and w[0, 3] == 0
+    assert masked_mean(w ** 2, m).item() == pytest.approx(1.0, abs=1e-4)
+    keep = masked_whiten(x, m, shift_mean=False)
+    assert masked_mean(keep, m).item() == pytest.approx(2.0, abs=1e-5)
+    one = torch.tensor([[True, False, False, False]])
+    for shift in (True, False):
+        out = masked_whiten(x, one, shift_mean=shift)
+        assert torch.isfinite(out).all() and out[0, 1:].abs().sum() == 0
+    assert masked_whiten(x, one)[0, 0] == 0
+
+
+def test_score_lands_on_the_last_real_response_token():
+    """Left-padded prompts of different lengths and responses that stop early: the score is added at each row's
+    last response token (its EOS), nowhere else."""
+    prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11]]
+    responses = [[20, 21, 2], [22, 2], [23, 24, 25, 26, 27]]   # the last one never stopped
+    idx, mask, rmask, P = layout(prompts, responses)
+    assert P == 5 and idx[1, :3].tolist() == [0, 0, 0] and idx[1, 3:5].tolist() == [1, 7]
+    assert rmask.sum(-1).tolist() == [3, 2, 5] and idx[0, P:P + 3].tolist() == [20, 21, 2]
+    logp, ref = torch.randn(3, 5), torch.randn(3, 5)
+    score = torch.tensor([10.0, 20.0, 30.0])
+    rewards, non_score = token_rewards(score, logp, ref, rmask, beta=0.1)
+    placed = rewards - non_score
+    expected = torch.zeros(3, 5)
+    expected[0, 2], expected[1, 1], expected[2, 4] = 10.0, 20.0, 30.0
+    assert torch.allclose(placed, expected)
+    assert torch.allclose(non_score, -0.1 * (logp - ref) * rmask)
+
+
+def test_adaptive_kl_formula():
+    assert adaptive_kl(0.05, 6.0, 6.0, 10000, 64) == pytest.approx(0.05)
+    assert adaptive_kl(0.05, 9.0, 6.0, 10000, 64) == pytest.approx(0.05 * (1 + 0.2 * 64 / 10000))  # 0.5 clipped to 0.2
+    assert adaptive_kl(0.05, 6.6, 6.0, 10000, 64) == pytest.approx(0.05 * (1 + 0.1 * 64 / 10000))
+    assert adaptive_kl(0.05, 0.0, 6.0, 10000, 64) == pytest.approx(0.05 * (1 - 0.2 * 64 / 10000))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A reward model that prefers happy stories (learnable), and story prompts."""
+    d = tmp_path_factory.mktemp("ppo")
+    data = write_jsonl(d / "toy.jsonl", toy_pairs(400))
+    rmlib.train(rmlib.TrainConfig(data=data, preset="tiny", out=str(d / "rm"), val_frac=0.2, epochs=2.0, device="cpu"))
+    write_jsonl(d / "prompts.jsonl", [{"query": p["prompt"]} for p in toy_pairs(200, seed=5)])
+    return d
+
+
+def toy_cfg(d, out, **kw):
+    cfg = ppo.Config(policy=STORIES, rm=str(d / "rm" / "best"), prompts=str(d / "prompts.jsonl"), out=str(out),
+                     batch_size=16, minibatch=8, max_new_tokens=24, lr=5e-4, value_lr=1e-3, beta=0.1,
+                     penalize_missing_eos=False, device="cpu", samples_per_log=0)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_first_minibatch_is_on_policy_and_resume_continues(toy, tmp_path):
+    out = tmp_path / "run"
+    ppo.train(toy_cfg(toy, out, steps=2, save_every=1))
+    rows = metrics(out)
+    for r in rows:
+        f = r["first_minibatch"]
+        assert abs(f["ratio"] - 1) < 1e-6 and f["approx_kl"] < 1e-10 and f["clipfrac"] == 0 and f["value_clipfrac"] == 0
+        assert r["rollout_logprob_mismatch"] < 1e-4      # the sampler's logprobs = the training forward's
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-6)  # the policy starts as the reference
+    state = ppo.train(toy_cfg(toy, out, steps=3, save_every=1))
+    assert state["step"] == 3 and [r["step"] for r in metrics(out)] == [1, 2, 3]
+    from model import Llama
+    Llama.from_pretrained(str(out / "last" / "policy"))
+    rmlib.RewardModel.from_pretrained(str(out / "last" / "value"))
+
+
+def test_ppo_raises_a_learnable_reward_with_bounded_kl(toy, tmp_path):
+    out = tmp_path / "learn"
+    ppo.train(toy_cfg(toy, out, steps=40, save_every=100))
+    rows = metrics(out)
+    start = sum(r["rm_score_mean"] for r in rows[:4]) / 4
+    end = sum(r["rm_score_mean"] for r in rows[-8:]) / 8
+    assert end - start > 0.15, (start, end)
+    assert max(r["kl"] for r in rows) < 60                # nats per 24-token response
+    assert all(r["eos_rate"] >= 0 and r["response_length"] <= 24 for r in rows)
