@@ -245,8 +245,11 @@ def train(cfg):
               f"in the {ctx}-token context; they are skipped", file=sys.stderr)
         prompt_ids = [p for i, p in enumerate(prompt_ids) if i not in set(too_long)]
         prompts_text = [p for i, p in enumerate(prompts_text) if i not in set(too_long)]
+    if not prompt_ids:
+        raise UserError(f"{cfg.prompts}: no prompt fits the context window with --max_new_tokens={cfg.max_new_tokens}.")
     if len(prompt_ids) < cfg.batch_size:
-        raise UserError(f"{cfg.prompts}: {len(prompt_ids)} usable prompts, fewer than --batch_size={cfg.batch_size}.")
+        print(f"note: {len(prompt_ids)} prompts < --batch_size={cfg.batch_size}: each batch draws them with "
+              f"replacement", file=sys.stderr)
 
     def log(rec):
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
@@ -256,7 +259,10 @@ def train(cfg):
     for step in bar:
         t0 = time.time()
         g = torch.Generator().manual_seed(cfg.seed * 100003 + step)     # everything random follows (seed, step)
-        pick = torch.randperm(len(prompt_ids), generator=g)[:cfg.batch_size].tolist()
+        if len(prompt_ids) >= cfg.batch_size:
+            pick = torch.randperm(len(prompt_ids), generator=g)[:cfg.batch_size].tolist()
+        else:
+            pick = torch.randint(len(prompt_ids), (cfg.batch_size,), generator=g).tolist()
         batch_prompts = [prompt_ids[i] for i in pick]
 
         # rollout (1, 5): THE sampler, stopping at EOS; the EOS is part of the response

@@ -192,7 +192,8 @@ def test_whole_pipeline_tiny(tmp_path):
     import sys
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
-                        "--rm_filter_ablation=false"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                        "--rm_filter_ablation=false", "--ppo_steps=2"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ["queries.jsonl", "responses.jsonl", "comparisons.jsonl", "comparisons_nofilter.jsonl",
               "compare_stats.json", "check_stats.json", "rm_stats.json", "timings.json", "rm/best/config.json"]:
@@ -202,7 +203,8 @@ def test_whole_pipeline_tiny(tmp_path):
     assert stats["pairs"] == len(pairs) > 0 and stats["pairs_without_length_rule"] >= len(pairs)
     assert all(set(p) == {"prompt", "chosen", "rejected", "meta"} for p in pairs)
     assert set(json.load(open(out / "timings.json"))) == {"queries", "responses", "compare", "check", "rm",
-                                                            "selfplay", "sft"}
+                                                            "selfplay", "sft", "ppo"}
+    assert len(read_records(str(out / "ppo" / "metrics.jsonl"))) == 2 and (out / "ppo" / "last" / "policy").is_dir()
     for f in ["selfplay_n4.jsonl", "selfplay_n1.jsonl", "selfplay_stats.json", "sft/best/config.json",
               "sft_plain/best/config.json", "sft_stats.json"]:
         assert (out / f).exists(), f

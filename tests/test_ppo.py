@@ -123,3 +123,19 @@ def test_ppo_raises_a_learnable_reward_with_bounded_kl(toy, tmp_path):
     assert end - start > 0.15, (start, end)
     assert max(r["kl"] for r in rows) < 60                # nats per 24-token response
     assert all(r["eos_rate"] >= 0 and r["response_length"] <= 24 for r in rows)
+
+
+def test_cli_errors(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"query": "ok"}\nnot json\n')
+    for args, words in [([], ["--policy is required"]),
+                        ([f"--policy={STORIES}", f"--rm={STORIES}", "--prompts=/nonexistent.jsonl"], ["/nonexistent.jsonl"]),
+                        ([f"--policy={STORIES}", f"--rm={STORIES}", f"--prompts={bad}"], [f"{bad}:2"]),
+                        (["--clip=wide"], ["--clip", "float"])]:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert all(w in r.stderr for w in words), r.stderr
