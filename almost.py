@@ -31,7 +31,6 @@ import os
 import random
 import re
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -837,8 +836,7 @@ def sft_train(cfg, data_path, out, base):
     last, best = os.path.join(out, "last"), os.path.join(out, "best")
     resuming = os.path.isfile(os.path.join(last, "trainer_state.json"))
     model = Llama.from_pretrained(last if resuming else base, device=cfg.device)
-    hp = rmlib.TrainConfig(lr=cfg.sft_lr, weight_decay=0.0, warmup=0.03)
-    opt = rmlib.make_optimizer(model, hp)
+    opt = rmlib.make_optimizer(model, cfg.sft_lr, weight_decay=0.0)            # the paper: no weight decay
     params = list(model.parameters())
     state = {"step": 0, "best_loss": float("inf")}
     if resuming:
@@ -877,7 +875,7 @@ def sft_train(cfg, data_path, out, base):
         batch = [train[i] for i in perm[k * cfg.sft_batch:(k + 1) * cfg.sft_batch]]
         n_tok = sum(sum(m[1:]) for _, m in batch)
         for g in opt.param_groups:
-            g["lr"] = rmlib.lr_at(step, total, hp)
+            g["lr"] = rmlib.lr_at(step, total, cfg.sft_lr, warmup=0.03)
         total_loss = 0.0
         for i in range(0, len(batch), cfg.sft_micro_batch):
             loss, _ = loss_of(batch[i:i + cfg.sft_micro_batch])

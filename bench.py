@@ -17,7 +17,6 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
 """
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass

@@ -20,11 +20,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import Llama, Tokenizer, UserError, _commit_dir, last_token_index
-from rm import RewardModel, format_dialogue, load_optimizer, lr_at, make_optimizer, save_training_checkpoint
+from rm import RewardModel, format_dialogue, load_optimizer, make_optimizer, save_training_checkpoint
 from sample import DTYPES, PAD_ID, generate, parse_args, run_cli
 
 
@@ -223,9 +222,7 @@ def train(cfg):
     value = RewardModel.from_pretrained(os.path.join(last, "value") if resuming else cfg.rm, device=dev, dtype=dtype)
     for m in (policy, ref, rm, value):
         m.eval()   # (2) no dropout anywhere; LLaMA has none, and eval() keeps it that way
-    hp_p = type("H", (), {"lr": cfg.lr, "weight_decay": 0.0, "warmup": 0.0})()
-    hp_v = type("H", (), {"lr": cfg.value_lr, "weight_decay": 0.0, "warmup": 0.0})()
-    opt_p, opt_v = make_optimizer(policy, hp_p), make_optimizer(value, hp_v)
+    opt_p, opt_v = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
     state = {"step": 0, "beta": cfg.beta}
     if resuming:
         with open(os.path.join(last, "policy", "trainer_state.json")) as f:

@@ -294,20 +294,21 @@ PRESETS = {"tiny": dict(model=os.path.join(HERE, "data", "stories260K"), max_len
 EVAL_FILES = ("hhh_eval.json", "test.jsonl.gz", "mc_task.json", "task.json", "question.jsonl")
 
 
-def lr_at(step, total, cfg):
-    """Linear warmup, then cosine decay to 0."""
-    warm = max(1, int(cfg.warmup * total))
+def lr_at(step, total, lr, warmup):
+    """Linear warmup over a `warmup` fraction of the steps, then cosine decay to 0."""
+    warm = max(1, int(warmup * total))
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def make_optimizer(rm, cfg):
-    params = [p for p in rm.parameters() if p.requires_grad]
+def make_optimizer(module, lr, weight_decay):
+    """AdamW with weight decay on matrices only (not on norms or biases)."""
+    params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
 def save_training_checkpoint(save, params, opt, path, state):
@@ -389,7 +390,7 @@ def train(cfg):
     total = max(1, int(cfg.epochs * steps_per_epoch))
     accum = cfg.batch_size // cfg.micro_batch
 
-    opt = make_optimizer(rm, cfg)
+    opt = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     state = {"step": 0, "best_accuracy": -1.0}
     if resuming:
         with open(os.path.join(last, "trainer_state.json")) as f:
@@ -418,7 +419,7 @@ def train(cfg):
     t0, pairs_done, run, first = time.time(), 0, [], state["step"]
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, cfg)
+            g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup)
         batch = step_pairs(step)
         for i in range(0, len(batch), cfg.micro_batch):
             mb = batch[i:i + cfg.micro_batch]

@@ -147,7 +147,7 @@ def parse_args(cls, argv):
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(f"flags (defaults): " + " ".join(f"--{k}={getattr(cfg, k)!r}" for k in types))
+            print("flags (defaults): " + " ".join(f"--{k}={getattr(cfg, k)!r}" for k in types))
             sys.exit(0)
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: flags look like --key=value.")

@@ -1,5 +1,4 @@
 """sample.py: the KV cache, left padding, filtering, seeds, stop ids and logprobs."""
-import math
 
 import pytest
 import torch
