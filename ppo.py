@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from model import Llama, Tokenizer, UserError, _commit_dir, last_token_index
-from rm import RewardModel, format_dialogue, load_optimizer, make_optimizer, save_training_checkpoint
+from rm import (RewardModel, format_dialogue, load_optimizer, make_optimizer, save_training_checkpoint,
+                trim_metrics)
 from sample import DTYPES, PAD_ID, generate, parse_args, run_cli
 
 
@@ -231,6 +232,7 @@ def train(cfg):
         load_optimizer(list(value.parameters()), opt_v, os.path.join(last, "value"))
         print(f"resuming from {last} at step {state['step']} (beta {state['beta']:.4f})")
     os.makedirs(cfg.out, exist_ok=True)
+    trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), state["step"])
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=2)
     eos = tok.eos_id
@@ -346,8 +348,7 @@ def train(cfg):
                "gen_time_share": t_gen / dt, "step_time": dt, "rollout_logprob_mismatch": mismatch,
                "first_minibatch": first}
         rec.update({k: sum(s[k] for s in mstats) / len(mstats) for k in mstats[0]})
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        log(rec)
         bar.set_postfix(score=f"{rec['rm_score_mean']:.3f}", kl=f"{kl:.2f}", len=f"{rec['response_length']:.0f}")
         if state["step"] % cfg.log_every == 0:
             for i in range(min(cfg.samples_per_log, len(texts))):

@@ -331,6 +331,23 @@ def save_training_checkpoint(save, params, opt, path, state):
     save(path, files={"optimizer.safetensors": write_opt, "trainer_state.json": write_state})
 
 
+def trim_metrics(path, step):
+    """A run that resumes from its last checkpoint repeats the steps after it: drop their lines (and a half-written
+    last line) from metrics.jsonl first, so no step is logged twice. Used by every trainer."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in open(path, encoding="utf-8"):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:
+            pass
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def load_optimizer(params, opt, path):
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
@@ -398,6 +415,7 @@ def train(cfg):
         load_optimizer(list(rm.parameters()), opt, last)
         print(f"resuming from {last} at step {state['step']} of {total}")
     os.makedirs(cfg.out, exist_ok=True)
+    trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), state["step"])
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=2)
     print(f"{len(train_set)} training pairs, {len(val_set)} held out; {total} steps of {cfg.batch_size} pairs "

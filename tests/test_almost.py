@@ -192,8 +192,8 @@ def test_whole_pipeline_tiny(tmp_path):
     import sys
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
-                        "--rm_filter_ablation=false", "--ppo_steps=2"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=600)
+                        "--rm_filter_ablation=false", "--ppo_steps=2", "--eval_max_items=8"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ["queries.jsonl", "responses.jsonl", "comparisons.jsonl", "comparisons_nofilter.jsonl",
               "compare_stats.json", "check_stats.json", "rm_stats.json", "timings.json", "rm/best/config.json"]:
@@ -203,7 +203,16 @@ def test_whole_pipeline_tiny(tmp_path):
     assert stats["pairs"] == len(pairs) > 0 and stats["pairs_without_length_rule"] >= len(pairs)
     assert all(set(p) == {"prompt", "chosen", "rejected", "meta"} for p in pairs)
     assert set(json.load(open(out / "timings.json"))) == {"queries", "responses", "compare", "check", "rm",
-                                                            "selfplay", "sft", "ppo"}
+                                                            "selfplay", "sft", "ppo", "eval", "report"}
+    ev = json.load(open(out / "eval" / "results.json"))
+    assert set(ev) == {"rm_static_hhh", "rm_hh_harmless", "rm_hh_helpful", "judge_static_hhh", "truthfulqa_mc1",
+                       "vicuna80"}
+    assert ev["vicuna80"]["win"] + ev["vicuna80"]["tie"] + ev["vicuna80"]["loss"] == 8
+    assert ev["judge_static_hhh"]["n"] == 8 and ev["truthfulqa_mc1"]["n"] == 8
+    report = open(out / "report.md").read()
+    assert "| comparisons" in report and "## Evaluation" in report and "PPO: RM score" in report
+    assert "report_ppo.png" in report                    # drawn, or the line that says how to get it
+    assert "| figure | value |" in r.stdout
     assert len(read_records(str(out / "ppo" / "metrics.jsonl"))) == 2 and (out / "ppo" / "last" / "policy").is_dir()
     for f in ["selfplay_n4.jsonl", "selfplay_n1.jsonl", "selfplay_stats.json", "sft/best/config.json",
               "sft_plain/best/config.json", "sft_stats.json"]:
@@ -370,3 +379,98 @@ def test_sft_trains_on_selfplay_and_reloads_to_identical_logits(tmp_path):
     # a rerun finds the finished run and does not train again
     state2, _ = sft_train(cfg, str(path), str(tmp_path / "sft"), os.path.join(ROOT, "data", "stories260K"))
     assert state2["step"] == 4 and len(open(tmp_path / "sft" / "metrics.jsonl").readlines()) == len(losses) + 2
+
+
+def test_dry_run_prints_the_plan_and_does_nothing(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--dry_run=true"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for s in ["queries", "responses", "compare", "check", "rm", "selfplay", "sft", "ppo", "eval", "report"]:
+        assert f"  {s} " in r.stdout
+    assert "tokens to generate in all" in r.stdout and not out.exists()
+
+
+def test_hhh_judge_is_bi_positional(stories, monkeypatch):
+    """Both orders count: with a judge that prefers the longer response wherever it stands, exactly the pairs whose
+    chosen answer is longer are correct; an "always A" judge ties every pair (counted correct, >=)."""
+    import re
+    import torch
+    from almost import eval_hhh_judge, judge_text
+    model, tok = stories
+    pairs = [{"prompt": "\n\nHuman: Hi", "chosen": "Hello! How can I help you today?", "rejected": "Go away.",
+              "type": "helpful"},
+             {"prompt": "\n\nHuman: Is the sky green?", "chosen": "No.", "rejected": "Yes, it is very green.",
+              "type": "honest"}]
+    lead = judge_text("\n\nHuman: x\n\nAssistant: w", "y", "z")
+    assert lead.endswith("\n\nAssistant: The better response is Response")
+    assert "Query: x\n\nResponse: w" in lead and "Human: x" not in lead      # the context's roles are renamed
+    res = eval_hhh_judge(model, tok, pairs)                         # the real model runs through it
+    assert set(res) == {"accuracy", "n", "accuracy_helpful", "accuracy_honest"} and res["n"] == 2
+
+    def longer(model, tok, texts, word):
+        out = []
+        for t in texts:
+            a, b = re.search(r"Response A: (.*?)\n\nResponse B: (.*?)\n\nWhich", t, re.S).groups()
+            pa = 0.7 if len(a) > len(b) else 0.3
+            out.append(pa if word == "A" else 1 - pa)
+        return torch.tensor(out).log()
+    monkeypatch.setattr("almost.continuation_logprob", longer)
+    res = eval_hhh_judge(model, tok, pairs)
+    assert (res["accuracy_helpful"], res["accuracy_honest"], res["accuracy"]) == (1.0, 0.0, 0.5)
+    for p_a in (0.9, 0.1):   # a judge that always answers A (or always B): every pair ties, and ties count
+        monkeypatch.setattr("almost.continuation_logprob",
+                            lambda m, t, texts, word: torch.full((len(texts),), p_a if word == "A" else 1 - p_a).log())
+        assert eval_hhh_judge(model, tok, pairs)["accuracy"] == 1.0
+
+
+def test_continuation_logprob_is_the_teacher_forced_sum(stories):
+    """log P(" A" | text) = the sum of the word's token logprobs after the text, here two tokens ("▁", "A")."""
+    import torch
+    from almost import continuation_logprob
+    model, tok = stories
+    text = "\n\nHuman: Pick one.\n\nAssistant: I pick"
+    full, base = tok.encode(text + " A", bos=True), tok.encode(text, bos=True)
+    assert full[:len(base)] == base and len(full) == len(base) + 2
+    with torch.no_grad():
+        lp = model(torch.tensor([full]))[0].log_softmax(-1)
+    expected = lp[len(base) - 1, full[len(base)]] + lp[len(base), full[len(base) + 1]]
+    got = continuation_logprob(model, tok, [text, "Once upon a time"], "A")
+    assert abs(got[0].item() - expected.item()) < 1e-4 and got[1].item() < 0
+
+
+def test_killed_run_restarts_cleanly(tmp_path):
+    """SIGKILL `python almost.py` at several moments (whatever stage it is in), then run it to the end: every record
+    once, none missing, and the checkpoints load. A half-written checkpoint folder left by a kill is never read."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    args = [sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
+            "--rm_filter_ablation=false", "--ppo_steps=3", "--eval_max_items=4", "--stages=queries,responses,compare,rm,selfplay,sft,ppo"]
+    for delay in (3.0, 6.0, 9.0):
+        p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    (out / "rm").mkdir(parents=True, exist_ok=True)
+    (out / "rm" / "last.tmp").mkdir(exist_ok=True)                # what a kill inside save_pretrained leaves
+    (out / "rm" / "last.tmp" / "config.json").write_text("{ half written")
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    qs = read_records(str(out / "queries.jsonl"))
+    assert [q["id"] for q in qs] == list(range(12))
+    keys = [(x["query_id"], x["config"]) for x in read_records(str(out / "responses.jsonl"))]
+    assert len(keys) == len(set(keys)) == 4 * 12
+    for n in (4, 1):
+        ids = [x["query_id"] for x in read_records(str(out / f"selfplay_n{n}.jsonl"))]
+        assert sorted(ids) == list(range(11))
+    from model import Llama
+    from rm import RewardModel
+    RewardModel.from_pretrained(str(out / "rm" / "best"))
+    Llama.from_pretrained(str(out / "sft" / "best"))
+    Llama.from_pretrained(str(out / "ppo" / "last" / "policy"))
+    assert [x["step"] for x in read_records(str(out / "ppo" / "metrics.jsonl"))] == [1, 2, 3]
