@@ -841,11 +841,14 @@ def sft_train(cfg, data_path, out, base):
     opt = rmlib.make_optimizer(model, cfg.sft_lr, weight_decay=0.0)            # the paper: no weight decay
     params = list(model.parameters())
     state = {"step": 0, "best_loss": float("inf")}
-    if resuming:
-        state = json.load(open(os.path.join(last, "trainer_state.json")))
-        rmlib.load_optimizer(params, opt, last)
     steps_per_epoch = max(1, len(train) // cfg.sft_batch)
     total = max(1, int(cfg.sft_epochs * steps_per_epoch))
+    run = {"data": os.path.abspath(data_path), "train_dialogues": len(train), "total_steps": total}
+    if resuming:
+        state = json.load(open(os.path.join(last, "trainer_state.json")))
+        rmlib.check_same_run(state, run, last)
+        rmlib.load_optimizer(params, opt, last)
+    state.update(run)
     os.makedirs(out, exist_ok=True)
     rmlib.trim_metrics(os.path.join(out, "metrics.jsonl"), state["step"])
 

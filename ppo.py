@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from model import Llama, Tokenizer, UserError, _commit_dir, last_token_index
-from rm import (RewardModel, format_dialogue, load_optimizer, make_optimizer, save_training_checkpoint,
-                trim_metrics)
+from rm import (RewardModel, check_same_run, format_dialogue, load_optimizer, make_optimizer,
+                save_training_checkpoint, trim_metrics)
 from sample import DTYPES, PAD_ID, generate, parse_args, run_cli
 
 
@@ -225,12 +225,15 @@ def train(cfg):
         m.eval()   # (2) no dropout anywhere; LLaMA has none, and eval() keeps it that way
     opt_p, opt_v = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
     state = {"step": 0, "beta": cfg.beta}
+    run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm)}
     if resuming:
         with open(os.path.join(last, "policy", "trainer_state.json")) as f:
             state = json.load(f)
+        check_same_run(state, run, last)
         load_optimizer(list(policy.parameters()), opt_p, os.path.join(last, "policy"))
         load_optimizer(list(value.parameters()), opt_v, os.path.join(last, "value"))
         print(f"resuming from {last} at step {state['step']} (beta {state['beta']:.4f})")
+    state.update(run)
     os.makedirs(cfg.out, exist_ok=True)
     trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), state["step"])
     with open(os.path.join(cfg.out, "config.json"), "w") as f:

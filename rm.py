@@ -331,6 +331,14 @@ def save_training_checkpoint(save, params, opt, path, state):
     save(path, files={"optimizer.safetensors": write_opt, "trainer_state.json": write_state})
 
 
+def check_same_run(state, run, last):
+    """Resume only the run a checkpoint belongs to: same data and schedule, else one clear message."""
+    for k, v in run.items():
+        if k in state and state[k] != v:
+            raise UserError(f"{last} belongs to another run ({k}: {state[k]!r}, now {v!r}). Give a new --out, or "
+                            f"--resume=false to start over there.")
+
+
 def trim_metrics(path, step):
     """A run that resumes from its last checkpoint repeats the steps after it: drop their lines (and a half-written
     last line) from metrics.jsonl first, so no step is logged twice. Used by every trainer."""
@@ -409,11 +417,14 @@ def train(cfg):
 
     opt = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     state = {"step": 0, "best_accuracy": -1.0}
+    run = {"data": os.path.abspath(cfg.data), "train_pairs": len(train_set), "total_steps": total}
     if resuming:
         with open(os.path.join(last, "trainer_state.json")) as f:
             state = json.load(f)
+        check_same_run(state, run, last)
         load_optimizer(list(rm.parameters()), opt, last)
         print(f"resuming from {last} at step {state['step']} of {total}")
+    state.update(run)
     os.makedirs(cfg.out, exist_ok=True)
     trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), state["step"])
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -540,8 +551,11 @@ def main(argv):
         return run_eval(parse_args(EvalConfig, argv[1:]))
     cfg = parse_args(TrainConfig, argv)
     if not cfg.data and not cfg.model and not cfg.preset:
-        # no arguments: the synthetic comparisons the bundled story profile made (almost.py), tiny preset
+        # no arguments: the synthetic comparisons the bundled story profile made (almost.py), tiny preset, in a
+        # folder of its own (out/rm is the pipeline's)
         cfg.data, cfg.preset = BUNDLED_PAIRS, "tiny"
+        if cfg.out == TrainConfig().out:
+            cfg.out = "out/rm_bundled"
         print(f"no --data/--model: training on the bundled synthetic comparisons {cfg.data} with --preset=tiny")
     return train(cfg)
 

@@ -143,6 +143,9 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert steps == [2, 4, 6, 8, 10]                     # no step logged twice, none missing
     again = train(tiny_cfg(tmp_path / "b", data, eval_every=4, log_every=2))   # finished: nothing more to do
     assert again["step"] == 10
+    other = write_jsonl(tmp_path / "other.jsonl", toy_pairs(300, seed=3))       # another run's data: refused
+    with pytest.raises(UserError, match="belongs to another run"):
+        train(tiny_cfg(tmp_path / "b", other, eval_every=4, log_every=2))
 
 
 # -----------------------------------------------------------------------------
