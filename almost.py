@@ -844,13 +844,7 @@ def sft_train(cfg, data_path, out, base):
     steps_per_epoch = max(1, len(train) // cfg.sft_batch)
     total = max(1, int(cfg.sft_epochs * steps_per_epoch))
     run = {"data": os.path.abspath(data_path), "train_dialogues": len(train), "total_steps": total}
-    if resuming:
-        state = json.load(open(os.path.join(last, "trainer_state.json")))
-        rmlib.check_same_run(state, run, last)
-        rmlib.load_optimizer(params, opt, last)
-    state.update(run)
-    os.makedirs(out, exist_ok=True)
-    rmlib.trim_metrics(os.path.join(out, "metrics.jsonl"), state["step"])
+    state = rmlib.start_or_resume(out, last, state, run, [(params, opt, last)] if resuming else [])
 
     def loss_of(batch):
         """Summed token loss over the assistant tokens of a list of (ids, mask), and their count."""

@@ -23,8 +23,7 @@ import torch
 from tqdm import tqdm
 
 from model import Llama, Tokenizer, UserError, _commit_dir, last_token_index
-from rm import (RewardModel, check_same_run, format_dialogue, load_optimizer, make_optimizer,
-                save_training_checkpoint, trim_metrics)
+from rm import RewardModel, format_dialogue, make_optimizer, save_training_checkpoint, start_or_resume
 from sample import DTYPES, PAD_ID, generate, parse_args, run_cli
 
 
@@ -226,16 +225,9 @@ def train(cfg):
     opt_p, opt_v = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
     state = {"step": 0, "beta": cfg.beta}
     run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm)}
-    if resuming:
-        with open(os.path.join(last, "policy", "trainer_state.json")) as f:
-            state = json.load(f)
-        check_same_run(state, run, last)
-        load_optimizer(list(policy.parameters()), opt_p, os.path.join(last, "policy"))
-        load_optimizer(list(value.parameters()), opt_v, os.path.join(last, "value"))
-        print(f"resuming from {last} at step {state['step']} (beta {state['beta']:.4f})")
-    state.update(run)
-    os.makedirs(cfg.out, exist_ok=True)
-    trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), state["step"])
+    loads = [(list(policy.parameters()), opt_p, os.path.join(last, "policy")),
+             (list(value.parameters()), opt_v, os.path.join(last, "value"))]
+    state = start_or_resume(cfg.out, os.path.join(last, "policy"), state, run, loads if resuming else [])
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=2)
     eos = tok.eos_id

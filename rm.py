@@ -331,6 +331,24 @@ def save_training_checkpoint(save, params, opt, path, state):
     save(path, files={"optimizer.safetensors": write_opt, "trainer_state.json": write_state})
 
 
+def start_or_resume(out, last, state, run, optimizers):
+    """The prologue every trainer shares. If `last` holds a trainer_state.json: check it belongs to this run (same
+    `run` fields), take its state and load the optimizer moments ([(params, optimizer, folder)]). Then record `run`
+    in the state and drop the metrics lines past its step. Returns the state."""
+    path = os.path.join(last, "trainer_state.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            state = json.load(f)
+        check_same_run(state, run, last)
+        for params, opt, folder in optimizers:
+            load_optimizer(params, opt, folder)
+        print(f"resuming from {last} at step {state['step']}")
+    state.update(run)
+    os.makedirs(out, exist_ok=True)
+    trim_metrics(os.path.join(out, "metrics.jsonl"), state["step"])
+    return state
+
+
 def check_same_run(state, run, last):
     """Resume only the run a checkpoint belongs to: same data and schedule, else one clear message."""
     for k, v in run.items():
@@ -418,15 +436,7 @@ def train(cfg):
     opt = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     state = {"step": 0, "best_accuracy": -1.0}
     run = {"data": os.path.abspath(cfg.data), "train_pairs": len(train_set), "total_steps": total}
-    if resuming:
-        with open(os.path.join(last, "trainer_state.json")) as f:
-            state = json.load(f)
-        check_same_run(state, run, last)
-        load_optimizer(list(rm.parameters()), opt, last)
-        print(f"resuming from {last} at step {state['step']} of {total}")
-    state.update(run)
-    os.makedirs(cfg.out, exist_ok=True)
-    trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), state["step"])
+    state = start_or_resume(cfg.out, last, state, run, [(list(rm.parameters()), opt, last)] if resuming else [])
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=2)
     print(f"{len(train_set)} training pairs, {len(val_set)} held out; {total} steps of {cfg.batch_size} pairs "
