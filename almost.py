@@ -403,12 +403,20 @@ def extract_query(text, fmt):
     return q
 
 
-def response_prompt(tok, fmt, preamble, demos, shots, query):
-    if fmt == "dialogue":   # 1b: preamble + the first k dialogues, then "\n\nHuman: {query}\n\nAssistant:"
-        from rm import format_dialogue
+def story_so_far(turns):
+    return " ".join(t.strip() for _, t in turns)
+
+
+def turn_prompt(tok, fmt, preamble, demos, shots, turns, role="assistant"):
+    """The prompt that makes a model write the next turn (step 1's response is the assistant's first turn).
+    Dialogue: the prompt file's preamble and first k dialogues, then the dialogue so far and "\n\nAssistant:" (or
+    "\n\nHuman:" for the user's side). Story: the demonstration stories after BOS, then the story so far."""
+    from rm import dialogue_text
+    if fmt == "dialogue":
         head = "\n\n-----".join([preamble] + demos[:shots]) + "\n\n-----" if shots else preamble
-        return tok.encode(head + format_dialogue(query), bos=True)
-    return [i for d in demos[:shots] for i in tok.encode(d.strip(), bos=True)] + tok.encode(query, bos=True)
+        tag = "\n\nAssistant:" if role == "assistant" else "\n\nHuman:"
+        return tok.encode(head + dialogue_text(turns) + tag, bos=True)
+    return [i for d in demos[:shots] for i in tok.encode(d.strip(), bos=True)] + tok.encode(story_so_far(turns))
 
 
 def trim_to_sentence(text):
@@ -509,7 +517,8 @@ def stage_responses(cfg):
             preamble, demos = read_demos(g.prompt_file)
             if g.shots > len(demos):
                 raise UserError(f"{g.prompt_file}: {g.name} asks for {g.shots} shots, the file has {len(demos)}.")
-            prompts = {q["id"]: response_prompt(tok, cfg.format, preamble, demos, g.shots, q["query"]) for q in todo}
+            prompts = {q["id"]: turn_prompt(tok, cfg.format, preamble, demos, g.shots, [("user", q["query"])])
+                       for q in todo}
             ctx = model.config.max_position_embeddings
             longest = max(map(len, prompts.values()))
             if longest >= ctx:
@@ -522,13 +531,8 @@ def stage_responses(cfg):
             for b in tqdm(range(0, len(todo), cfg.batch_size), desc=f"responses {g.name}"):
                 batch = todo[b:b + cfg.batch_size]
                 seed = (cfg.seed * 1000003 + zlib.crc32(g.name.encode()) + batch[0]["id"]) % 2**31
-                budget = min(g.max_new_tokens, ctx - max(len(prompts[q["id"]]) for q in batch))
-                outs, _ = generate(model, [prompts[q["id"]] for q in batch], budget,
-                                   temperature=1.0, top_p=0.9, seed=seed)
-                for q, o in zip(batch, outs):
-                    text = tok.decode(o)
-                    resp = postprocess_response(text) if cfg.format == "dialogue" else \
-                        story_response(text, ended=len(o) < budget)
+                resps = sample_turns(model, tok, [prompts[q["id"]] for q in batch], g, cfg.format, "assistant", seed)
+                for q, resp in zip(batch, resps):
                     w.write({"query_id": q["id"], "query": q["query"], "config": g.name, "response": resp,
                              "bad": is_bad_response(resp)})
     print(f"responses -> {path}")
@@ -662,23 +666,6 @@ def split_queries(cfg):
     return qs[:-k], qs[-k:]
 
 
-def story_so_far(turns):
-    return " ".join(t.strip() for _, t in turns)
-
-
-def role_prompt(tok, fmt, g, turns, role):
-    """The prompt that makes a model write the next turn. Dialogue: the prompt file's preamble and first k
-    dialogues, then the dialogue so far and "\n\nAssistant:" (or "\n\nHuman:" for the user's side). Story: the
-    demonstration stories after BOS, then the story so far."""
-    from rm import dialogue_text
-    preamble, demos = read_demos(g.prompt_file)
-    if fmt == "dialogue":
-        head = "\n\n-----".join([preamble] + demos[:g.shots]) + "\n\n-----" if g.shots else preamble
-        tag = "\n\nAssistant:" if role == "assistant" else "\n\nHuman:"
-        return tok.encode(head + dialogue_text(turns) + tag, bos=True)
-    return [i for d in demos[:g.shots] for i in tok.encode(d.strip(), bos=True)] + tok.encode(story_so_far(turns))
-
-
 def sample_turns(model, tok, prompts, g, fmt, role, seed):
     """Sample one turn per prompt with THE sampler; returns texts ("" where the context is full)."""
     ctx = model.config.max_position_embeddings
@@ -709,6 +696,7 @@ def selfplay(cfg, n, path, assistant, user, rm):
         return
     a_model, a_tok = load(assistant.model, device=cfg.device)
     u_model, u_tok = (a_model, a_tok) if user.model == assistant.model else load(user.model, device=cfg.device)
+    a_demos, u_demos = read_demos(assistant.prompt_file), read_demos(user.prompt_file)
     per_call = max(1, cfg.batch_size // n)   # dialogues per chunk: their n candidates share one sampler call
     from rm import dialogue_text
     with RecordWriter(path) as w:
@@ -721,7 +709,8 @@ def selfplay(cfg, n, path, assistant, user, rm):
                 if not live:
                     break
                 seed = (cfg.seed * 1000003 + zlib.crc32(f"{n}".encode()) + chunk[0]["id"] * 31 + t) % 2**31
-                prompts = [role_prompt(a_tok, cfg.format, assistant, d["turns"], "assistant") for d in live for _ in range(n)]
+                prompts = [turn_prompt(a_tok, cfg.format, *a_demos, assistant.shots, d["turns"], "assistant")
+                           for d in live for _ in range(n)]
                 cands = sample_turns(a_model, a_tok, prompts, assistant, cfg.format, "assistant", seed)
                 scores = rm.score([dialogue_text(d["turns"]) for d in live for _ in range(n)], cands).tolist()
                 for i, d in enumerate(live):
@@ -739,7 +728,7 @@ def selfplay(cfg, n, path, assistant, user, rm):
                 live = [d for d in dls if not d["ended"]]
                 if not live:
                     break
-                uprompts = [role_prompt(u_tok, cfg.format, user, d["turns"], "user") for d in live]
+                uprompts = [turn_prompt(u_tok, cfg.format, *u_demos, user.shots, d["turns"], "user") for d in live]
                 utexts = sample_turns(u_model, u_tok, uprompts, user, cfg.format, "user", seed + 1)
                 for d, u in zip(live, utexts):
                     if len(u) < 10:        # no usable user turn: the dialogue ends here
@@ -906,7 +895,7 @@ def stage_sft(cfg):
     """SFT on the RMSP dialogues (-> sft/) and on the plain self-play ones (-> sft_plain/); then each policy
     answers the held-out queries (temperature 0.7, as the paper's Vicuna protocol) and the reward model scores
     the answers."""
-    from rm import RewardModel, format_dialogue
+    from rm import RewardModel
     assistant = parse_generator("--assistant", cfg.assistant, cfg.format)
     base = cfg.sft_model or assistant.model
     runs = {"sft": f"selfplay_n{cfg.n}.jsonl"}
@@ -921,10 +910,7 @@ def stage_sft(cfg):
     _, held = split_queries(cfg)
     for name in ["base"] + list(runs):
         model, tok = load(base if name == "base" else os.path.join(cfg.out, name, "best"), device=cfg.device)
-        prompts = [tok.encode(format_dialogue(q["query"]), bos=True) for q in held]
-        budget = min(assistant.max_new_tokens, model.config.max_position_embeddings - max(map(len, prompts)))
-        outs, _ = generate(model, prompts, budget, temperature=0.7, top_p=1.0, seed=cfg.seed)
-        answers = [postprocess_response(tok.decode(o)) for o in outs]
+        answers = policy_answers(model, tok, [q["query"] for q in held], assistant.max_new_tokens, cfg.seed)
         scores = rm.score([q["query"] for q in held], answers)
         stats.setdefault(name, {}).update({"held_out_queries": len(held), "mean_rm_score": scores.mean().item(),
                                            "bad_rate": statistics.fmean(is_bad_response(a) for a in answers),
@@ -980,7 +966,7 @@ def continuation_logprob(model, tok, texts, word, batch_size=16):
         starts.append(k - cut)                       # the word's tokens are seqs[i][starts[i]:]
     out = torch.empty(len(seqs))
     dev = model.embed_tokens.weight.device
-    for b in range(0, len(seqs), batch_size):
+    for b in tqdm(range(0, len(seqs), batch_size), desc=f"P({word!r})", leave=False, disable=len(seqs) <= 512):
         sel = list(range(b, min(b + batch_size, len(seqs))))
         idx, mask = pad_batch([seqs[i] for i in sel], left=False, device=dev)
         logp = model(idx, mask=mask).log_softmax(-1)                            # (B, T, V)

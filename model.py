@@ -355,7 +355,7 @@ class Llama(nn.Module):
         state, say) that must land in the same atomic step."""
         state = {hf_name(n): p.detach().contiguous() for n, p in self.named_parameters()}
         state.update({n: t.detach().contiguous() for n, t in (extra or {}).items()})
-        tmp = _tmp_dir(path)
+        tmp = tmp_dir(path)
         shards, cur, size = [], {}, 0
         for name, t in state.items():
             nbytes = t.numel() * t.element_size()
@@ -387,7 +387,7 @@ class Llama(nn.Module):
         if self.config.pad_token_id is not None:
             gen["pad_token_id"] = self.config.pad_token_id
         _write_json(os.path.join(tmp, "generation_config.json"), gen)
-        _commit_dir(tmp, path)
+        commit_dir(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -482,7 +482,7 @@ def _write_json(path, obj):
         f.write("\n")
 
 
-def _tmp_dir(path):
+def tmp_dir(path):
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -491,7 +491,7 @@ def _tmp_dir(path):
     return tmp
 
 
-def _commit_dir(tmp, path):
+def commit_dir(tmp, path):
     """Swap a finished temporary folder in place of `path`, keeping files of `path` that tmp does not have
     (a tokenizer.model, say). The old folder is moved aside first, so `path` is never half written."""
     path = os.path.abspath(path)

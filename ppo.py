@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model import Llama, Tokenizer, UserError, _commit_dir, last_token_index
+from model import Llama, Tokenizer, UserError, commit_dir, last_token_index
 from rm import RewardModel, format_dialogue, make_optimizer, save_training_checkpoint, start_or_resume
 from sample import DTYPES, PAD_ID, generate, parse_args, run_cli
 
@@ -199,7 +199,7 @@ def save_checkpoint(path, policy, tok, value, opts, state):
     save_training_checkpoint(lambda p, files: policy.save_pretrained(p, files={"tokenizer.model": tok.save, **files}),
                              list(policy.parameters()), opts[0], os.path.join(tmp, "policy"), state)
     save_training_checkpoint(value.save_pretrained, list(value.parameters()), opts[1], os.path.join(tmp, "value"), state)
-    _commit_dir(tmp, path)
+    commit_dir(tmp, path)
 
 
 def train(cfg):

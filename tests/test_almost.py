@@ -246,13 +246,13 @@ def test_cli_errors(tmp_path, args, words):
 
 
 def test_prompt_formats(stories):
-    from almost import extract_query, query_prompt, read_demos, response_prompt, trim_to_sentence
+    from almost import extract_query, query_prompt, read_demos, trim_to_sentence, turn_prompt
     model, tok = stories
     pre, demos = read_demos(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"))
     assert len(demos) == 14 and pre.startswith("Below are a series of dialogues")
-    p = tok.decode(response_prompt(tok, "dialogue", pre, demos, 1, "How are you?"))
+    p = tok.decode(turn_prompt(tok, "dialogue", pre, demos, 1, [("user", "How are you?")]))
     assert p.endswith("\n\n-----\n\nHuman: How are you?\n\nAssistant:") and p.count("-----") == 2
-    ids = response_prompt(tok, "story", "", ["Story one.", "Story two."], 2, "Once upon a time.")
+    ids = turn_prompt(tok, "story", "", ["Story one.", "Story two."], 2, [("user", "Once upon a time.")])
     assert ids.count(tok.bos_id) == 3 and tok.decode(ids) == "Story one. Story two. Once upon a time."
     assert tok.decode(query_prompt(tok, "dialogue", "Make queries.", ["a?", "b?"], )) == "Make queries.\n\nQuery: a?\nQuery: b?\nQuery:"
     assert extract_query(" What is X? Query: next\nQuery: more", "dialogue") == "What is X?"
