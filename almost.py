@@ -32,12 +32,13 @@ import random
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm import tqdm
 
-from model import UserError, load
+from model import UserError, load, rank
+from rm import ScaleConfig, barrier, end_distributed, setup_distributed, world_size
 from sample import generate, parse_args, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,11 +111,11 @@ def rubric_ranks(rubric):
     """rubric: config names best first; an item may be a list of names that share a rank.
     -> {name: (rank, position in the flattened rubric)}"""
     ranks, pos = {}, 0
-    for rank, item in enumerate(rubric):
+    for level, item in enumerate(rubric):
         for name in ([item] if isinstance(item, str) else item):
             if name in ranks:
                 raise UserError(f"rubric: config {name!r} appears twice.")
-            ranks[name] = (rank, pos)
+            ranks[name] = (level, pos)
             pos += 1
     return ranks
 
@@ -254,7 +255,7 @@ PROFILES = {
 
 
 @dataclass
-class Config:
+class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP: rm.py's, for every trainer stage
     profile: str = "stories"        # "stories" (bundled) or "paper"
     out: str = "out"
     stages: str = "queries,responses,compare,check,rm,selfplay,sft,ppo,eval,report"
@@ -287,8 +288,11 @@ class Config:
     dry_run: bool = False           # print the plan (stages, models, counts, tokens to generate) and stop
     batch_size: int = 32            # prompts per sampler call
     seed: int = 1337
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = ""
+
+
+def scale_flags(cfg):
+    """The device / precision / LoRA / checkpointing / FSDP flags, handed to each trainer."""
+    return {f.name: getattr(cfg, f.name) for f in fields(ScaleConfig)}
 
 
 def resolve(cfg):
@@ -622,18 +626,23 @@ def stage_rm(cfg):
     random.Random(cfg.seed).shuffle(queries)
     held = set(queries[:max(1, len(queries) // 10)])
     data_dir = os.path.join(cfg.out, "rm_data")
-    os.makedirs(data_dir, exist_ok=True)
-    for k, ps in pairs.items():
-        write_jsonl_atomic(os.path.join(data_dir, f"train_{k}.jsonl"), [p for p in ps if p["prompt"] not in held])
-        write_jsonl_atomic(os.path.join(data_dir, f"val_{k}.jsonl"), [p for p in ps if p["prompt"] in held])
+    if rank() == 0:
+        os.makedirs(data_dir, exist_ok=True)
+        for k, ps in pairs.items():
+            write_jsonl_atomic(os.path.join(data_dir, f"train_{k}.jsonl"), [p for p in ps if p["prompt"] not in held])
+            write_jsonl_atomic(os.path.join(data_dir, f"val_{k}.jsonl"), [p for p in ps if p["prompt"] in held])
+    barrier()
     variants = ["filter", "nofilter"] if cfg.rm_filter_ablation else ["filter"]
     stats = {}
     for k in variants:
         out = os.path.join(cfg.out, "rm" if k == "filter" else "rm_nofilter")
         tc = rmlib.TrainConfig(data=os.path.join(data_dir, f"train_{k}.jsonl"),
                                val_data=os.path.join(data_dir, "val_filter.jsonl"), model=cfg.rm_model, out=out,
-                               preset=cfg.rm_preset, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+                               preset=cfg.rm_preset, seed=cfg.seed, **scale_flags(cfg))
         rmlib.train(tc)
+        barrier()   # under torchrun: the other processes wait here for process 0's checkpoint
+        if rank() != 0:
+            continue
         model = rmlib.RewardModel.from_pretrained(os.path.join(out, "best"), device=cfg.device)
         s = {}
         for name, path in [("held_out", os.path.join(data_dir, "val_filter.jsonl")),
@@ -645,7 +654,8 @@ def stage_rm(cfg):
         print(f"rm ({'with' if k == 'filter' else 'without'} the length rule): held-out accuracy "
               f"{s['held_out']['accuracy']:.3f}, corr(score, length) {s['held_out']['length_corr']:.3f}, "
               f"static HHH {s['static_hhh']['accuracy']:.3f}")
-    write_atomic(os.path.join(cfg.out, "rm_stats.json"), json.dumps(stats, indent=2))
+    if rank() == 0:
+        write_atomic(os.path.join(cfg.out, "rm_stats.json"), json.dumps(stats, indent=2))
 
 
 # -----------------------------------------------------------------------------
@@ -826,14 +836,24 @@ def sft_train(cfg, data_path, out, base):
     val, train = [data[i] for i in order[:n_val]], [data[i] for i in order[n_val:]]
     last, best = os.path.join(out, "last"), os.path.join(out, "best")
     resuming = os.path.isfile(os.path.join(last, "trainer_state.json"))
-    model = Llama.from_pretrained(last if resuming else base, device=cfg.device)
+    r0, world, dev = rmlib.setup_distributed(cfg.device)
+    dtype = rmlib.compute_dtype(cfg, dev)
+    # a full run resumes from last/'s weights; a LoRA run from its base plus last/'s adapters
+    model = Llama.from_pretrained(last if resuming and not cfg.lora_rank else base, device=dev,
+                                  dtype=rmlib.load_dtype(cfg, dtype))
+    params = rmlib.prepare_for_training(model, cfg, dtype, seed=cfg.seed,
+                                        trained_from=last if resuming and cfg.lora_rank else None)
     opt = rmlib.make_optimizer(model, cfg.sft_lr, weight_decay=0.0)            # the paper: no weight decay
-    params = list(model.parameters())
     state = {"step": 0, "best_loss": float("inf")}
     steps_per_epoch = max(1, len(train) // cfg.sft_batch)
     total = max(1, int(cfg.sft_epochs * steps_per_epoch))
-    run = {"data": os.path.abspath(data_path), "train_dialogues": len(train), "total_steps": total}
+    run = {"data": os.path.abspath(data_path), "train_dialogues": len(train), "total_steps": total,
+           "lora": rmlib.lora_key(cfg)}
     state = rmlib.start_or_resume(out, last, state, run, [(params, opt, last)] if resuming else [])
+    main = r0 == 0
+    if main:
+        print(f"sft {os.path.basename(out)}: {len(train)} dialogues, {total} steps of {cfg.sft_batch}; "
+              f"{dev} {str(dtype).removeprefix('torch.')}; {rmlib.describe(params, model, cfg)}")
 
     def loss_of(batch):
         """Summed token loss over the assistant tokens of a list of (ids, mask), and their count."""
@@ -844,8 +864,9 @@ def sft_train(cfg, data_path, out, base):
             idx[r, :len(ids)] = torch.tensor(ids)
             tgt[r, :len(ids) - 1] = torch.tensor([t if mm else -100 for t, mm in zip(ids[1:], m[1:])])
         pad = torch.arange(T)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]
-        logits = model(idx.to(cfg.device), mask=pad.to(cfg.device))
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.to(cfg.device).flatten(), reduction="sum",
+        with rmlib.autocast(dev, dtype):
+            logits = model(idx.to(dev), mask=pad.to(dev))                      # (B, T, V) fp32
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.to(dev).flatten(), reduction="sum",
                                                  ignore_index=-100)
         return loss, int((tgt != -100).sum())
 
@@ -853,40 +874,46 @@ def sft_train(cfg, data_path, out, base):
         model.save_pretrained(path, files={"tokenizer.model": tok.save, **files})
 
     def log(rec):
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main:
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     model.train()
-    for step in tqdm(range(state["step"], total), initial=state["step"], total=total, desc=f"sft {os.path.basename(out)}"):
+    for step in tqdm(range(state["step"], total), initial=state["step"], total=total, desc=f"sft {os.path.basename(out)}",
+                     disable=not main):
         e, k = divmod(step, steps_per_epoch)
         perm = list(range(len(train)))
         random.Random(cfg.seed * 1000 + e).shuffle(perm)
         batch = [train[i] for i in perm[k * cfg.sft_batch:(k + 1) * cfg.sft_batch]]
-        n_tok = sum(sum(m[1:]) for _, m in batch)
+        n_tok = sum(sum(m[1:]) for _, m in batch)                              # of the global batch
+        mine = batch[r0::world]                                                # this process's share
         for g in opt.param_groups:
             g["lr"] = rmlib.lr_at(step, total, cfg.sft_lr, warmup=0.03)
         total_loss = 0.0
-        for i in range(0, len(batch), cfg.sft_micro_batch):
-            loss, _ = loss_of(batch[i:i + cfg.sft_micro_batch])
+        for i in range(0, len(mine), cfg.sft_micro_batch):
+            loss, _ = loss_of(mine[i:i + cfg.sft_micro_batch])
             (loss / max(n_tok, 1)).backward()
             total_loss += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        rmlib.sync_grads(params, cfg)
+        rmlib.clip_grads(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         state["step"] = step + 1
+        total_loss, = rmlib.all_sum([total_loss])
         log({"split": "train", "step": state["step"], "loss": total_loss / max(n_tok, 1), "lr": opt.param_groups[0]["lr"]})
         if state["step"] % cfg.sft_eval_every == 0 or state["step"] == total:
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad():   # every process, the whole held-out set (FSDP needs them all)
                 parts = [loss_of(val[i:i + cfg.sft_micro_batch]) for i in range(0, len(val), cfg.sft_micro_batch)]
             model.train()
             vloss = sum(l.item() for l, _ in parts) / max(1, sum(c for _, c in parts))
             log({"split": "val", "step": state["step"], "loss": vloss})
-            tqdm.write(f"sft step {state['step']}: held-out loss {vloss:.4f}")
+            if main:
+                tqdm.write(f"sft step {state['step']}: held-out loss {vloss:.4f}")
             if vloss < state["best_loss"]:
                 state["best_loss"] = vloss
                 save(best, {})
-            rmlib.save_training_checkpoint(save, params, opt, last, state)
+            rmlib.save_training_checkpoint(save, params, opt, last, state, model)
     return state, model
 
 
@@ -906,6 +933,9 @@ def stage_sft(cfg):
         with torch.enable_grad():
             st, _ = sft_train(cfg, os.path.join(cfg.out, data), os.path.join(cfg.out, name), base)
         stats[name] = {"best_held_out_loss": st["best_loss"], "steps": st["step"]}
+    barrier()
+    if rank() != 0:   # under torchrun the comparison below runs in process 0 alone
+        return
     rm = RewardModel.from_pretrained(cfg.reward_model, device=cfg.device)
     _, held = split_queries(cfg)
     for name in ["base"] + list(runs):
@@ -928,7 +958,9 @@ def stage_ppo(cfg):
     import ppo as ppolib
     queries, _ = split_queries(cfg)
     prompts = os.path.join(cfg.out, "ppo_prompts.jsonl")
-    write_jsonl_atomic(prompts, [{"query": q["query"]} for q in queries])
+    if rank() == 0:
+        write_jsonl_atomic(prompts, [{"query": q["query"]} for q in queries])
+    barrier()
     settings = dict(PROFILES[cfg.profile]["ppo"])
     if cfg.ppo_steps:
         settings["steps"] = cfg.ppo_steps
@@ -938,10 +970,10 @@ def stage_ppo(cfg):
     if not os.path.isfile(os.path.join(policy, "config.json")):
         raise UserError(f"{policy}: no SFT policy; run the sft stage first (--stages=sft,ppo).")
     state = ppolib.train(ppolib.Config(policy=policy, rm=cfg.reward_model, prompts=prompts,
-                                       out=os.path.join(cfg.out, "ppo"), seed=cfg.seed, device=cfg.device,
-                                       dtype=cfg.dtype, **settings))
+                                       out=os.path.join(cfg.out, "ppo"), seed=cfg.seed, **scale_flags(cfg),
+                                       **settings))
     rows = read_records(os.path.join(cfg.out, "ppo", "metrics.jsonl"))
-    if rows:
+    if rows and rank() == 0:
         print(f"ppo: {state['step']} steps; RM score {rows[0]['rm_score_mean']:.3f} -> {rows[-1]['rm_score_mean']:.3f}, "
               f"KL {rows[-1]['kl']:.2f}, EOS rate {rows[0]['eos_rate']:.2f} -> {rows[-1]['eos_rate']:.2f}, "
               f"response length {rows[0]['response_length']:.0f} -> {rows[-1]['response_length']:.0f}")
@@ -1235,6 +1267,7 @@ def print_plan(cfg, stages):
 # -----------------------------------------------------------------------------
 # main
 
+TRAINER_STAGES = ("rm", "sft", "ppo")
 STAGES = {"queries": stage_queries, "responses": stage_responses, "compare": stage_compare, "check": stage_check,
           "rm": stage_rm, "selfplay": stage_selfplay, "sft": stage_sft, "ppo": stage_ppo, "eval": stage_eval,
           "report": stage_report}
@@ -1264,16 +1297,24 @@ def main(argv):
             parse_generator(flag, spec, cfg.format)
     if cfg.dry_run:
         return print_plan(cfg, stages)
-    os.makedirs(cfg.out, exist_ok=True)
-    write_atomic(os.path.join(cfg.out, "almost_config.json"), json.dumps(asdict(cfg), indent=2))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) - set(TRAINER_STAGES):
+        raise UserError(f"under torchrun, run only the trainer stages ({', '.join(TRAINER_STAGES)}), e.g. "
+                        f"--stages=sft; the sampling stages run in one process (python almost.py --stages=...).")
+    _, _, dev = setup_distributed(cfg.device)
+    cfg.device = str(dev)
+    if rank() == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        write_atomic(os.path.join(cfg.out, "almost_config.json"), json.dumps(asdict(cfg), indent=2))
     tpath = os.path.join(cfg.out, "timings.json")
     timings = json.load(open(tpath)) if os.path.isfile(tpath) else {}
     for s in stages:
         t0 = time.time()
         STAGES[s](cfg)
         timings[s] = round(time.time() - t0, 1)
-        write_atomic(tpath, json.dumps(timings, indent=2))
-        print(f"[{s}: {timings[s]:.1f}s]")
+        if rank() == 0:
+            write_atomic(tpath, json.dumps(timings, indent=2))
+            print(f"[{s}: {timings[s]:.1f}s]" + (f" on {world_size()} processes" if world_size() > 1 else ""))
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -236,6 +236,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.eos_ids = cfg.eos_ids  # stop ids for sampling; from_pretrained prefers generation_config.json
+        self.grad_checkpointing = False   # True: keep only each block's input, recompute the rest in backward
 
     def init_weights(self, std=0.02):
         """Random init as HF does (normal(0, std), zero biases, unit norms); for tests and benchmarks."""
@@ -253,7 +254,10 @@ class Llama(nn.Module):
             raise ValueError(f"a KV cache of {max_len} slots is past the context window "
                              f"({self.config.max_position_embeddings} tokens)")
         p = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        dtype = p.dtype
+        if torch.is_autocast_enabled(p.device.type):   # fp32 master weights computing in bf16: a bf16 cache
+            dtype = torch.get_autocast_dtype(p.device.type)
+        return KVCache(self.config, batch_size, max_len, p.device, dtype)
 
     def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False, logits="all"):
         """
@@ -306,8 +310,12 @@ class Llama(nn.Module):
         x = self.embed_tokens(idx)                                              # (B, T, C)
         cos = torch.cat((c, c), -1)[:, None].to(x.dtype)                        # (B, 1, T, hd)
         sin = torch.cat((-s, s), -1)[:, None].to(x.dtype)                       # (B, 1, T, hd)
+        checkpoint = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, attn_mask, cache, i)
+            if checkpoint:   # gradient checkpointing: the block's inner activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, cache, i)
         if cache is not None:
             cache.pos += T
             cache.lengths += T if mask is None else mask.sum(-1)
@@ -353,8 +361,12 @@ class Llama(nn.Module):
         checkpoint under `path`. extra: {name: tensor} saved beside the weights (a reward head, say);
         config_updates: keys to set in config.json; files: {name: writer(full_path)} for more files (trainer
         state, say) that must land in the same atomic step."""
-        state = {hf_name(n): p.detach().contiguous() for n, p in self.named_parameters()}
-        state.update({n: t.detach().contiguous() for n, t in (extra or {}).items()})
+        # LoRA adapters are merged into their layers (a plain LLaMA checkpoint); under FSDP every rank gathers
+        # each sharded tensor (a collective: all ranks call this) and rank 0 writes
+        state = {hf_name(n): t for n, t in plain_state(self).items()}
+        state.update({n: full_tensor(t).contiguous() for n, t in (extra or {}).items()})
+        if rank() != 0:
+            return
         tmp = tmp_dir(path)
         shards, cur, size = [], {}, 0
         for name, t in state.items():
@@ -378,7 +390,7 @@ class Llama(nn.Module):
             _write_json(os.path.join(tmp, "model.safetensors.index.json"),
                         {"metadata": {"total_size": total}, "weight_map": weight_map})
         d = self.config.to_dict()
-        d["torch_dtype"] = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        d["torch_dtype"] = str(state[hf_name("embed_tokens.weight")].dtype).removeprefix("torch.")
         d.update(config_updates or {})
         _write_json(os.path.join(tmp, "config.json"), d)
         for name, write in (files or {}).items():
@@ -388,6 +400,105 @@ class Llama(nn.Module):
             gen["pad_token_id"] = self.config.pad_token_id
         _write_json(os.path.join(tmp, "generation_config.json"), gen)
         commit_dir(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), hand-written: low-rank adapters on chosen linear layers; the base weights stay frozen
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + b + (alpha / r) x A^T B^T. W and b are the base layer's own Parameters (frozen, in the base
+    dtype, under the same names, so checkpoints map as before); A (r, in) and B (out, r) are fp32 and trainable.
+    B starts at zero: a fresh adapter leaves the model unchanged. enabled=False is the base layer (PPO's
+    reference policy is the policy with its adapters switched off)."""
+
+    def __init__(self, base, rank, alpha, generator=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))     # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))    # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)     # as nn.Linear (and PEFT)
+        self.scale, self.enabled = alpha / rank, True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+
+    def merged_weight(self):
+        """W + (alpha / r) B A, summed in fp32, in W's dtype."""
+        W, A, B = full_tensor(self.weight), full_tensor(self.lora_A), full_tensor(self.lora_B)
+        return (W.float() + self.scale * (B.float() @ A.float())).to(W.dtype)
+
+
+def add_lora(model, rank, alpha, targets=LORA_TARGETS, seed=0):
+    """Freeze every parameter of `model` and put adapters of rank `rank` on the linear layers named in
+    `targets` (attribute names: q_proj, ..., down_proj). Returns the adapters' parameters."""
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown:
+        raise UserError(f"--lora_targets: unknown layer(s) {', '.join(sorted(unknown))}; choose from "
+                        f"{', '.join(LORA_TARGETS)}.")
+    if rank <= 0:
+        raise UserError(f"--lora_rank={rank}: a LoRA rank must be a positive integer (0 turns LoRA off).")
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if name in targets and type(child) is nn.Linear:
+                lora = LoRALinear(child, rank, alpha, g if child.weight.device.type == "cpu" else None)
+                setattr(mod, name, lora)
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+class lora_disabled:
+    """with lora_disabled(model): the base model (adapters off), e.g. PPO's reference policy."""
+
+    def __init__(self, model):
+        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.enabled = False
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enabled = True
+
+
+def merge_lora(model):
+    """Fold every adapter into its layer, in place: the model becomes a plain LLaMA (nn.Linear everywhere)."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                device="meta")
+                lin.weight = nn.Parameter(child.merged_weight(), requires_grad=False)
+                lin.bias = child.bias
+                setattr(mod, name, lin)
+    return model
+
+
+def full_tensor(t):
+    """A parameter as a plain tensor: FSDP's sharded DTensors are gathered (every rank must call this)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def plain_state(module):
+    """{name: tensor} of a module as a plain checkpoint holds it: adapters merged (and left out), FSDP shards
+    gathered."""
+    merged = {f"{n}.weight": m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+    return {n: (merged[n].merged_weight() if n in merged else full_tensor(p)).contiguous()
+            for n, p in module.named_parameters() if ".lora_" not in n}
 
 
 # -----------------------------------------------------------------------------

@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model import Llama, Tokenizer, UserError, commit_dir, last_token_index
-from rm import RewardModel, format_dialogue, make_optimizer, save_training_checkpoint, start_or_resume
-from sample import DTYPES, PAD_ID, generate, parse_args, run_cli
+from model import Llama, Tokenizer, UserError, commit_dir, last_token_index, lora_disabled, rank
+from rm import (RewardModel, ScaleConfig, all_sum, autocast, clip_grads, compute_dtype, describe, end_distributed,
+                format_dialogue, load_dtype, lora_key, make_optimizer, prepare_for_training, save_training_checkpoint,
+                setup_distributed, start_or_resume, sync_grads)
+from sample import PAD_ID, generate, parse_args, run_cli
 
 
 # -----------------------------------------------------------------------------
@@ -49,12 +51,16 @@ def masked_var(x, mask):
 
 def masked_whiten(x, mask, shift_mean=True):
     """(x - mean) / std over valid positions (7); shift_mean=False keeps the mean (for rewards). With one valid
-    token there is no spread to divide by: x is only centred (or returned unchanged). Invalid positions -> 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    if mask.sum() <= 1:
+    token there is no spread to divide by: x is only centred (or returned unchanged). Invalid positions -> 0.
+    Under torchrun the mean and std are those of every process's rows (the global batch)."""
+    m = mask.to(x.dtype)
+    n, total = all_sum([m.sum().item(), (x * m).sum().item()])
+    mean = total / max(n, 1)
+    if n <= 1:
         out = x - mean if shift_mean else x
     else:
-        out = (x - mean) * torch.rsqrt(var + 1e-8)
+        var = all_sum([(((x - mean) ** 2) * m).sum().item()])[0] / n    # population variance, two passes
+        out = (x - mean) * (var + 1e-8) ** -0.5
         if not shift_mean:
             out = out + mean
     return out * mask
@@ -98,7 +104,7 @@ def adaptive_kl(beta, kl, target, horizon, n):
 # config
 
 @dataclass
-class Config:
+class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP: see rm.py
     policy: str = ""               # the SFT policy (HF LLaMA folder); also the frozen reference
     rm: str = ""                   # the reward model; the value model starts from it (head re-used)
     prompts: str = ""              # .jsonl with "query" (or "prompt") fields, or .txt with one prompt a line
@@ -128,8 +134,6 @@ class Config:
     save_every: int = 10
     samples_per_log: int = 2
     seed: int = 1337
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = ""
 
 
 def read_prompts(path):
@@ -184,22 +188,29 @@ def logprobs_of(model, idx, mask, P, temperature):
 
 def values_of(value_model, idx, mask, P):
     """Per-token values (B, R): the value head on the state that emits each response token."""
-    _, h = value_model.model(idx, mask=mask, return_hidden=True, logits="none")
-    return value_model.head(h[:, P - 1:-1]).squeeze(-1).float()
+    return value_model(idx, mask, per_token=True)[:, P - 1:-1]
 
 
 # -----------------------------------------------------------------------------
 # training
 
-def save_checkpoint(path, policy, tok, value, opts, state):
-    """policy/, value/ and state in one folder, swapped in atomically (a crash never leaves a mixed checkpoint)."""
+def save_checkpoint(path, policy, tok, value, opts, params, state):
+    """policy/, value/ and state in one folder, swapped in atomically (a crash never leaves a mixed checkpoint).
+    Every process calls this (FSDP gathers its shards); process 0 writes."""
     tmp = path + ".new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     save_training_checkpoint(lambda p, files: policy.save_pretrained(p, files={"tokenizer.model": tok.save, **files}),
-                             list(policy.parameters()), opts[0], os.path.join(tmp, "policy"), state)
-    save_training_checkpoint(value.save_pretrained, list(value.parameters()), opts[1], os.path.join(tmp, "value"), state)
-    commit_dir(tmp, path)
+                             params[0], opts[0], os.path.join(tmp, "policy"), state, policy)
+    save_training_checkpoint(value.save_pretrained, params[1], opts[1], os.path.join(tmp, "value"), state, value)
+    if rank() == 0:
+        commit_dir(tmp, path)
+
+
+def row_seed(seed, step, row):
+    """The sampler seed of one rollout row: a row samples the same on any number of processes."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + row) % 2**63
 
 
 def train(cfg):
@@ -210,46 +221,74 @@ def train(cfg):
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --minibatch={cfg.minibatch}.")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0: PPO needs a sampling distribution.")
-    dev = torch.device(cfg.device)
-    dtype = DTYPES.get(cfg.dtype)
+    r0, world, dev = setup_distributed(cfg.device)
+    if cfg.minibatch % world:
+        raise UserError(f"--minibatch={cfg.minibatch} (and --batch_size) must be a multiple of the {world} processes.")
+    dtype = compute_dtype(cfg, dev)
+    main = r0 == 0
     prompts_text = read_prompts(cfg.prompts)
     last = os.path.join(cfg.out, "last")
     resuming = os.path.isfile(os.path.join(last, "policy", "trainer_state.json"))
-    policy = Llama.from_pretrained(os.path.join(last, "policy") if resuming else cfg.policy, device=dev, dtype=dtype)
-    ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=dtype).requires_grad_(False)   # frozen SFT (14)
+    lora = cfg.lora_rank > 0
+    # trained models: fp32 masters, or (LoRA) a frozen base in the compute dtype whose adapters are trained. A full
+    # run resumes from last/'s weights; a LoRA run from its bases plus last/'s adapters and value head.
+    policy = Llama.from_pretrained(os.path.join(last, "policy") if resuming and not lora else cfg.policy,
+                                   device=dev, dtype=load_dtype(cfg, dtype))
+    value = RewardModel.from_pretrained(os.path.join(last, "value") if resuming and not lora else cfg.rm,
+                                        device=dev, dtype=load_dtype(cfg, dtype))
     tok = Tokenizer(cfg.policy)
-    rm = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=dtype).requires_grad_(False)
-    value = RewardModel.from_pretrained(os.path.join(last, "value") if resuming else cfg.rm, device=dev, dtype=dtype)
+    if lora and not cfg.fsdp:
+        # one copy of each 7B trunk: the reference is the policy with its adapters off (14), the reward model the
+        # value trunk with its adapters off and the RM's own head
+        ref = None
+        rm = RewardModel(value.model, value.tok, value.max_length)
+        rm.head.weight = torch.nn.Parameter(value.head.weight.detach().clone().to(dtype), requires_grad=False)
+        rm.normalizer = value.normalizer
+    else:
+        ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=dtype).requires_grad_(False)   # frozen SFT (14)
+        rm = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=dtype).requires_grad_(False)
+    p_params = prepare_for_training(policy, cfg, dtype, seed=cfg.seed,
+                                    trained_from=os.path.join(last, "policy") if resuming and lora else None)
+    v_params = prepare_for_training(value, cfg, dtype, heads=[value.head], seed=cfg.seed + 1,
+                                    trained_from=os.path.join(last, "value") if resuming and lora else None)
     for m in (policy, ref, rm, value):
-        m.eval()   # (2) no dropout anywhere; LLaMA has none, and eval() keeps it that way
+        if m is not None:
+            m.eval()   # (2) no dropout anywhere; LLaMA has none, and eval() keeps it that way
     opt_p, opt_v = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
     state = {"step": 0, "beta": cfg.beta}
-    run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm)}
-    loads = [(list(policy.parameters()), opt_p, os.path.join(last, "policy")),
-             (list(value.parameters()), opt_v, os.path.join(last, "value"))]
+    run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm), "lora": lora_key(cfg)}
+    loads = [(p_params, opt_p, os.path.join(last, "policy")), (v_params, opt_v, os.path.join(last, "value"))]
     state = start_or_resume(cfg.out, os.path.join(last, "policy"), state, run, loads if resuming else [])
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
+    if main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+        print(f"ppo: {cfg.batch_size} episodes a step over {world} process(es); {dev} "
+              f"{str(dtype).removeprefix('torch.')}; policy: {describe(p_params, policy, cfg)}; value: "
+              f"{describe(v_params, value, cfg)}")
     eos = tok.eos_id
     ctx = policy.config.max_position_embeddings
     prompt_ids = [tok.encode(format_dialogue(p), bos=True) for p in prompts_text]
     too_long = [i for i, p in enumerate(prompt_ids) if len(p) + cfg.max_new_tokens > ctx]
     if too_long:
-        print(f"note: {len(too_long)} prompt(s) of {cfg.prompts} leave no room for {cfg.max_new_tokens} new tokens "
-              f"in the {ctx}-token context; they are skipped", file=sys.stderr)
+        if main:
+            print(f"note: {len(too_long)} prompt(s) of {cfg.prompts} leave no room for {cfg.max_new_tokens} new "
+                  f"tokens in the {ctx}-token context; they are skipped", file=sys.stderr)
         prompt_ids = [p for i, p in enumerate(prompt_ids) if i not in set(too_long)]
         prompts_text = [p for i, p in enumerate(prompts_text) if i not in set(too_long)]
     if not prompt_ids:
         raise UserError(f"{cfg.prompts}: no prompt fits the context window with --max_new_tokens={cfg.max_new_tokens}.")
-    if len(prompt_ids) < cfg.batch_size:
+    if len(prompt_ids) < cfg.batch_size and main:
         print(f"note: {len(prompt_ids)} prompts < --batch_size={cfg.batch_size}: each batch draws them with "
               f"replacement", file=sys.stderr)
 
     def log(rec):
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main:
+            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
-    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="ppo", dynamic_ncols=True)
+    B = cfg.batch_size // world                  # this process's rollout rows; it owns rows [r0 * B, (r0 + 1) * B)
+    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="ppo", dynamic_ncols=True,
+               disable=not main)
     for step in bar:
         t0 = time.time()
         g = torch.Generator().manual_seed(cfg.seed * 100003 + step)     # everything random follows (seed, step)
@@ -257,12 +296,16 @@ def train(cfg):
             pick = torch.randperm(len(prompt_ids), generator=g)[:cfg.batch_size].tolist()
         else:
             pick = torch.randint(len(prompt_ids), (cfg.batch_size,), generator=g).tolist()
+        rows = range(r0 * B, (r0 + 1) * B)
+        pick = [pick[j] for j in rows]
         batch_prompts = [prompt_ids[i] for i in pick]
 
         # rollout (1, 5): THE sampler, stopping at EOS; the EOS is part of the response
         policy.eval()
-        toks, sampled_lp = generate(policy, batch_prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
-                                    top_p=1.0, stop_ids=[eos], seed=cfg.seed * 7 + step)
+        with autocast(dev, dtype):
+            toks, sampled_lp = generate(policy, batch_prompts, cfg.max_new_tokens, temperature=cfg.temperature,
+                                        top_k=0, top_p=1.0, stop_ids=[eos],
+                                        seed=[row_seed(cfg.seed, step, j) for j in rows])
         t_gen = time.time() - t0
         ended = [len(t) < cfg.max_new_tokens for t in toks]
         responses = [t + [eos] if e else t for t, e in zip(toks, ended)]
@@ -270,12 +313,17 @@ def train(cfg):
         idx, mask, rmask, P = layout(batch_prompts, responses)
         idx, mask, rmask = idx.to(dev), mask.to(dev), rmask.to(dev)
 
-        with torch.no_grad():
+        with torch.no_grad(), autocast(dev, dtype):
             old_logp, _ = logprobs_of(policy, idx, mask, P, cfg.temperature)
-            ref_logp, _ = logprobs_of(ref, idx, mask, P, cfg.temperature)      # same T for the reference (1)
+            if ref is None:
+                with lora_disabled(policy):
+                    ref_logp, _ = logprobs_of(policy, idx, mask, P, cfg.temperature)
+            else:
+                ref_logp, _ = logprobs_of(ref, idx, mask, P, cfg.temperature)  # same T for the reference (1)
             old_values = values_of(value, idx, mask, P)
             texts = [tok.decode(t) for t in toks]
-            raw = rm.score([prompts_text[i] for i in pick], texts, normalize=True).to(dev)
+            with lora_disabled(rm):
+                raw = rm.score([prompts_text[i] for i in pick], texts, normalize=True).to(dev)
             score = raw
             if cfg.penalize_missing_eos:                                          # (5)
                 score = torch.where(torch.tensor(ended, device=dev), raw, torch.full_like(raw, cfg.missing_eos_penalty))
@@ -285,34 +333,40 @@ def train(cfg):
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, rmask, shift_mean=False)
             adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)   # returns before whitening (8)
-            adv = masked_whiten(adv, rmask)
+            adv = masked_whiten(adv, rmask)                                     # over the global batch
 
-        # PPO epochs (9-11)
+        # PPO epochs (9-11). A global minibatch is minibatch / world rows of every process; each process's loss is
+        # its tokens' sum over the global minibatch's token count, and sync_grads sums the gradients.
         policy.train()
         value.train()
         mstats, first = [], None
         for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(cfg.batch_size, generator=g)
-            for mb in perm.split(cfg.minibatch):
+            perm = torch.randperm(B, generator=g)
+            for mb in perm.split(cfg.minibatch // world):
                 mb = mb.to(dev)
                 m = rmask[mb]
-                logp, ent = logprobs_of(policy, idx[mb], mask[mb], P, cfg.temperature)
+                n_tok, = all_sum([m.sum().item()])
+                with autocast(dev, dtype):
+                    logp, ent = logprobs_of(policy, idx[mb], mask[mb], P, cfg.temperature)
+                    v = values_of(value, idx[mb], mask[mb], P)
                 ratio = torch.exp(logp - old_logp[mb])
                 a = adv[mb]
-                pg = masked_mean(torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)), m)
-                v = values_of(value, idx[mb], mask[mb], P)
+                pg = (torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)) * m).sum() / n_tok
                 v_old = old_values[mb]
                 v_clip = v_old + (v - v_old).clamp(-cfg.value_clip, cfg.value_clip)
-                vf = 0.5 * masked_mean(torch.max((v - returns[mb]) ** 2, (v_clip - returns[mb]) ** 2), m)
+                vf = 0.5 * (torch.max((v - returns[mb]) ** 2, (v_clip - returns[mb]) ** 2) * m).sum() / n_tok
                 (pg + cfg.vf_coef * vf).backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.grad_clip)
+                sync_grads(p_params, cfg)
+                sync_grads(v_params, cfg)
+                clip_grads(p_params, cfg.grad_clip)
+                clip_grads(v_params, cfg.grad_clip)
                 opt_p.step()
                 opt_v.step()
                 opt_p.zero_grad(set_to_none=True)
                 opt_v.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    s = {"policy_loss": pg.item(), "value_loss": vf.item(),
+                with torch.no_grad():   # this process's share of the minibatch
+                    share = n_tok / max(m.sum().item(), 1)
+                    s = {"policy_loss": pg.item() * share, "value_loss": vf.item() * share,
                          "ratio": masked_mean(ratio, m).item(),
                          "approx_kl": masked_mean(0.5 * (logp - old_logp[mb]) ** 2, m).item(),
                          "clipfrac": masked_mean(((ratio - 1).abs() > cfg.clip).float(), m).item(),
@@ -323,39 +377,42 @@ def train(cfg):
         policy.eval()
         value.eval()
 
-        # adaptive KL (12), once per rollout batch, on the per-sequence KL summed over tokens
+        # adaptive KL (12), once per rollout batch, on the per-sequence KL summed over tokens (global batch)
         kl_seq = ((old_logp - ref_logp) * rmask).sum(-1)
-        kl = kl_seq.mean().item()
+        sums = all_sum([kl_seq.sum().item(), score.sum().item(), raw.sum().item(), non_score.sum().item(),
+                        rmask.sum().item(), sum(ended)])
+        kl, score_mean, raw_mean, non_score_mean, length, eos_rate = [x / cfg.batch_size for x in sums]
         beta_used = state["beta"]
         if cfg.adaptive_kl:
             state["beta"] = adaptive_kl(state["beta"], kl, cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
         state["step"] = step + 1
 
-        # metrics (13)
+        # metrics (13): means over the global batch; std, explained variance, minibatch statistics and speeds are
+        # process 0's
         dt = time.time() - t0
         r_all, v_all = returns[rmask], old_values[rmask]
         ev = 1 - (r_all - v_all).var() / r_all.var() if r_all.numel() > 1 and r_all.var() > 0 else torch.tensor(0.0)
-        rec = {"step": state["step"], "score_mean": score.mean().item(), "score_std": score.std().item(),
-               "rm_score_mean": raw.mean().item(), "kl": kl, "beta": beta_used,
-               "non_score_reward": non_score.sum(-1).mean().item(), "response_length": rmask.sum(-1).float().mean().item(),
-               "eos_rate": sum(ended) / len(ended), "explained_variance": ev.item(),
-               "tokens_per_s": rmask.sum().item() / dt, "gen_tokens_per_s": sum(map(len, toks)) / max(t_gen, 1e-9),
+        rec = {"step": state["step"], "score_mean": score_mean, "score_std": score.std().item() if B > 1 else 0.0,
+               "rm_score_mean": raw_mean, "kl": kl, "beta": beta_used, "non_score_reward": non_score_mean,
+               "response_length": length, "eos_rate": eos_rate, "explained_variance": ev.item(),
+               "tokens_per_s": rmask.sum().item() * world / dt, "gen_tokens_per_s": sum(map(len, toks)) / max(t_gen, 1e-9),
                "gen_time_share": t_gen / dt, "step_time": dt, "rollout_logprob_mismatch": mismatch,
                "first_minibatch": first}
         rec.update({k: sum(s[k] for s in mstats) / len(mstats) for k in mstats[0]})
         log(rec)
         bar.set_postfix(score=f"{rec['rm_score_mean']:.3f}", kl=f"{kl:.2f}", len=f"{rec['response_length']:.0f}")
-        if state["step"] % cfg.log_every == 0:
+        if state["step"] % cfg.log_every == 0 and main:
             for i in range(min(cfg.samples_per_log, len(texts))):
                 tqdm.write(f"  [{score[i].item():+.2f}] {prompts_text[pick[i]][:60]!r} -> {texts[i][:100]!r}")
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            save_checkpoint(last, policy, tok, value, (opt_p, opt_v), state)
+            save_checkpoint(last, policy, tok, value, (opt_p, opt_v), (p_params, v_params), state)
     bar.close()
     return state
 
 
 def main(argv):
     train(parse_args(Config, argv))
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import Llama, Tokenizer, UserError, default_dtype, last_token_index, load_config
+from model import (LORA_TARGETS, Block, Llama, Tokenizer, UserError, add_lora, default_dtype, full_tensor,
+                   last_token_index, load_config, rank)
 from sample import DTYPES, PAD_ID, parse_args, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -165,11 +166,13 @@ class RewardModel(nn.Module):
             "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad,
             "reward_normalizer": self.normalizer, "max_length": self.max_length})
 
-    def forward(self, idx, mask):
-        """(B, T) ids and mask -> (B,) fp32 raw scores, read at each row's last real token."""
+    def forward(self, idx, mask, per_token=False):
+        """(B, T) ids and mask -> (B,) fp32 raw scores, read at each row's last real token; per_token=True: the
+        head on every position (B, T) (PPO's value model)."""
         _, h = self.model(idx, mask=mask, return_hidden=True, logits="none")    # (B, T, C)
-        last = h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)]  # (B, C)
-        return self.head(last).squeeze(-1).float()
+        if not per_token:
+            h = h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)]  # (B, C)
+        return self.head(h).squeeze(-1).float()
 
     @torch.no_grad()
     def score(self, prompts, responses, batch_size=32, normalize=False):
@@ -261,10 +264,159 @@ def evaluate(rm, data, batch_size=32):
 
 
 # -----------------------------------------------------------------------------
+# scale, shared by the three trainers: precision, LoRA, gradient checkpointing, torchrun (DDP or FSDP)
+#
+# Precision: trained weights are fp32 (the master copy AdamW updates) and the matmuls run in --dtype under
+# autocast (bf16 on CUDA). Frozen weights (a LoRA base, PPO's reference and reward model) are stored in --dtype.
+# torchrun: every process takes its share of each global batch; a process's loss is its rows' share of the
+# global batch's loss (a sum over its rows / the global count), so summing the gradients over processes gives
+# the global batch's gradient, whatever the number of processes. DDP sums them (sync_grads, one all-reduce per
+# bucket after the accumulation steps); FSDP (--fsdp) reduce-scatters them as it goes, each process keeping a
+# 1/world shard of the weights, gradients and optimizer state.
+
+@dataclass
+class ScaleConfig:
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = ""                # compute dtype: "" = fp32 on CPU, bf16 on CUDA
+    lora_rank: int = 0             # > 0: train LoRA adapters of this rank (the base frozen) instead of every weight
+    lora_alpha: float = 16.0       # adapters scale by alpha / rank
+    lora_targets: str = ",".join(LORA_TARGETS)
+    grad_checkpointing: bool = False   # recompute each block's activations in backward (memory for compute)
+    fsdp: bool = False             # under torchrun: shard weights, gradients and optimizer state over the processes
+
+
+def setup_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), each process on its
+    own GPU. Returns (rank, world_size, device)."""
+    dev, world = torch.device(device), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, dev
+    import torch.distributed as dist
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dev
+
+
+def barrier():
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def end_distributed():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def compute_dtype(cfg, dev):
+    if cfg.dtype and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
+    return DTYPES.get(cfg.dtype) or default_dtype(dev)
+
+
+def load_dtype(cfg, dtype):
+    """Trained weights load in fp32 (masters); a LoRA base is frozen and loads in the compute dtype."""
+    return dtype if cfg.lora_rank else torch.float32
+
+
+def autocast(dev, dtype):
+    """The context every trainer runs its forwards in: bf16 matmuls over fp32 masters (nothing on fp32)."""
+    return torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def prepare_for_training(module, cfg, dtype, heads=(), seed=0, trained_from=None):
+    """LoRA adapters (--lora_rank) or every weight trained; gradient checkpointing; FSDP under torchrun with
+    --fsdp. heads: modules trained in full even with LoRA (the reward / value head). trained_from: a LoRA
+    checkpoint to resume the adapters and heads from. Returns the trained parameters, in a fixed order
+    (checkpoints store optimizer moments by it)."""
+    if cfg.lora_rank:
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        add_lora(module, cfg.lora_rank, cfg.lora_alpha, targets, seed)
+        for h in heads:
+            h.float().requires_grad_(True)
+        if trained_from:
+            load_trained(module, trained_from)
+    else:
+        module.requires_grad_(True)
+    for m in module.modules():
+        if isinstance(m, Llama):
+            m.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.fsdp and world_size() > 1:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for m in module.modules():
+            if isinstance(m, Block):
+                fully_shard(m, mp_policy=mp)
+        fully_shard(module, mp_policy=mp)
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)   # sum over processes (see above), not the mean
+                m.set_force_sum_reduction_for_comms(True)   # a plain sum (gloo has no pre-multiplied sum)
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def lora_key(cfg):
+    """The LoRA settings a checkpoint must match to be resumed."""
+    return f"rank={cfg.lora_rank},alpha={cfg.lora_alpha},targets={cfg.lora_targets}" if cfg.lora_rank else "off"
+
+
+def describe(params, module, cfg):
+    n_all, n = sum(p.numel() for p in module.parameters()), sum(p.numel() for p in params)   # (global sizes)
+    return (f"training {n / 1e6:.3g}M of {n_all / 1e6:.3g}M parameters" +
+            (f" (LoRA {lora_key(cfg)})" if cfg.lora_rank else "") +
+            (", gradient checkpointing" if cfg.grad_checkpointing else "") +
+            (f", FSDP over {world_size()} processes" if cfg.fsdp and world_size() > 1 else
+             f", DDP over {world_size()} processes" if world_size() > 1 else ""))
+
+
+def sync_grads(params, cfg):
+    """DDP: sum the gradients over the processes, one all-reduce per ~64M-element bucket. (FSDP has done it.)"""
+    if world_size() == 1 or cfg.fsdp:
+        return
+    import torch.distributed as dist
+    for p in params:
+        if p.grad is None:   # a process whose share of the batch missed a parameter still sends zeros
+            p.grad = torch.zeros_like(p)
+    bucket, size = [], 0
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        size += p.numel()
+        if size >= 2**26 or i == len(params) - 1:
+            flat = torch.cat([g.flatten() for g in bucket])
+            dist.all_reduce(flat)
+            for g, v in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(v.view_as(g))
+            bucket, size = [], 0
+
+
+def clip_grads(params, max_norm):
+    """Clip the global gradient norm (over every process's shard under FSDP); returns it as a float."""
+    n = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(full_tensor(n))
+
+
+def all_sum(values):
+    """Sum floats over the processes (metrics of the global batch)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------
 # training
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ScaleConfig):
     data: str = ""                 # pairs .jsonl (required)
     val_data: str = ""             # held-out pairs; "" splits val_frac off data
     val_frac: float = 0.05
@@ -285,8 +437,6 @@ class TrainConfig:
     on_error: str = "stop"         # a malformed data line: "stop" or "skip"
     resume: bool = True            # go on from out/last if it is there
     stop_after: int = 0            # stop (saving out/last) after this many optimizer steps in this run; 0 = run to the end
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = ""                # "" = fp32 on CPU, bf16 on CUDA
 
 
 PRESETS = {"tiny": dict(model=os.path.join(HERE, "data", "stories260K"), max_length=512, batch_size=32,
@@ -311,24 +461,46 @@ def make_optimizer(module, lr, weight_decay):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
-def save_training_checkpoint(save, params, opt, path, state):
+def save_training_checkpoint(save, params, opt, path, state, module=None):
     """A model (save(path, files=...) writes it) plus optimizer moments (safetensors) and trainer state (json),
-    in one atomic step. Used by the reward-model and SFT trainers."""
+    in one atomic step; for a LoRA run (module given) also adapters.safetensors, the trained tensors by name, which
+    a resumed run puts back on its base model. Every process calls this (FSDP gathers each sharded moment, a
+    collective); process 0 writes. Moments are stored whole, so a run resumes on any number of processes."""
     from safetensors.torch import save_file
+    tensors = {}
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                v = full_tensor(v)
+                if rank() == 0:
+                    tensors[f"{i}.{k}"] = v.cpu().contiguous()
+    files = {"optimizer.safetensors": lambda f: save_file(tensors, f),
+             "trainer_state.json": lambda f: write_json(f, state)}
+    if module is not None and any(".lora_" in n for n, _ in module.named_parameters()):
+        trained = {n: full_tensor(p).cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+        files["adapters.safetensors"] = lambda f: save_file(trained, f)
+    save(path, files=files)
 
-    def write_opt(f):
-        tensors = {}
-        for i, p in enumerate(params):
-            for k, v in opt.state.get(p, {}).items():
-                if torch.is_tensor(v):
-                    tensors[f"{i}.{k}"] = v.contiguous()
-        save_file(tensors, f)
 
-    def write_state(f):
-        with open(f, "w") as fh:
-            json.dump(state, fh, indent=2)
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
-    save(path, files={"optimizer.safetensors": write_opt, "trainer_state.json": write_state})
+
+def load_trained(module, path):
+    """Put a LoRA run's trained tensors (adapters.safetensors: adapters and heads, by name) back on `module`."""
+    from safetensors.torch import load_file
+    f = os.path.join(path, "adapters.safetensors")
+    if not os.path.isfile(f):
+        raise UserError(f"{f}: missing, so this LoRA run cannot resume from {path}. Pass --resume=false (or a new "
+                        f"--out) to start over.")
+    params = dict(module.named_parameters())
+    for n, t in load_file(f).items():
+        if n not in params or params[n].shape != t.shape:
+            raise UserError(f"{f}: tensor '{n}' does not fit this model (another --lora_rank or --lora_targets?).")
+        params[n].data.copy_(t)
+
+
 
 
 def start_or_resume(out, last, state, run, optimizers):
@@ -342,10 +514,12 @@ def start_or_resume(out, last, state, run, optimizers):
         check_same_run(state, run, last)
         for params, opt, folder in optimizers:
             load_optimizer(params, opt, folder)
-        print(f"resuming from {last} at step {state['step']}")
+        if rank() == 0:
+            print(f"resuming from {last} at step {state['step']}")
     state.update(run)
-    os.makedirs(out, exist_ok=True)
-    trim_metrics(os.path.join(out, "metrics.jsonl"), state["step"])
+    if rank() == 0:
+        os.makedirs(out, exist_ok=True)
+        trim_metrics(os.path.join(out, "metrics.jsonl"), state["step"])
     return state
 
 
@@ -378,7 +552,13 @@ def load_optimizer(params, opt, path):
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     for i, p in enumerate(params):
-        st = {k.split(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
+        st = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
+        for k, v in st.items():
+            if v.shape == p.shape and hasattr(p, "device_mesh"):   # FSDP: shard the moment as its parameter
+                from torch.distributed.tensor import distribute_tensor
+                st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+            elif v.dim() > 0:
+                st[k] = v.to(p.device)
         if st:
             opt.state[p] = st
 
@@ -402,14 +582,19 @@ def train(cfg):
         raise UserError("--on_error must be 'stop' or 'skip'.")
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --micro_batch={cfg.micro_batch}.")
-    if cfg.dtype and cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
-    dev = torch.device(cfg.device)
-    dtype = DTYPES.get(cfg.dtype) or default_dtype(dev)
+    r0, world, dev = setup_distributed(cfg.device)
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the {world} processes.")
+    dtype = compute_dtype(cfg, dev)
     last, best = os.path.join(cfg.out, "last"), os.path.join(cfg.out, "best")
     resuming = cfg.resume and os.path.isfile(os.path.join(last, "trainer_state.json"))
-    rm = RewardModel.from_pretrained(last if resuming else cfg.model, device=dev, dtype=dtype,
-                                     max_length=cfg.max_length, seed=cfg.seed)
+    # a full run resumes from last/'s weights; a LoRA run from its base plus last/'s adapters and head
+    rm = RewardModel.from_pretrained(last if resuming and not cfg.lora_rank else cfg.model, device=dev,
+                                     dtype=load_dtype(cfg, dtype), max_length=cfg.max_length, seed=cfg.seed)
+    if resuming and cfg.lora_rank:
+        rm.normalizer = load_config(last).extra.get("reward_normalizer", rm.normalizer)
+    params = prepare_for_training(rm, cfg, dtype, heads=[rm.head], seed=cfg.seed,
+                                  trained_from=last if resuming and cfg.lora_rank else None)
 
     # data: tokenized once; a seeded split and a seeded order per epoch, so a resumed run sees the same stream
     pairs = read_pairs(cfg.data, cfg.on_error)
@@ -431,16 +616,18 @@ def train(cfg):
         print(f"note: {len(train_set)} training pairs < --batch_size={cfg.batch_size}: one step per epoch uses "
               f"them all", file=sys.stderr)
     total = max(1, int(cfg.epochs * steps_per_epoch))
-    accum = cfg.batch_size // cfg.micro_batch
 
     opt = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     state = {"step": 0, "best_accuracy": -1.0}
-    run = {"data": os.path.abspath(cfg.data), "train_pairs": len(train_set), "total_steps": total}
-    state = start_or_resume(cfg.out, last, state, run, [(list(rm.parameters()), opt, last)] if resuming else [])
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
-    print(f"{len(train_set)} training pairs, {len(val_set)} held out; {total} steps of {cfg.batch_size} pairs "
-          f"({accum} x {cfg.micro_batch}); lr {cfg.lr}; {dev} {str(dtype).removeprefix('torch.')}")
+    run = {"data": os.path.abspath(cfg.data), "train_pairs": len(train_set), "total_steps": total,
+           "lora": lora_key(cfg)}
+    state = start_or_resume(cfg.out, last, state, run, [(params, opt, last)] if resuming else [])
+    main = r0 == 0
+    if main:
+        write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        print(f"{len(train_set)} training pairs, {len(val_set)} held out; {total} steps of {cfg.batch_size} pairs "
+              f"({world} process(es), micro-batches of {cfg.micro_batch}); lr {cfg.lr}; "
+              f"{dev} {str(dtype).removeprefix('torch.')}; {describe(params, rm, cfg)}")
 
     def step_pairs(step):
         """The pairs of optimizer step `step`: epoch e's order is a shuffle seeded by (seed, e)."""
@@ -450,65 +637,71 @@ def train(cfg):
         return [train_set[j] for j in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
 
     def log(rec):
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main:
+            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     rm.train()
-    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc="rm", dynamic_ncols=True)
-    t0, pairs_done, run, first = time.time(), 0, [], state["step"]
+    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc="rm", dynamic_ncols=True,
+               disable=not main)
+    t0, pairs_done, sums, first = time.time(), 0, [0.0] * 4, state["step"]
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup)
         batch = step_pairs(step)
-        for i in range(0, len(batch), cfg.micro_batch):
-            mb = batch[i:i + cfg.micro_batch]
+        mine = batch[r0::world]                                                # this process's share
+        for i in range(0, len(mine), cfg.micro_batch):
+            mb = mine[i:i + cfg.micro_batch]
             # chosen and rejected of a micro-batch go through one forward (2m rows, left padded)
             idx, mask = pad_batch([c for c, _, _ in mb] + [r for _, r, _ in mb], device=dev)
-            r = rm(idx, mask)                                                  # (2m,)
+            with autocast(dev, dtype):
+                r = rm(idx, mask)                                              # (2m,)
             rc, rr = r[:len(mb)], r[len(mb):]
-            loss = F.softplus(rr - rc).sum() / len(batch)                      # mean over the optimizer step
+            loss = F.softplus(rr - rc).sum() / len(batch)                      # its share of the global batch mean
             loss.backward()
-            run.append(pair_metrics(rc.detach(), rr.detach()))
-        n_pairs = len(batch)
-        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip).item()
+            m = pair_metrics(rc.detach(), rr.detach())
+            sums = [a + b for a, b in zip(sums, (m["loss"] * m["n"], m["accuracy"] * m["n"], m["margin"] * m["n"],
+                                                 m["n"]))]
+        sync_grads(params, cfg)
+        gnorm = clip_grads(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        pairs_done += n_pairs
+        pairs_done += len(batch)
         state["step"] = step + 1
         if state["step"] % cfg.log_every == 0 or state["step"] == total:
-            n = sum(m["n"] for m in run)
+            loss_sum, acc_sum, margin_sum, n = all_sum(sums)
             rec = {"step": state["step"], "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
-                   "pairs_per_s": pairs_done / (time.time() - t0)}
-            rec.update({k: sum(m[k] * m["n"] for m in run) / n for k in ("loss", "accuracy", "margin")})
-            run = []
+                   "pairs_per_s": pairs_done / (time.time() - t0), "loss": loss_sum / n, "accuracy": acc_sum / n,
+                   "margin": margin_sum / n}
+            sums = [0.0] * 4
             log({"split": "train", **rec})
             bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}")
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
-            m = evaluate(rm, val_set, batch_size=2 * cfg.micro_batch)
+            with autocast(dev, dtype):   # every process scores the whole held-out set (FSDP needs them all)
+                m = evaluate(rm, val_set, batch_size=2 * cfg.micro_batch)
+                # normaliser on the held-out responses, so a KL coefficient means the same across runs
+                rm.fit_normalizer([d[0] for d in val_set] + [d[1] for d in val_set], 2 * cfg.micro_batch)
             rm.train()
             log({"split": "val", "step": state["step"], **m})
-            tqdm.write(f"step {state['step']}: held-out accuracy {m['accuracy']:.4f} loss {m['loss']:.4f} "
-                       f"margin {m['margin']:.3f} length corr {m['length_corr']:.3f}")
+            if main:
+                tqdm.write(f"step {state['step']}: held-out accuracy {m['accuracy']:.4f} loss {m['loss']:.4f} "
+                           f"margin {m['margin']:.3f} length corr {m['length_corr']:.3f}")
             improved = m["accuracy"] > state["best_accuracy"]
             if improved:
                 state["best_accuracy"] = m["accuracy"]
-            # normaliser on the held-out responses, so a KL coefficient means the same across runs
-            rm.fit_normalizer([d[0] for d in val_set] + [d[1] for d in val_set], 2 * cfg.micro_batch)
-            rm.train()
-            if improved:
                 rm.save_pretrained(best)
-            save_training_checkpoint(rm.save_pretrained, list(rm.parameters()), opt, last, state)
+            save_training_checkpoint(rm.save_pretrained, params, opt, last, state, rm)
         elif cfg.stop_after and step + 1 - first == cfg.stop_after:
-            save_training_checkpoint(rm.save_pretrained, list(rm.parameters()), opt, last, state)
+            save_training_checkpoint(rm.save_pretrained, params, opt, last, state, rm)
         if cfg.stop_after and step + 1 - first == cfg.stop_after:
-            tqdm.write(f"stopping after {cfg.stop_after} steps (--stop_after); rerun to go on from {last}")
+            if main:
+                tqdm.write(f"stopping after {cfg.stop_after} steps (--stop_after); rerun to go on from {last}")
             break
     bar.close()
     if state["step"] < total:
         return state
-    if not os.path.isdir(best):   # no evaluation improved on nothing: keep the final weights as best
-        rm.save_pretrained(best)
-    print(f"done: best held-out accuracy {state['best_accuracy']:.4f}; reward model in {best}")
+    if main:
+        print(f"done: best held-out accuracy {state['best_accuracy']:.4f}; reward model in {best}")
     return state
 
 
@@ -567,7 +760,9 @@ def main(argv):
         if cfg.out == TrainConfig().out:
             cfg.out = "out/rm_bundled"
         print(f"no --data/--model: training on the bundled synthetic comparisons {cfg.data} with --preset=tiny")
-    return train(cfg)
+    state = train(cfg)
+    end_distributed()
+    return state
 
 
 if __name__ == "__main__":

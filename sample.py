@@ -47,7 +47,11 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         logp = filter_logits(logits / temperature, top_k, top_p).log_softmax(-1)
         # argmax of p / Exp(1) noise is an exact draw from p (the exponential race), and needs no sync
         # (clamped: a draw of exactly 0 would turn p / 0 into inf, or nan for a filtered token, and win)
-        noise = torch.empty_like(logp).exponential_(1, generator=generator).clamp_(min=torch.finfo(logp.dtype).tiny)
+        if isinstance(generator, list):   # one generator per row: a row's draw does not depend on the batch
+            noise = torch.stack([torch.empty_like(logp[0]).exponential_(1, generator=g) for g in generator])
+        else:
+            noise = torch.empty_like(logp).exponential_(1, generator=generator)
+        noise.clamp_(min=torch.finfo(logp.dtype).tiny)
         nxt = (logp.exp() / noise).argmax(-1)
     return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
 
@@ -78,14 +82,19 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     KV cache; per-row positions keep each row exactly as it would be alone.
     stop_ids: a row ends at its first one (excluded from the output). None: the model's EOS ids
     (generation_config.json, else config.json); [] never stops early.
-    seed: the same seed gives the same samples. on_token(step, ids (B,)) is called after every step (streaming).
+    seed: the same seed gives the same samples; a list of B seeds seeds each row alone, so a row samples the same
+    whatever batch it is in (PPO's rollouts split over processes use this). on_token(step, ids (B,)) is called after every step (streaming).
     returns (tokens, logprobs): per row, the list of new ids and the list of their fp32 logprobs.
     """
     check_lengths(model, prompts, max_new_tokens)
     device = model.embed_tokens.weight.device
     stop = torch.tensor(model.eos_ids if stop_ids is None else list(stop_ids), dtype=torch.long, device=device)
     generator = None
-    if seed is not None:
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != len(prompts):
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
+        generator = [torch.Generator(device=device).manual_seed(s) for s in seed]
+    elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
     B, T0 = len(prompts), max(len(p) for p in prompts)
