@@ -1262,6 +1262,23 @@ def print_plan(cfg, stages):
         total += t
         print(f"  {s:9s} {line}")
     print(f"  about {total:,} tokens to generate in all")
+    # memory per GPU of the trainer stages (memory.py)
+    from rm import PRESETS, memory_dry_run
+    if "rm" in stages:
+        preset = PRESETS.get(cfg.rm_preset, {})
+        from rm import TrainConfig
+        d = TrainConfig()
+        memory_dry_run(cfg, cfg.rm_model or preset.get("model"), "rm", 2 * preset.get("micro_batch", d.micro_batch),
+                       preset.get("max_length", d.max_length))
+    if "sft" in stages:
+        base = cfg.sft_model or parse_generator("--assistant", cfg.assistant, cfg.format).model
+        memory_dry_run(cfg, base, "sft", cfg.sft_micro_batch, cfg.sft_max_length)
+    if "ppo" in stages:
+        p = PROFILES[cfg.profile]["ppo"]
+        base = cfg.sft_model or parse_generator("--assistant", cfg.assistant, cfg.format).model
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        memory_dry_run(cfg, base, "ppo", max(1, p["minibatch"] // world), 256 + p["max_new_tokens"],
+                       rollout_rows=max(1, p["batch_size"] // world), response=p["max_new_tokens"])
 
 
 # -----------------------------------------------------------------------------

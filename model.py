@@ -428,7 +428,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        return y + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+        # in x's dtype (a bf16 base computes its adapters in bf16; the fp32 A and B get the gradients)
+        return y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
 
     def merged_weight(self):
         """W + (alpha / r) B A, summed in fp32, in W's dtype."""

@@ -12,6 +12,7 @@ over fresh permutations with the clipped policy and value losses (9, 10, 11), an
 item 13 goes to metrics.jsonl; checkpoints are HF folders (policy: LlamaForCausalLM, value:
 LlamaForSequenceClassification) and a rerun resumes.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -24,8 +25,8 @@ from tqdm import tqdm
 
 from model import Llama, Tokenizer, UserError, commit_dir, last_token_index, lora_disabled, rank
 from rm import (RewardModel, ScaleConfig, all_sum, autocast, clip_grads, compute_dtype, describe, end_distributed,
-                format_dialogue, load_dtype, lora_key, make_optimizer, prepare_for_training, save_training_checkpoint,
-                setup_distributed, start_or_resume, sync_grads)
+                format_dialogue, load_dtype, lora_key, make_optimizer, memory_dry_run, prepare_for_training,
+                save_training_checkpoint, setup_distributed, start_or_resume, sync_grads)
 from sample import PAD_ID, generate, parse_args, run_cli
 
 
@@ -213,14 +214,30 @@ def row_seed(seed, step, row):
     return ((seed * 1_000_003 + step) * 1_000_003 + row) % 2**63
 
 
+def dry_run(cfg):
+    """The memory plan of this run: rollout rows batch_size / world, minibatch / world rows per training forward of
+    prompt + max_new_tokens tokens (the longest prompt, when the prompts and the policy's tokenizer are at hand)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prompt = 256
+    if os.path.isfile(cfg.prompts) and os.path.isfile(os.path.join(cfg.policy, "tokenizer.model")):
+        tok = Tokenizer(cfg.policy)
+        prompt = max(len(tok.encode(format_dialogue(p), bos=True)) for p in read_prompts(cfg.prompts))
+    elif rank() == 0:
+        print(f"(prompt length taken as {prompt} tokens: --prompts or the policy's tokenizer is not at hand)")
+    return memory_dry_run(cfg, cfg.policy, "ppo", max(1, cfg.minibatch // world), prompt + cfg.max_new_tokens,
+                          rollout_rows=max(1, cfg.batch_size // world), response=cfg.max_new_tokens)
+
+
 def train(cfg):
-    for k in ("policy", "rm", "prompts"):
+    for k in ("policy",) if cfg.dry_run else ("policy", "rm", "prompts"):
         if not getattr(cfg, k):
             raise UserError(f"--{k} is required (python ppo.py --policy=SFT_FOLDER --rm=RM_FOLDER --prompts=FILE).")
     if cfg.batch_size % cfg.minibatch:
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --minibatch={cfg.minibatch}.")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0: PPO needs a sampling distribution.")
+    if cfg.dry_run:
+        return dry_run(cfg)
     r0, world, dev = setup_distributed(cfg.device)
     if cfg.minibatch % world:
         raise UserError(f"--minibatch={cfg.minibatch} (and --batch_size) must be a multiple of the {world} processes.")
@@ -314,13 +331,13 @@ def train(cfg):
         idx, mask, rmask = idx.to(dev), mask.to(dev), rmask.to(dev)
 
         with torch.no_grad(), autocast(dev, dtype):
-            old_logp, _ = logprobs_of(policy, idx, mask, P, cfg.temperature)
-            if ref is None:
-                with lora_disabled(policy):
-                    ref_logp, _ = logprobs_of(policy, idx, mask, P, cfg.temperature)
-            else:
-                ref_logp, _ = logprobs_of(ref, idx, mask, P, cfg.temperature)  # same T for the reference (1)
-            old_values = values_of(value, idx, mask, P)
+            # in minibatch-sized chunks, so the (rows, T, vocab) logits never exceed the training step's
+            chunks = [slice(i, i + cfg.minibatch // world) for i in range(0, B, cfg.minibatch // world)]
+            old_logp = torch.cat([logprobs_of(policy, idx[c], mask[c], P, cfg.temperature)[0] for c in chunks])
+            with lora_disabled(policy) if ref is None else contextlib.nullcontext():
+                ref_logp = torch.cat([logprobs_of(policy if ref is None else ref, idx[c], mask[c], P, cfg.temperature)[0]
+                                      for c in chunks])                      # same T for the reference (1)
+            old_values = torch.cat([values_of(value, idx[c], mask[c], P) for c in chunks])
             texts = [tok.decode(t) for t in toks]
             with lora_disabled(rm):
                 raw = rm.score([prompts_text[i] for i in pick], texts, normalize=True).to(dev)

@@ -283,6 +283,31 @@ class ScaleConfig:
     lora_targets: str = ",".join(LORA_TARGETS)
     grad_checkpointing: bool = False   # recompute each block's activations in backward (memory for compute)
     fsdp: bool = False             # under torchrun: shard weights, gradients and optimizer state over the processes
+    dry_run: bool = False          # print the memory plan of this run (per GPU; see memory.py) and stop
+    gpu_gib: float = 0.0           # GPU memory the plan checks against; 0 = this machine's GPU, else 80
+
+
+def memory_dry_run(cfg, model, job, rows, seq, **job_fields):
+    """The memory plan of a trainer's run as configured (memory.py), printed; returns whether it fits."""
+    import memory
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(cfg.device)
+    if cfg.gpu_gib:
+        gib = cfg.gpu_gib
+    elif dev.type == "cuda" and torch.cuda.is_available():
+        gib = torch.cuda.get_device_properties(dev).total_memory / memory.GiB
+    else:   # an 80 GB GPU, or this machine's RAM for a CPU run
+        gib = 80.0 if dev.type == "cuda" else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / memory.GiB
+    dtype = compute_dtype(cfg, dev)
+    j = memory.Job(job=job, dtype="fp32" if dtype == torch.float32 else "bf16", lora_rank=cfg.lora_rank,
+                   lora_targets=cfg.lora_targets, grad_checkpointing=cfg.grad_checkpointing, world=world,
+                   fsdp=cfg.fsdp, rows=rows, seq=seq, gpu_gib=gib, device=dev.type, **job_fields)
+    text, fits = memory.describe_plan(memory.model_config(model), j, f"memory plan ({job}, {model}, {rows} rows x "
+                                      f"{seq} tokens per forward, {world} process(es), {dev.type} "
+                                      f"{str(dtype).removeprefix('torch.')}):")
+    if rank() == 0:
+        print(text)
+    return fits
 
 
 def setup_distributed(device):
@@ -497,7 +522,8 @@ def load_trained(module, path):
     params = dict(module.named_parameters())
     for n, t in load_file(f).items():
         if n not in params or params[n].shape != t.shape:
-            raise UserError(f"{f}: tensor '{n}' does not fit this model (another --lora_rank or --lora_targets?).")
+            raise UserError(f"{f}: tensor '{n}' does not fit this model: {path} belongs to another run (another "
+                            f"--lora_rank or --lora_targets?). Give a new --out to start over.")
         params[n].data.copy_(t)
 
 
@@ -571,10 +597,12 @@ def train(cfg):
         for k, v in PRESETS[cfg.preset].items():
             if getattr(cfg, k) == getattr(defaults, k):   # flags given on the command line win
                 setattr(cfg, k, v)
-    if not cfg.data:
-        raise UserError("--data is required: a .jsonl file of {\"prompt\", \"chosen\", \"rejected\"} lines.")
     if not cfg.model:
         raise UserError("--model is required: a LLaMA folder (the base model) or --preset=tiny.")
+    if cfg.dry_run:   # chosen and rejected of a micro-batch share one forward: 2 x micro_batch rows
+        return memory_dry_run(cfg, cfg.model, "rm", 2 * cfg.micro_batch, cfg.max_length)
+    if not cfg.data:
+        raise UserError("--data is required: a .jsonl file of {\"prompt\", \"chosen\", \"rejected\"} lines.")
     for f in (cfg.data, cfg.val_data):
         if f and os.path.basename(f) in EVAL_FILES:
             raise UserError(f"{f}: this is an evaluation set (it carries a canary); never train on it.")

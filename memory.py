@@ -1,0 +1,254 @@
+"""
+Memory plans: what one GPU holds for a training or sampling job, from the model's shapes alone (no weights are
+read), and whether it fits. The trainers print theirs with --dry_run=true.
+
+    python memory.py --model=llama-2-7b --job=rm                                    # paper RM, full, 1 GPU
+    python memory.py --model=llama-2-7b --job=rm --lora_rank=16 --grad_checkpointing=true
+    python memory.py --model=llama-2-7b --job=ppo --lora_rank=16 --grad_checkpointing=true
+    python memory.py --model=llama-2-7b --job=sft --world=8 --fsdp=true
+    python memory.py --model=path/to/llama --job=sample --rows=32 --seq=2048
+
+--model is a folder with a config.json or one of the named shapes below. The accounting follows this project's
+code line by line (which tensors its forward saves for backward, in which dtype), checked against the saved
+tensors of real forwards on the CPU (tests/test_scale.py). Assumed: fused attention (flash / memory-efficient,
+no T x T scores kept; what PyTorch picks on recent GPUs), and nothing for the caching allocator's fragmentation:
+leave a few GiB of headroom.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+from model import LORA_TARGETS, LlamaConfig, UserError, load_config
+
+GiB = 2**30
+
+# public shapes (config.json fields of the released checkpoints), for planning before downloading anything
+SHAPES = {
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
+    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000, max_position_embeddings=2048),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+}
+
+
+def model_config(model):
+    """A LlamaConfig from a folder's config.json or a named shape."""
+    if model in SHAPES:
+        return LlamaConfig.from_dict({"model_type": "llama", **SHAPES[model]}, where=model)
+    if os.path.isdir(model):
+        return load_config(model)
+    raise UserError(f"--model={model!r}: not a model folder, nor a known shape ({', '.join(SHAPES)}).")
+
+
+# -----------------------------------------------------------------------------
+# parameters
+
+def linear_shapes(cfg):
+    """{name: (in, out)} of one block's linear layers."""
+    C, H, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C),
+            "gate_proj": (C, H), "up_proj": (C, H), "down_proj": (H, C)}
+
+
+def block_params(cfg):
+    C, H = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    bias = (q + 2 * kv + C) * cfg.attention_bias + (2 * H + C) * cfg.mlp_bias
+    return sum(i * o for i, o in linear_shapes(cfg).values()) + bias + 2 * C      # linears, biases, two norms
+
+
+def param_counts(cfg, lm_head=True):
+    """(all parameters, those of the linear layers) of a LLaMA; lm_head=False: a reward model's trunk + head."""
+    C, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    head = (V * C if not cfg.tie_word_embeddings else 0) if lm_head else C          # the RM head is (1, C)
+    matrices = L * sum(i * o for i, o in linear_shapes(cfg).values()) + (V * C if lm_head else 0)
+    return V * C + L * block_params(cfg) + C + head, matrices                      # + embedding, final norm
+
+
+def lora_params(cfg, rank, targets):
+    return cfg.num_hidden_layers * sum(rank * (i + o) for n, (i, o) in linear_shapes(cfg).items() if n in targets)
+
+
+# -----------------------------------------------------------------------------
+# activations: bytes one token keeps for backward in one block, as this project's forward saves them
+
+def block_activation_bytes(cfg, compute_bytes, residual_bytes, trained, lora_rank=0, seq=0):
+    """trained: the linear layers whose weights or adapters get gradients (names as in LORA_TARGETS); norms are
+    trained with full fine-tuning only (lora_rank 0). compute_bytes: 4 (fp32) or 2 (bf16); residual_bytes: the
+    residual stream's dtype (fp32 when fp32 master weights run under autocast, else the compute dtype).
+    seq > 0: rows of `seq` tokens with a padding mask, which attention keeps as a (T, S) bias in each layer."""
+    C, H, nh = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    q, kv = nh * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    cb, full = compute_bytes, lora_rank == 0
+    copies = cb == 2 and residual_bytes == 4      # autocast casts an fp32 input once per linear layer
+    n_attn = sum(t in trained for t in ("q_proj", "k_proj", "v_proj"))
+    n_mlp = sum(t in trained for t in ("gate_proj", "up_proj"))
+    norm = 4 * C + 4 + (residual_bytes * C if full else 0)      # fp32 input (or its fp32 copy), 1/rms, x-hat
+    return (2 * norm
+            + cb * C * (n_attn if copies else min(n_attn, 1))       # q/k/v input
+            + cb * C * (n_mlp if copies else min(n_mlp, 1))         # gate/up input
+            + cb * (2 * q + 2 * kv) + 4 * nh                        # attention: q, k, v, output (= o_proj's
+                                                                    # input), log-sum-exp
+            + 3 * cb * H + (cb * H if "down_proj" in trained else 0)  # SwiGLU: gate, silu(gate), up; down input
+            + cb * lora_rank * len(trained)                         # adapters' rank-r middles
+            + cb * seq)                                             # the padding mask as an attention bias row
+
+
+# -----------------------------------------------------------------------------
+# the plan
+
+@dataclass
+class Job:
+    job: str = "rm"                 # rm | sft | ppo | sample
+    dtype: str = "bf16"             # compute dtype: bf16 (GPU) or fp32
+    lora_rank: int = 0
+    lora_targets: str = ",".join(LORA_TARGETS)
+    grad_checkpointing: bool = False
+    world: int = 1                  # processes (GPUs)
+    fsdp: bool = False
+    rows: int = 16                  # rows per forward/backward: rm 2 x micro_batch (chosen + rejected), sft micro_batch,
+                                    # ppo minibatch / world; sample: the batch
+    seq: int = 1024                 # tokens per row (ppo: prompt + response)
+    rollout_rows: int = 64          # ppo: rollout rows per process
+    response: int = 512             # ppo: response tokens of seq
+    gpu_gib: float = 80.0           # the memory to fit in (GPU memory; on device=cpu, RAM)
+    device: str = "cuda"            # cuda (adds the CUDA context) or cpu
+
+
+def plan(cfg, j):
+    """-> (rows [(component, bytes)], peak bytes, note). Every figure is per GPU."""
+    if j.job not in ("rm", "sft", "ppo", "sample"):
+        raise UserError(f"--job={j.job!r}: plan one of rm, sft, ppo, sample.")
+    cb = 4 if j.dtype == "fp32" else 2
+    lora = j.lora_rank > 0
+    targets = tuple(t.strip() for t in j.lora_targets.split(",") if t.strip()) if lora else LORA_TARGETS
+    fsdp = j.fsdp and j.world > 1
+    shard = j.world if fsdp else 1
+    residual = 4 if (cb == 4 or (not lora and not fsdp)) else 2
+    L, V, C = cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    rows = []
+
+    if j.job == "sample":
+        n, _ = param_counts(cfg)
+        rows += [("weights", cb * n), ("KV cache", 2 * L * kv * cb * j.rows * j.seq),
+                 ("logits and sampling (fp32)", 4 * 4 * V * j.rows)]
+        return rows, sum(b for _, b in rows), ""
+
+    # trained models: rm -> trunk + head; sft -> causal LM; ppo -> policy (LM) and value (trunk + head)
+    trained_models = {"rm": [False], "sft": [True], "ppo": [True, False]}[j.job]
+    static, note = 0, []
+    for lm_head in trained_models:
+        n, mats = param_counts(cfg, lm_head)
+        name = {True: "policy" if j.job == "ppo" else "model", False: "value" if j.job == "ppo" else "model"}[lm_head]
+        if lora:
+            na = lora_params(cfg, j.lora_rank, targets) + (0 if lm_head else C)   # adapters (+ the head)
+            part = [(f"{name} weights ({'bf16' if cb == 2 else 'fp32'} base, frozen)", cb * n / shard),
+                    (f"{name} adapters{'' if lm_head else ' + head'} (fp32)", 4 * na / shard)]
+            if cb == 2 and not fsdp:
+                part.append((f"{name} adapters' bf16 copies (autocast)", 2 * na))
+        else:
+            na = n
+            part = [(f"{name} weights (fp32 masters)", 4 * n / shard)]
+            if cb == 2 and not fsdp:
+                part.append((f"{name} bf16 weight copies (autocast, forward to backward)", 2 * mats))
+        part += [(f"{name} gradients (fp32)", 4 * na / shard), (f"{name} AdamW moments (fp32)", 8 * na / shard)]
+        if fsdp:
+            part.append((f"{name} FSDP gathered blocks (2 in flight)", 2 * cb * block_params(cfg)))
+        elif j.world > 1:
+            part.append((f"{name} DDP all-reduce bucket", 4 * min(na, 2**26)))
+        rows += part
+    if j.job == "ppo":
+        frozen = param_counts(cfg)[0] + param_counts(cfg, lm_head=False)[0]
+        if lora and not fsdp:
+            note.append("reference = policy with adapters off, reward model = value trunk with adapters off: no copies")
+        else:
+            rows.append(("reference policy + reward model (frozen)", cb * frozen))
+    static = sum(b for _, b in rows)
+
+    # activations of one forward/backward of `rows` x `seq` tokens
+    trained = targets if lora else LORA_TARGETS
+    per_layer = block_activation_bytes(cfg, cb, residual, trained, j.lora_rank, j.seq)
+    tokens = j.rows * j.seq
+    if j.grad_checkpointing:   # each block's input kept, one block's activations rebuilt at a time
+        act = L * residual * C * tokens + per_layer * tokens
+    else:
+        act = L * per_layer * tokens
+    act += (4 * C + 4 + residual * C) * tokens   # the final norm
+    models = len(trained_models)
+    phases = {}
+    if j.job == "rm":
+        phases["train"] = [("activations (one micro-batch)", act)]
+    elif j.job == "sft":
+        phases["train"] = [("activations (one micro-batch)", act),
+                           ("logits, log-softmax and their gradient (fp32)", 12 * V * tokens)]
+    else:
+        resp = j.rows * j.response
+        phases["rollout"] = [("KV cache of the rollout", 2 * L * kv * cb * j.rollout_rows * j.seq),
+                             ("logits and sampling (fp32)", 4 * 4 * V * j.rollout_rows)]
+        phases["scoring"] = [(f"logits of one scoring chunk of {j.rows} rows (fp32, no grad)", 4 * V * tokens + 12 * V * resp)]
+        phases["train"] = [(f"activations (policy + value, one minibatch of {j.rows} rows)", models * act),
+                           ("policy logits, log-softmax, entropy (fp32)", 4 * V * tokens + 12 * V * resp)]
+    worst = max(phases, key=lambda k: sum(b for _, b in phases[k]))
+    for k, part in phases.items():
+        rows += [(f"[{k}] {name}", b) for name, b in part]
+    if j.device == "cuda":
+        rows.append(("CUDA context and kernels (about)", 0.6 * GiB))
+        static += 0.6 * GiB
+    peak = static + sum(b for _, b in phases[worst])
+    note.append(f"peak in the {worst} phase" if len(phases) > 1 else "")
+    return rows, peak, "; ".join(n for n in note if n)
+
+
+def size(b):
+    return f"{b / GiB:9.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:9.1f} MiB"
+
+
+def describe_plan(cfg, j, title=""):
+    rows, peak, note = plan(cfg, j)
+    out = [title or f"memory plan: {j.job}", ""]
+    for name, b in rows:
+        out.append(f"  {name:<72} {size(b)}")
+    fits = peak <= j.gpu_gib * GiB
+    where = "per GPU" if j.device == "cuda" else "(CPU)"
+    out.append(f"  {'peak ' + where:<72} {size(peak)}  ->  "
+               + (f"fits in {j.gpu_gib:g} GiB" if fits else f"does NOT fit in {j.gpu_gib:g} GiB"))
+    if note:
+        out.append(f"  ({note})")
+    if not fits:
+        out.append("  to fit: --lora_rank (frozen bf16 base), --grad_checkpointing=true, smaller --micro_batch / "
+                   "--minibatch, or torchrun over more GPUs with --fsdp=true")
+    return "\n".join(out), fits
+
+
+@dataclass
+class Config(Job):
+    model: str = "llama-2-7b"       # a model folder or a named shape
+    json: bool = False              # print the rows as JSON
+
+
+def main(argv):
+    from sample import parse_args
+    c = parse_args(Config, argv)
+    cfg = model_config(c.model)
+    if c.json:
+        rows, peak, note = plan(cfg, c)
+        print(json.dumps({"rows": {n: b for n, b in rows}, "peak_bytes": peak, "note": note}, indent=2))
+        return
+    text, _ = describe_plan(cfg, c, f"memory plan: {c.job} on {c.model} ({cfg.num_hidden_layers} layers, hidden "
+                                    f"{cfg.hidden_size}), {c.world} GPU(s)")
+    print(text)
+
+
+if __name__ == "__main__":
+    from sample import run_cli
+    run_cli(main)

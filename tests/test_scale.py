@@ -1,0 +1,365 @@
+"""Scale: LoRA, gradient checkpointing, bf16 autocast over fp32 masters, the memory plan, and torchrun (DDP and
+FSDP over 2 gloo processes on the CPU, compared with one process on the same global batch)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, STORIES, toy_pairs, write_jsonl
+from model import (LORA_TARGETS, Llama, LlamaConfig, LoRALinear, UserError, add_lora, lora_disabled, merge_lora,
+                   plain_state)
+
+import memory
+
+
+def small_cfg(**kw):
+    d = dict(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False,
+             attention_bias=True)
+    d.update(kw)
+    return LlamaConfig.from_dict({"model_type": "llama", **d})
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+def test_lora_starts_at_the_base_switches_off_and_merges_into_a_plain_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = Llama(small_cfg()).init_weights()
+    idx = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        base = model(idx)
+    adapters = add_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    assert sum(p.numel() for p in adapters) == 2 * (4 * (48 + 64) + 4 * (48 + 32) + 4 * (112 + 48))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, _ in model.named_parameters() if ".lora_" in n]
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 6
+    with torch.no_grad():
+        assert torch.equal(model(idx), base)                              # B = 0: the base model
+        for p in adapters:
+            p.normal_(std=0.05)
+        tuned = model(idx)
+        assert (tuned - base).abs().max() > 1e-3
+        with lora_disabled(model):
+            assert torch.equal(model(idx), base)                          # adapters off: exactly the base
+        assert torch.equal(model(idx), tuned)                             # and back on
+    model.save_pretrained(tmp_path / "merged")
+    names = json.load(open(tmp_path / "merged" / "config.json"))
+    assert names["num_hidden_layers"] == 2
+    from safetensors.torch import load_file
+    assert not any("lora" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))
+    again = Llama.from_pretrained(str(tmp_path / "merged"))
+    with torch.no_grad():
+        assert (again(idx) - tuned).abs().max().item() < 1e-5
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - tuned).abs().max().item() < 1e-4        # transformers reads the merged model
+        merge_lora(model)
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        assert (model(idx) - tuned).abs().max().item() < 1e-5
+
+
+def test_lora_flags_are_checked():
+    model = Llama(small_cfg())
+    with pytest.raises(UserError, match="unknown layer"):
+        add_lora(model, 4, 8, targets=("qkv",))
+    with pytest.raises(UserError, match="positive"):
+        add_lora(model, 0, 8)
+
+
+def test_lora_gradients_are_the_chain_rule_through_the_merged_weight():
+    """dL/dA = s B^T dL/dW' and dL/dB = s dL/dW' A^T, with W' = W + s B A; the base gets no gradient."""
+    import copy
+    torch.manual_seed(1)
+    model = Llama(small_cfg(num_hidden_layers=1)).init_weights()
+    plain = copy.deepcopy(model)
+    adapters = add_lora(model, 2, 4)
+    for p in adapters:
+        p.data.normal_(std=0.1)
+    idx = torch.randint(0, 96, (2, 6))
+    model(idx).logsumexp(-1).sum().backward()
+    lora = model.layers[0].self_attn.q_proj
+    plain.load_state_dict(plain_state(model))                           # every adapter merged
+    plain.requires_grad_(False)
+    W = plain.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    plain(idx).logsumexp(-1).sum().backward()
+    s = lora.scale
+    assert torch.allclose(lora.lora_A.grad, s * lora.lora_B.detach().T @ W.grad, atol=1e-5)
+    assert torch.allclose(lora.lora_B.grad, s * W.grad @ lora.lora_A.detach().T, atol=1e-5)
+    assert all(q.grad is None for n, q in model.named_parameters() if ".lora_" not in n)
+
+
+# -----------------------------------------------------------------------------
+# gradient checkpointing and precision
+
+def saved_bytes(fn, exclude):
+    """Bytes of the distinct storages autograd saves for backward while fn runs (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_only_block_inputs():
+    torch.manual_seed(0)
+    model = Llama(small_cfg(num_hidden_layers=3)).init_weights()
+    idx = torch.randint(0, 96, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, :4] = False
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.zero_grad()
+        nbytes, logits = saved_bytes(lambda: model(idx, mask=mask), params)
+        logits[mask].logsumexp(-1).sum().backward()
+        grads.append((nbytes, [p.grad.clone() for p in model.parameters()]))
+    (full, g0), (ckpt, g1) = grads
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+    assert ckpt < 0.4 * full
+
+
+def test_bf16_autocast_trains_fp32_masters_with_bf16_activations(tmp_path):
+    from rm import TrainConfig, train
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(24))
+    cfg = TrainConfig(data=data, preset="tiny", out=str(tmp_path / "rm"), batch_size=8, micro_batch=4, epochs=1.0,
+                      eval_every=2, max_length=48, dtype="bf16", device="cpu")
+    state = train(cfg)
+    assert state["step"] == 6                                             # the tiny preset's 3 epochs
+    rec = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl") if '"train"' in line]
+    assert rec[-1]["loss"] < rec[0]["loss"]                               # it learns in bf16
+    from safetensors import safe_open
+    with safe_open(tmp_path / "rm" / "last" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("score.weight").dtype == torch.float32        # fp32 masters are what is saved
+    # under autocast the KV cache and the activations are bf16, the master weights stay fp32
+    model = Llama(small_cfg()).init_weights()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(1, 8)
+        logits = model(torch.tensor([[1, 2, 3]]), cache=cache)
+    assert cache.k[0].dtype == torch.bfloat16 and logits.dtype == torch.float32
+    assert model.embed_tokens.weight.dtype == torch.float32
+
+
+# -----------------------------------------------------------------------------
+# the memory plan
+
+def test_parameter_counts_match_the_models_and_known_checkpoints():
+    for kw in (dict(), dict(tie_word_embeddings=True, attention_bias=False), dict(mlp_bias=True)):
+        cfg = small_cfg(**kw)
+        assert memory.param_counts(cfg)[0] == sum(p.numel() for p in Llama(cfg).parameters())
+        assert memory.param_counts(cfg, lm_head=False)[0] == \
+            sum(p.numel() for p in Llama(cfg, lm_head=False).parameters()) + cfg.hidden_size
+        m = Llama(cfg)
+        n = sum(p.numel() for p in add_lora(m, 8, 16, ("q_proj", "o_proj", "up_proj")))
+        assert memory.lora_params(cfg, 8, ("q_proj", "o_proj", "up_proj")) == n
+    # the published sizes: Llama-2-7B 6,738,415,616 and Llama-2-70B 68,976,648,192 parameters
+    assert memory.param_counts(memory.model_config("llama-2-7b"))[0] == 6_738_415_616
+    assert memory.param_counts(memory.model_config("llama-2-70b"))[0] == 68_976_648_192
+
+
+MODES = {   # name: (weights dtype, autocast, lora targets or None, residual bytes, compute bytes)
+    "fp32 full": (torch.float32, False, None, 4, 4),
+    "fp32 lora": (torch.float32, False, LORA_TARGETS, 4, 4),
+    "bf16 autocast over fp32 masters": (torch.float32, True, None, 4, 2),
+    "bf16 lora, frozen bf16 base": (torch.bfloat16, True, LORA_TARGETS, 2, 2),
+    "bf16 lora q,v only": (torch.bfloat16, True, ("q_proj", "v_proj"), 2, 2),
+    "bf16 weights (as FSDP computes)": (torch.bfloat16, False, None, 2, 2),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_activation_plan_equals_what_the_forward_saves(mode, ckpt):
+    """memory.block_activation_bytes against the storages autograd really keeps, for a padded batch."""
+    wdtype, amp, targets, rb, cb = MODES[mode]
+    cfg = small_cfg(num_hidden_layers=3, attention_bias=False)
+    torch.manual_seed(0)
+    model = Llama(cfg, lm_head=False).init_weights().to(wdtype)
+    rank = 0
+    if targets:
+        rank = 4
+        add_lora(model, rank, 8, targets)
+    model.grad_checkpointing = ckpt
+    B, T = 3, 40
+    idx = torch.randint(0, 96, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :7] = False
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def fwd():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return model(idx, mask=mask, return_hidden=True, logits="none")[1]
+    measured, _ = saved_bytes(fwd, params)
+    L, C, tokens = cfg.num_hidden_layers, cfg.hidden_size, B * T
+    trained = targets or LORA_TARGETS
+    per_layer = memory.block_activation_bytes(cfg, cb, rb, trained, rank, seq=T)
+    layers = L * rb * C * tokens if ckpt else L * per_layer * tokens
+    # besides the blocks: the final norm (with LoRA, as large as the first block's norm, which saves nothing: its
+    # input, a frozen embedding, needs no gradient), the bf16 copies autocast makes of fp32 trained matrices, RoPE's
+    # cos / sin, the token ids (full fine-tuning: the embedding's gradient), the mask checkpointing keeps
+    final_norm = (4 * C + 4 + (rb * C if not targets else 0)) * tokens if not targets or ckpt else 0
+    copies = 2 * memory.param_counts(cfg, lm_head=False)[1] if (amp and not targets and not ckpt) else 0
+    copies += 2 * memory.lora_params(cfg, rank, targets) if (amp and targets and not ckpt) else 0
+    small = (2 * cfg.head_dim * rb + (8 if not targets else 0) + (T if ckpt else 0)) * tokens
+    assert measured == pytest.approx(layers + final_norm + copies + small, rel=0.02)
+
+
+def test_plans_for_llama_2_7b_on_one_80gb_gpu():
+    cfg = memory.model_config("llama-2-7b")
+    GiB = memory.GiB
+    rows, peak, _ = memory.plan(cfg, memory.Job(job="rm", rows=16, seq=1024))
+    r = dict(rows)
+    assert r["model weights (fp32 masters)"] == 4 * (6_738_415_616 - 32000 * 4096 + 4096)
+    assert r["model AdamW moments (fp32)"] == 2 * r["model gradients (fp32)"] == 2 * r["model weights (fp32 masters)"]
+    assert peak > 80 * GiB                                                 # full fine-tuning does not fit
+    _, lora_peak, _ = memory.plan(cfg, memory.Job(job="rm", rows=16, seq=1024, lora_rank=16, grad_checkpointing=True))
+    assert 12 * GiB < lora_peak < 40 * GiB                                 # frozen bf16 base (12.3 GiB) + a little
+    rows, ppo_peak, note = memory.plan(cfg, memory.Job(job="ppo", rows=8, seq=768, response=256, rollout_rows=64,
+                                                       lora_rank=16, grad_checkpointing=True))
+    assert ppo_peak < 80 * GiB and "adapters off" in note
+    assert not any("reference" in n for n, _ in rows)                     # no copy of the reference or the RM
+    rows, fsdp_peak, _ = memory.plan(cfg, memory.Job(job="rm", rows=4, seq=1024, world=8, fsdp=True,
+                                                     grad_checkpointing=True))
+    assert dict(rows)["model AdamW moments (fp32)"] == pytest.approx(8 * (6_738_415_616 - 32000 * 4096 + 4096) / 8)
+    assert fsdp_peak < 80 * GiB                                            # full fine-tuning over 8 GPUs
+
+
+def test_memory_cli_and_trainer_dry_runs_print_a_plan():
+    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=ROOT, timeout=120)  # noqa
+    r = run("memory.py", "--model=llama-2-7b", "--job=rm")
+    assert r.returncode == 0 and "does NOT fit in 80 GiB" in r.stdout, r.stderr
+    r = run("rm.py", "--model=llama-2-7b", "--dry_run=true", "--lora_rank=16", "--device=cuda",
+            "--grad_checkpointing=true")
+    assert r.returncode == 0 and "fits in 80 GiB" in r.stdout and "adapters + head" in r.stdout, r.stderr
+    r = run("ppo.py", "--policy=llama-2-7b", "--dry_run=true", "--lora_rank=16", "--grad_checkpointing=true",
+            "--device=cuda", "--gpu_gib=40")
+    assert r.returncode == 0 and "[rollout] KV cache" in r.stdout and "40 GiB" in r.stdout, r.stderr
+    r = run("memory.py", "--model=nope")
+    assert r.returncode == 2 and "known shape" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# torchrun: 2 gloo processes against 1 process on the same global batch
+
+def launch(script, args, n, tmp_path):
+    """Run a script alone (n=1) or under torchrun with n gloo processes; fails the test on a nonzero exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, os.path.join(ROOT, script), *args] if n == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+         os.path.join(ROOT, script), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def max_diff(a, b):
+    from safetensors.torch import load_file
+    x, y = load_file(a), load_file(b)
+    assert sorted(x) == sorted(y)
+    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+
+
+def train_losses(path):
+    return [json.loads(line)["loss"] for line in open(path) if '"train"' in line or '"split"' not in line]
+
+
+# Tolerance: summing gradients over processes changes only the order of float additions (~1e-7 relative);
+# AdamW's first steps move each weight by about lr whatever the gradient's size, so after a few steps at lr 1e-3
+# the weights agree to ~5e-5. We allow 3e-4 on any weight and 1e-5 (relative) on every logged loss.
+WEIGHT_TOL = 3e-4
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scale")
+    return write_jsonl(d / "pairs.jsonl", toy_pairs(40))
+
+
+RM_ARGS = ["--preset=tiny", "--batch_size=8", "--micro_batch=2", "--epochs=0.5", "--eval_every=3", "--log_every=1",
+           "--max_length=48", "--device=cpu"]
+
+
+def test_rm_ddp_and_fsdp_match_one_process(tmp_path, pairs):
+    args = [f"--data={pairs}", *RM_ARGS]
+    launch("rm.py", [*args, "--out=one"], 1, tmp_path)
+    launch("rm.py", [*args, "--out=ddp"], 2, tmp_path)
+    launch("rm.py", [*args, "--out=fsdp", "--fsdp=true", "--grad_checkpointing=true"], 2, tmp_path)
+    for other in ("ddp", "fsdp"):
+        assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / f"{other}/last/model.safetensors") < WEIGHT_TOL
+        assert max_diff(tmp_path / "one/last/optimizer.safetensors",
+                        tmp_path / f"{other}/last/optimizer.safetensors") < WEIGHT_TOL
+        assert train_losses(tmp_path / "one/metrics.jsonl") == pytest.approx(
+            train_losses(tmp_path / f"{other}/metrics.jsonl"), rel=1e-5)
+    # an FSDP checkpoint holds whole tensors: one process resumes it and ends where one process alone ends
+    launch("rm.py", [*args, "--out=mixed", "--fsdp=true", "--stop_after=1"], 2, tmp_path)
+    launch("rm.py", [*args, "--out=mixed"], 1, tmp_path)
+    assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "mixed/last/model.safetensors") < WEIGHT_TOL
+
+
+def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
+    args = [f"--data={pairs}", *RM_ARGS, "--lora_rank=4", "--lora_targets=q_proj,v_proj,gate_proj"]
+    launch("rm.py", [*args, "--out=one"], 1, tmp_path)
+    launch("rm.py", [*args, "--out=two", "--fsdp=true"], 2, tmp_path)
+    assert max_diff(tmp_path / "one/last/adapters.safetensors", tmp_path / "two/last/adapters.safetensors") < WEIGHT_TOL
+    assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "two/last/model.safetensors") < WEIGHT_TOL
+    # stop after one step, resume from base + adapters: the same end
+    launch("rm.py", [*args, "--out=split", "--stop_after=1"], 1, tmp_path)
+    launch("rm.py", [*args, "--out=split"], 1, tmp_path)
+    assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "split/last/model.safetensors") < 1e-6
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "rm.py"), f"--data={pairs}", *RM_ARGS, "--lora_rank=8",
+                        "--out=split"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "another run" in r.stderr
+
+
+def test_sft_ddp_matches_one_process(tmp_path):
+    turns = [("user", "Once upon a time, Tom found a ball."), ("assistant", "He played with it all day. He was happy.")]
+    rows = [{"query_id": i, "usable": True, "turns": [{"role": r, "text": t + " " * (i % 3)} for r, t in turns]}
+            for i in range(30)]
+    data = write_jsonl(tmp_path / "sp.jsonl", rows)
+    flags = ["--sft_epochs=1", "--sft_batch=8", "--sft_micro_batch=2", "--sft_eval_every=2", "--sft_lr=1e-3",
+             "--device=cpu"]
+    launch("tests/sft_driver.py", [data, "one", STORIES, *flags], 1, tmp_path)
+    launch("tests/sft_driver.py", [data, "two", STORIES, *flags], 2, tmp_path)
+    assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "two/last/model.safetensors") < WEIGHT_TOL
+    assert train_losses(tmp_path / "one/metrics.jsonl") == pytest.approx(train_losses(tmp_path / "two/metrics.jsonl"),
+                                                                           rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory, pairs):
+    d = tmp_path_factory.mktemp("rm")
+    launch("rm.py", [f"--data={pairs}", *RM_ARGS, "--out=rm"], 1, d)
+    return str(d / "rm" / "best")
+
+
+@pytest.mark.parametrize("flags", [[], ["--fsdp=true"], ["--lora_rank=4", "--grad_checkpointing=true"]],
+                         ids=["ddp", "fsdp", "lora"])
+def test_ppo_on_two_processes_matches_one(tmp_path, reward_model, flags):
+    """One minibatch per rollout batch (minibatch = batch_size): the same rollouts (per-row sampler seeds), the
+    same whitening (global statistics) and the same summed gradients."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about Lily.\nWhat is a dog?\nTom has a ball.\nSing a song.\nA big red car.\n")
+    args = [f"--policy={STORIES}", f"--rm={reward_model}", f"--prompts={prompts}", "--steps=2", "--batch_size=4",
+            "--minibatch=4", "--ppo_epochs=2", "--max_new_tokens=12", "--lr=1e-3", "--value_lr=1e-3",
+            "--samples_per_log=0", "--penalize_missing_eos=false", "--device=cpu", *flags]
+    launch("ppo.py", [*args, "--out=one"], 1, tmp_path)
+    launch("ppo.py", [*args, "--out=two"], 2, tmp_path)
+    for sub in ("policy", "value"):
+        assert max_diff(tmp_path / f"one/last/{sub}/model.safetensors",
+                        tmp_path / f"two/last/{sub}/model.safetensors") < WEIGHT_TOL
+    one = [json.loads(line) for line in open(tmp_path / "one/metrics.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "two/metrics.jsonl")]
+    for a, b in zip(one, two):
+        for k in ("score_mean", "kl", "response_length", "non_score_reward"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5)
+    assert one[1]["kl"] > 0                                               # the second rollout comes from a new policy
