@@ -14,6 +14,16 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
   rm_260k    reward-model training throughput (forward + backward of the Bradley-Terry loss, pairs/s) against
              transformers' LlamaForSequenceClassification: stories260K trunk, 16 pairs of 20..250 tokens
   rm_134m    the same on the 134M shape, 4 pairs of 20..250 tokens
+
+GPU cases (not in the default list; they need CUDA and about 40 GB free; --shape=tiny runs their code path on the
+CPU, without memory figures):
+  decode_7b  bf16 decode tokens/s of a random model of --shape (llama-2-7b), batch 1, against its bandwidth bound
+             (weight bytes per token / measured device copy bandwidth)
+  rm_step_7b one reward-model training step (rm.train) at --shape with LoRA (rank 16) and gradient checkpointing:
+             peak memory (torch.cuda.max_memory_allocated) against memory.py's plan of the same run
+  ppo_step_7b one PPO step (ppo.train) at --shape with LoRA and checkpointing: peak memory against the plan
+
+    python bench.py --device=cuda --cases=decode_7b,rm_step_7b,ppo_step_7b
 """
 import os
 import statistics
@@ -35,6 +45,7 @@ class Config:
     new_tokens: int = 128
     repeats: int = 3
     device: str = "cpu"
+    shape: str = "llama-2-7b"      # the GPU cases' model shape: a memory.py shape name, or "tiny"
 
 
 def timed(fn, repeats):
@@ -168,8 +179,132 @@ def run_rm_case(name, cfg):
           f"pairs/s  ratio {t_hf / t_ours:5.2f}x  max score diff {same:.1e}", flush=True)
 
 
+# -----------------------------------------------------------------------------
+# GPU cases: a 7B shape with random bf16 weights
+
+def shape_config(name):
+    import memory
+    if name == "tiny":
+        return LlamaConfig.from_dict({"model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+                                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                                      "vocab_size": 512, "max_position_embeddings": 1024})
+    return memory.model_config(name)
+
+
+def random_model(cfg, dev, dtype, lm_head=True):
+    with torch.device(dev):
+        model = Llama(cfg, lm_head=lm_head).to(dtype)
+    torch.manual_seed(0)
+    return model.init_weights().eval()
+
+
+def run_decode_7b(cfg):
+    dev = torch.device(cfg.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    mc = shape_config(cfg.shape)
+    model = random_model(mc, dev, dtype)
+    prompts = [[1] + list(range(10, 17))]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t = timed(lambda: (generate(model, prompts, cfg.new_tokens, temperature=0, stop_ids=[]), sync()), cfg.repeats)
+    tps = cfg.new_tokens / t
+    wb, bw = weight_bytes_per_token(model), copy_bandwidth(dev, nbytes=2**30 if dev.type == "cuda" else 2**27)
+    print(f"decode_7b {cfg.shape} {str(dtype).removeprefix('torch.')} batch 1: {tps:.1f} tok/s; weights read/token "
+          f"{wb / 1e9:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s -> bound {bw / wb:.1f} tok/s; "
+          f"ours = {tps / (bw / wb):.0%} of bound", flush=True)
+
+
+def save_random_checkpoints(cfg, d, dev):
+    """A random policy (causal LM) and reward model of cfg's shape, with the bundled tokenizer, in d."""
+    from model import Tokenizer
+    from rm import RewardModel
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    tok = Tokenizer(os.path.join(HERE, "data", "stories260K"))
+    policy = random_model(cfg, dev, dtype)
+    policy.save_pretrained(os.path.join(d, "policy"), files={"tokenizer.model": tok.save})
+    del policy
+    rm = RewardModel(random_model(cfg, dev, dtype, lm_head=False), tok, max_length=cfg.max_position_embeddings)
+    rm.save_pretrained(os.path.join(d, "rm"))
+    del rm
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measured_against_plan(name, cfg, run, job):
+    """Run `run()` and print the peak of allocated CUDA memory against memory.py's plan of `job`."""
+    import memory
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    run()
+    dt = time.perf_counter() - t0
+    rows, peak, _ = memory.plan(shape_config(cfg.shape), job)
+    planned = peak - (0.6 * memory.GiB if job.device == "cuda" else 0)   # allocated memory excludes the context
+    if dev.type == "cuda":
+        got = torch.cuda.max_memory_allocated(dev)
+        print(f"{name} {cfg.shape}: peak allocated {got / memory.GiB:.2f} GiB, plan {planned / memory.GiB:.2f} GiB "
+              f"(measured / plan = {got / planned:.2f}); {dt:.1f} s", flush=True)
+    else:
+        print(f"{name} {cfg.shape}: ran in {dt:.1f} s on the CPU; plan {planned / memory.GiB:.3f} GiB (peak memory is "
+              f"measured on CUDA only)", flush=True)
+
+
+def run_rm_step_7b(cfg, rows=16, seq=512):
+    import json
+    import memory
+    import rm as rmlib
+    dev = torch.device(cfg.device)
+    mc = shape_config(cfg.shape)
+    with tempfile.TemporaryDirectory() as d:
+        save_random_checkpoints(mc, d, dev)
+        words = " ".join(f"w{i}" for i in range(2 * seq))      # long enough to be cut to seq tokens
+        with open(os.path.join(d, "pairs.jsonl"), "w") as f:
+            for i in range(rows // 2 + 1):
+                f.write(json.dumps({"prompt": f"q{i}", "chosen": words, "rejected": words[::-1]}) + "\n")
+        tc = rmlib.TrainConfig(data=os.path.join(d, "pairs.jsonl"), model=os.path.join(d, "rm"), out=os.path.join(d, "o"),
+                               max_length=seq, batch_size=rows // 2, micro_batch=rows // 2, val_frac=0.01, epochs=1.0,
+                               device=cfg.device, lora_rank=16, grad_checkpointing=True)
+        job = memory.Job(job="rm", dtype="bf16" if dev.type == "cuda" else "fp32", lora_rank=16,
+                         grad_checkpointing=True, rows=rows, seq=seq, device=dev.type)
+        measured_against_plan("rm_step_7b", cfg, lambda: rmlib.train(tc), job)
+
+
+def run_ppo_step_7b(cfg, rollout_rows=16, minibatch=8, new_tokens=128):
+    import memory
+    import ppo as ppolib
+    dev = torch.device(cfg.device)
+    mc = shape_config(cfg.shape)
+    with tempfile.TemporaryDirectory() as d:
+        save_random_checkpoints(mc, d, dev)
+        prompts = os.path.join(d, "prompts.txt")
+        with open(prompts, "w") as f:
+            f.write("\n".join(" ".join(f"w{i}" for i in range(40 + k)) for k in range(rollout_rows)))
+        pc = ppolib.Config(policy=os.path.join(d, "policy"), rm=os.path.join(d, "rm"), prompts=prompts,
+                           out=os.path.join(d, "o"), steps=1, batch_size=rollout_rows, minibatch=minibatch,
+                           ppo_epochs=1, max_new_tokens=new_tokens, samples_per_log=0, device=cfg.device, lora_rank=16,
+                           grad_checkpointing=True, penalize_missing_eos=False)
+        from model import Tokenizer
+        from rm import format_dialogue
+        tok = Tokenizer(os.path.join(d, "policy"))
+        prompt = max(len(tok.encode(format_dialogue(p))) for p in ppolib.read_prompts(prompts))
+        job = memory.Job(job="ppo", dtype="bf16" if dev.type == "cuda" else "fp32", lora_rank=16,
+                         grad_checkpointing=True, rows=minibatch, seq=prompt + new_tokens, response=new_tokens,
+                         rollout_rows=rollout_rows, device=dev.type)
+        measured_against_plan("ppo_step_7b", cfg, lambda: ppolib.train(pc), job)
+
+
+GPU_CASES = {"decode_7b": run_decode_7b, "rm_step_7b": run_rm_step_7b, "ppo_step_7b": run_ppo_step_7b}
+
+
 def main(argv):
     cfg = parse_args(Config, argv)
+    names = cfg.cases.split(",")
+    if all(n in GPU_CASES for n in names):   # these need no transformers
+        print(f"torch {torch.__version__}, device {cfg.device}"
+              + (f" ({torch.cuda.get_device_name(cfg.device)})" if cfg.device.startswith("cuda") else ""))
+        for n in names:
+            GPU_CASES[n](cfg)
+        return
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -177,6 +312,9 @@ def main(argv):
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {cfg.device}, "
           f"threads {torch.get_num_threads()}, {cfg.new_tokens} new tokens, median of {cfg.repeats}")
     for name in cfg.cases.split(","):
+        if name in GPU_CASES:
+            GPU_CASES[name](cfg)
+            continue
         if name not in ("260k_b1", "134m_b1", "260k_b16", "134m_b16", "rm_260k", "rm_134m"):
             raise UserError(f"--cases: unknown case {name!r}.")
         (run_rm_case if name.startswith("rm_") else run_case)(name, cfg)

@@ -110,6 +110,24 @@ def test_same_seed_same_output(stories):
     assert a == b and a[0] != c[0]
 
 
+def test_per_row_seeds_sample_a_row_the_same_in_any_batch(stories):
+    """seed=[...] gives each row its own generator: a row's sample does not depend on the rows beside it (PPO's
+    rollouts split over processes rely on this)."""
+    model, tok = stories
+    ids = [tok.encode(p) for p in PROMPTS]
+    seeds = [11, 22, 33, 44]
+    together, lp = generate(model, ids, 30, temperature=1.0, seed=seeds, stop_ids=[])
+    for i in range(len(ids)):
+        alone, lp1 = generate(model, [ids[i]], 30, temperature=1.0, seed=[seeds[i]], stop_ids=[])
+        assert alone[0] == together[i]
+        assert max(abs(a - b) for a, b in zip(lp1[0], lp[i])) < 1e-4
+    pair, _ = generate(model, [ids[2], ids[0]], 30, temperature=1.0, seed=[seeds[2], seeds[0]], stop_ids=[])
+    assert pair == [together[2], together[0]]
+    assert generate(model, ids, 30, temperature=1.0, seed=[1, 2, 3, 4], stop_ids=[])[0] != together
+    with pytest.raises(ValueError):
+        generate(model, ids, 5, seed=[1, 2])
+
+
 def test_each_row_stops_at_its_first_stop_id(stories):
     model, tok = stories
     prompts = [tok.encode(p) for p in PROMPTS]

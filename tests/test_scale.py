@@ -246,6 +246,15 @@ def test_memory_cli_and_trainer_dry_runs_print_a_plan():
     assert r.returncode == 0 and "[rollout] KV cache" in r.stdout and "40 GiB" in r.stdout, r.stderr
     r = run("memory.py", "--model=nope")
     assert r.returncode == 2 and "known shape" in r.stderr
+    r = run("almost.py", "--dry_run=true", "--stages=rm,sft,ppo")
+    assert r.returncode == 0 and all(f"memory plan ({j}," in r.stdout for j in ("rm", "sft", "ppo")), r.stderr
+
+
+def test_almost_under_torchrun_runs_only_trainer_stages(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={tmp_path}", "--stages=queries,rm"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert r.returncode == 2 and "only the trainer stages" in r.stderr
 
 
 # -----------------------------------------------------------------------------
