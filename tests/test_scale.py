@@ -275,7 +275,9 @@ def max_diff(a, b):
     from safetensors.torch import load_file
     x, y = load_file(a), load_file(b)
     assert sorted(x) == sorted(y)
-    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+    d = max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+    print(f"max |difference| {d:.1e}: {os.path.relpath(a, os.path.dirname(os.path.dirname(a)))} vs {b}")  # pytest -s
+    return d
 
 
 def train_losses(path):
@@ -331,15 +333,18 @@ def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
 
 
 def test_sft_ddp_matches_one_process(tmp_path):
-    turns = [("user", "Once upon a time, Tom found a ball."), ("assistant", "He played with it all day. He was happy.")]
-    rows = [{"query_id": i, "usable": True, "turns": [{"role": r, "text": t + " " * (i % 3)} for r, t in turns]}
-            for i in range(30)]
+    names, things = ["Tom", "Lily", "Max", "Sue", "Ben"], ["ball", "cat", "tree", "cake", "box", "bird"]
+    rows = [{"query_id": i, "usable": True, "turns": [
+        {"role": "user", "text": f"Once upon a time, {names[i % 5]} found a {things[i % 6]}."},
+        {"role": "assistant", "text": f"{names[i % 5]} played with the {things[i % 6]} all day." + " It was fun." * (i % 3)}]}
+        for i in range(30)]
     data = write_jsonl(tmp_path / "sp.jsonl", rows)
     flags = ["--sft_epochs=1", "--sft_batch=8", "--sft_micro_batch=2", "--sft_eval_every=2", "--sft_lr=1e-3",
              "--device=cpu"]
     launch("tests/sft_driver.py", [data, "one", STORIES, *flags], 1, tmp_path)
     launch("tests/sft_driver.py", [data, "two", STORIES, *flags], 2, tmp_path)
     assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "two/last/model.safetensors") < WEIGHT_TOL
+    assert max_diff(os.path.join(STORIES, "model.safetensors"), tmp_path / "one/last/model.safetensors") > 1e-3
     assert train_losses(tmp_path / "one/metrics.jsonl") == pytest.approx(train_losses(tmp_path / "two/metrics.jsonl"),
                                                                            rel=1e-5)
 
