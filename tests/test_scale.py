@@ -332,7 +332,8 @@ def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
     assert r.returncode == 2 and "another run" in r.stderr
 
 
-def test_sft_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("scale_flags", [[], ["--fsdp=true", "--grad_checkpointing=true"]], ids=["ddp", "fsdp"])
+def test_sft_on_two_processes_matches_one(tmp_path, scale_flags):
     names, things = ["Tom", "Lily", "Max", "Sue", "Ben"], ["ball", "cat", "tree", "cake", "box", "bird"]
     rows = [{"query_id": i, "usable": True, "turns": [
         {"role": "user", "text": f"Once upon a time, {names[i % 5]} found a {things[i % 6]}."},
@@ -342,7 +343,7 @@ def test_sft_ddp_matches_one_process(tmp_path):
     flags = ["--sft_epochs=1", "--sft_batch=8", "--sft_micro_batch=2", "--sft_eval_every=2", "--sft_lr=1e-3",
              "--device=cpu"]
     launch("tests/sft_driver.py", [data, "one", STORIES, *flags], 1, tmp_path)
-    launch("tests/sft_driver.py", [data, "two", STORIES, *flags], 2, tmp_path)
+    launch("tests/sft_driver.py", [data, "two", STORIES, *flags, *scale_flags], 2, tmp_path)
     assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "two/last/model.safetensors") < WEIGHT_TOL
     assert max_diff(os.path.join(STORIES, "model.safetensors"), tmp_path / "one/last/model.safetensors") > 1e-3
     assert train_losses(tmp_path / "one/metrics.jsonl") == pytest.approx(train_losses(tmp_path / "two/metrics.jsonl"),
