@@ -494,9 +494,17 @@ def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def reshard(module):
+    """FSDP: the root module keeps its gathered bf16 compute copies after a forward; put the fp32 shards back."""
+    for m in module.modules():
+        if hasattr(m, "reshard"):
+            m.reshard()
+
+
 def plain_state(module):
     """{name: tensor} of a module as a plain checkpoint holds it: adapters merged (and left out), FSDP shards
     gathered."""
+    reshard(module)
     merged = {f"{n}.weight": m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
     return {n: (merged[n].merged_weight() if n in merged else full_tensor(p)).contiguous()
             for n, p in module.named_parameters() if ".lora_" not in n}

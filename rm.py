@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import (LORA_TARGETS, Block, Llama, Tokenizer, UserError, add_lora, default_dtype, full_tensor,
-                   last_token_index, load_config, rank)
+                   last_token_index, load_config, rank, reshard)
 from sample import DTYPES, PAD_ID, parse_args, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -161,6 +161,7 @@ class RewardModel(nn.Module):
         so pad is set to a token the texts never end with (not EOS): that is the token we score."""
         pad = 0 if self.tok.eos_id != 0 else 1
         files = {"tokenizer.model": self.tok.save, **(files or {})}
+        reshard(self)   # (FSDP: the head's root module)
         self.model.save_pretrained(path, extra={"score.weight": self.head.weight}, files=files, config_updates={
             "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
             "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad,

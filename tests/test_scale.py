@@ -317,6 +317,16 @@ def test_rm_ddp_and_fsdp_match_one_process(tmp_path, pairs):
     assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "mixed/last/model.safetensors") < WEIGHT_TOL
 
 
+def test_fsdp_bf16_checkpoints_hold_the_fp32_masters(tmp_path, pairs):
+    """Under FSDP with bf16 compute the root module keeps bf16 copies after a forward; a checkpoint must hold the
+    fp32 master weights (what a resumed run trains on), not those copies."""
+    launch("rm.py", [f"--data={pairs}", *RM_ARGS, "--out=bf", "--fsdp=true", "--dtype=bf16"], 2, tmp_path)
+    from safetensors import safe_open
+    with safe_open(tmp_path / "bf/last/model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert json.load(open(tmp_path / "bf/last/config.json"))["torch_dtype"] == "float32"
+
+
 def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
     args = [f"--data={pairs}", *RM_ARGS, "--lora_rank=4", "--lora_targets=q_proj,v_proj,gate_proj"]
     launch("rm.py", [*args, "--out=one"], 1, tmp_path)
