@@ -341,8 +341,10 @@ def world_size():
 
 
 def compute_dtype(cfg, dev):
-    if cfg.dtype and cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
+    """A trainer's compute dtype: bf16 or fp32 (fp16 would need loss scaling, which is not written)."""
+    if cfg.dtype and DTYPES.get(cfg.dtype) not in (torch.float32, torch.bfloat16):
+        raise UserError(f"--dtype={cfg.dtype!r}: the trainers compute in bf16 or fp32 (fp16 training would need loss "
+                        f"scaling); use --dtype=bf16 or --dtype=fp32.")
     return DTYPES.get(cfg.dtype) or default_dtype(dev)
 
 

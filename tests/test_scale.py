@@ -140,7 +140,9 @@ def test_bf16_autocast_trains_fp32_masters_with_bf16_activations(tmp_path):
     assert rec[-1]["loss"] < rec[0]["loss"]                               # it learns in bf16
     from safetensors import safe_open
     with safe_open(tmp_path / "rm" / "last" / "model.safetensors", "pt") as f:
-        assert f.get_tensor("score.weight").dtype == torch.float32        # fp32 masters are what is saved
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}   # fp32 masters are what is saved
+    with pytest.raises(UserError, match="loss scaling"):
+        train(TrainConfig(data=data, preset="tiny", out=str(tmp_path / "rm16"), dtype="fp16", device="cpu"))
     # under autocast the KV cache and the activations are bf16, the master weights stay fp32
     model = Llama(small_cfg()).init_weights()
     with torch.autocast("cpu", dtype=torch.bfloat16):
