@@ -886,14 +886,13 @@ def sft_train(cfg, data_path, out, base):
         random.Random(cfg.seed * 1000 + e).shuffle(perm)
         batch = [train[i] for i in perm[k * cfg.sft_batch:(k + 1) * cfg.sft_batch]]
         n_tok = sum(sum(m[1:]) for _, m in batch)                              # of the global batch
-        mine = batch[r0::world]                                                # this process's share
         for g in opt.param_groups:
             g["lr"] = rmlib.lr_at(step, total, cfg.sft_lr, warmup=0.03)
         total_loss = 0.0
-        for i in range(0, len(mine), cfg.sft_micro_batch):
-            loss, _ = loss_of(mine[i:i + cfg.sft_micro_batch])
-            (loss / max(n_tok, 1)).backward()
-            total_loss += loss.item()
+        for mb, weight in rmlib.my_micro_batches(batch, cfg.sft_micro_batch):  # this process's share
+            loss, _ = loss_of(mb)
+            (weight * loss / max(n_tok, 1)).backward()
+            total_loss += weight * loss.item()
         rmlib.sync_grads(params, cfg)
         rmlib.clip_grads(params, 1.0)
         opt.step()

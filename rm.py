@@ -403,6 +403,17 @@ def describe(params, module, cfg):
              f", DDP over {world_size()} processes" if world_size() > 1 else ""))
 
 
+def my_micro_batches(batch, micro):
+    """This process's share of a global batch (every world-th row), cut into micro-batches, as (rows, weight)
+    pairs. Every process gets the same number of micro-batches (FSDP's collectives need each process in every
+    forward): a process short of rows runs the global batch's first row with weight 0."""
+    r, world = rank(), world_size()
+    mine = batch[r::world]
+    n = -(-len(batch[0::world]) // micro)                   # the largest share's count (process 0 has the most)
+    out = [(mine[i * micro:(i + 1) * micro], 1.0) for i in range(n)]
+    return [(rows, w) if rows else (batch[:1], 0.0) for rows, w in out]
+
+
 def sync_grads(params, cfg):
     """DDP: sum the gradients over the processes, one all-reduce per ~64M-element bucket. (FSDP has done it.)"""
     if world_size() == 1 or cfg.fsdp:
@@ -680,16 +691,16 @@ def train(cfg):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup)
         batch = step_pairs(step)
-        mine = batch[r0::world]                                                # this process's share
-        for i in range(0, len(mine), cfg.micro_batch):
-            mb = mine[i:i + cfg.micro_batch]
+        for mb, weight in my_micro_batches(batch, cfg.micro_batch):        # this process's share
             # chosen and rejected of a micro-batch go through one forward (2m rows, left padded)
             idx, mask = pad_batch([c for c, _, _ in mb] + [r for _, r, _ in mb], device=dev)
             with autocast(dev, dtype):
                 r = rm(idx, mask)                                              # (2m,)
             rc, rr = r[:len(mb)], r[len(mb):]
-            loss = F.softplus(rr - rc).sum() / len(batch)                      # its share of the global batch mean
+            loss = weight * F.softplus(rr - rc).sum() / len(batch)             # its share of the global batch mean
             loss.backward()
+            if not weight:
+                continue
             m = pair_metrics(rc.detach(), rr.detach())
             sums = [a + b for a, b in zip(sums, (m["loss"] * m["n"], m["accuracy"] * m["n"], m["margin"] * m["n"],
                                                  m["n"]))]

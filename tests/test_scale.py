@@ -329,6 +329,19 @@ def test_fsdp_bf16_checkpoints_hold_the_fp32_masters(tmp_path, pairs):
     assert json.load(open(tmp_path / "bf/last/config.json"))["torch_dtype"] == "float32"
 
 
+def test_fsdp_with_a_batch_that_does_not_split_evenly(tmp_path):
+    """5 training pairs, micro-batches of 2, 2 processes: shares of 3 and 2 pairs, so process 1 runs a zero-weight
+    micro-batch to stay in step with process 0's collectives (else FSDP hangs), and the result is still one
+    process's."""
+    data = write_jsonl(tmp_path / "six.jsonl", toy_pairs(6, seed=3))
+    args = [f"--data={data}", *RM_ARGS, "--batch_size=8", "--eval_every=1"]
+    launch("rm.py", [*args, "--out=one"], 1, tmp_path)
+    launch("rm.py", [*args, "--out=two", "--fsdp=true"], 2, tmp_path)
+    assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "two/last/model.safetensors") < WEIGHT_TOL
+    assert train_losses(tmp_path / "one/metrics.jsonl") == pytest.approx(train_losses(tmp_path / "two/metrics.jsonl"),
+                                                                           rel=1e-5)
+
+
 def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
     args = [f"--data={pairs}", *RM_ARGS, "--lora_rank=4", "--lora_targets=q_proj,v_proj,gate_proj"]
     launch("rm.py", [*args, "--out=one"], 1, tmp_path)
