@@ -146,7 +146,7 @@ def plan(cfg, j):
 
     # trained models: rm -> trunk + head; sft -> causal LM; ppo -> policy (LM) and value (trunk + head)
     trained_models = {"rm": [False], "sft": [True], "ppo": [True, False]}[j.job]
-    static, note = 0, []
+    note = []
     for lm_head in trained_models:
         n, mats = param_counts(cfg, lm_head)
         name = {True: "policy" if j.job == "ppo" else "model", False: "value" if j.job == "ppo" else "model"}[lm_head]
@@ -195,7 +195,8 @@ def plan(cfg, j):
         resp = j.rows * j.response
         phases["rollout"] = [("KV cache of the rollout", 2 * L * kv * cb * j.rollout_rows * j.seq),
                              ("logits and sampling (fp32)", 4 * 4 * V * j.rollout_rows)]
-        phases["scoring"] = [(f"logits of one scoring chunk of {j.rows} rows (fp32, no grad)", 4 * V * tokens + 12 * V * resp)]
+        phases["scoring"] = [(f"logits of one scoring chunk of {j.rows} rows (fp32, no grad)",
+                              4 * V * tokens + 12 * V * resp)]
         phases["train"] = [(f"activations (policy + value, one minibatch of {j.rows} rows)", models * act),
                            ("policy logits, log-softmax, entropy (fp32)", 4 * V * tokens + 12 * V * resp)]
     worst = max(phases, key=lambda k: sum(b for _, b in phases[k]))
