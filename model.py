@@ -419,9 +419,10 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))     # (r, in)
+        A = torch.empty(rank, self.in_features)                                         # (r, in)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)               # as nn.Linear (and PEFT)
+        self.lora_A = nn.Parameter(A.to(dev))                                           # (seeded on the CPU)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))    # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)     # as nn.Linear (and PEFT)
         self.scale, self.enabled = alpha / rank, True
 
     def forward(self, x):
@@ -451,8 +452,7 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS, seed=0):
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if name in targets and type(child) is nn.Linear:
-                lora = LoRALinear(child, rank, alpha, g if child.weight.device.type == "cpu" else None)
-                setattr(mod, name, lora)
+                setattr(mod, name, LoRALinear(child, rank, alpha, g))
     return [p for n, p in model.named_parameters() if ".lora_" in n]
 
 
