@@ -951,6 +951,18 @@ def stage_sft(cfg):
 # -----------------------------------------------------------------------------
 # 3. RL from synthetic feedback: PPO (ppo.py) on the SFT policy against the reward model
 
+def ppo_config(cfg, policy, prompts):
+    """ppo.py's Config for the ppo stage: the profile's settings, --ppo_steps / --ppo_lr, the scale flags."""
+    import ppo as ppolib
+    settings = dict(PROFILES[cfg.profile]["ppo"])
+    if cfg.ppo_steps:
+        settings["steps"] = cfg.ppo_steps
+    if cfg.ppo_lr:
+        settings["lr"] = cfg.ppo_lr
+    return ppolib.Config(policy=policy, rm=cfg.reward_model, prompts=prompts, out=os.path.join(cfg.out, "ppo"),
+                         seed=cfg.seed, **scale_flags(cfg), **settings)
+
+
 def stage_ppo(cfg):
     """PPO from step 2's SFT policy (out/sft/best) against step 1's reward model; the RL prompts are the
     self-play queries (the held-out 10% stay unseen). ppo.py resumes from out/ppo/last."""
@@ -960,17 +972,10 @@ def stage_ppo(cfg):
     if rank() == 0:
         write_jsonl_atomic(prompts, [{"query": q["query"]} for q in queries])
     barrier()
-    settings = dict(PROFILES[cfg.profile]["ppo"])
-    if cfg.ppo_steps:
-        settings["steps"] = cfg.ppo_steps
-    if cfg.ppo_lr:
-        settings["lr"] = cfg.ppo_lr
     policy = os.path.join(cfg.out, "sft", "best")
     if not os.path.isfile(os.path.join(policy, "config.json")):
         raise UserError(f"{policy}: no SFT policy; run the sft stage first (--stages=sft,ppo).")
-    state = ppolib.train(ppolib.Config(policy=policy, rm=cfg.reward_model, prompts=prompts,
-                                       out=os.path.join(cfg.out, "ppo"), seed=cfg.seed, **scale_flags(cfg),
-                                       **settings))
+    state = ppolib.train(ppo_config(cfg, policy, prompts))
     rows = read_records(os.path.join(cfg.out, "ppo", "metrics.jsonl"))
     if rows and rank() == 0:
         print(f"ppo: {state['step']} steps; RM score {rows[0]['rm_score_mean']:.3f} -> {rows[-1]['rm_score_mean']:.3f}, "
@@ -1261,23 +1266,16 @@ def print_plan(cfg, stages):
         total += t
         print(f"  {s:9s} {line}")
     print(f"  about {total:,} tokens to generate in all")
-    # memory per GPU of the trainer stages (memory.py)
-    from rm import PRESETS, memory_dry_run
+    # memory per GPU of the trainer stages: each trainer's own dry run (cfg.dry_run is on), as the stage would call it
+    import ppo as ppolib
+    import rm as rmlib
     if "rm" in stages:
-        preset = PRESETS.get(cfg.rm_preset, {})
-        from rm import TrainConfig
-        d = TrainConfig()
-        memory_dry_run(cfg, cfg.rm_model or preset.get("model"), "rm", 2 * preset.get("micro_batch", d.micro_batch),
-                       preset.get("max_length", d.max_length))
+        rmlib.train(rmlib.TrainConfig(model=cfg.rm_model, preset=cfg.rm_preset, seed=cfg.seed, **scale_flags(cfg)))
+    base = cfg.sft_model or (cfg.assistant and parse_generator("--assistant", cfg.assistant, cfg.format).model)
     if "sft" in stages:
-        base = cfg.sft_model or parse_generator("--assistant", cfg.assistant, cfg.format).model
-        memory_dry_run(cfg, base, "sft", cfg.sft_micro_batch, cfg.sft_max_length)
-    if "ppo" in stages:
-        p = PROFILES[cfg.profile]["ppo"]
-        base = cfg.sft_model or parse_generator("--assistant", cfg.assistant, cfg.format).model
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        memory_dry_run(cfg, base, "ppo", max(1, p["minibatch"] // world), 256 + p["max_new_tokens"],
-                       rollout_rows=max(1, p["batch_size"] // world), response=p["max_new_tokens"])
+        rmlib.memory_dry_run(cfg, base, "sft", cfg.sft_micro_batch, cfg.sft_max_length)
+    if "ppo" in stages:   # the SFT policy does not exist yet: its base stands in (same shape)
+        ppolib.train(ppo_config(cfg, base, os.path.join(cfg.out, "ppo_prompts.jsonl")))
 
 
 # -----------------------------------------------------------------------------

@@ -222,7 +222,7 @@ def describe_plan(cfg, j, title=""):
     fits = peak <= j.gpu_gib * GiB
     where = "per GPU" if j.device == "cuda" else "(CPU)"
     out.append(f"  {'peak ' + where:<72} {size(peak)}  ->  "
-               + (f"fits in {j.gpu_gib:g} GiB" if fits else f"does NOT fit in {j.gpu_gib:g} GiB"))
+               + (f"fits in {j.gpu_gib:.3g} GiB" if fits else f"does NOT fit in {j.gpu_gib:.3g} GiB"))
     if note:
         out.append(f"  ({note})")
     if not fits:

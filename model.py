@@ -387,18 +387,18 @@ class Llama(nn.Module):
                 save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
                 weight_map.update({n: fname for n in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
                         {"metadata": {"total_size": total}, "weight_map": weight_map})
         d = self.config.to_dict()
         d["torch_dtype"] = str(state[hf_name("embed_tokens.weight")].dtype).removeprefix("torch.")
         d.update(config_updates or {})
-        _write_json(os.path.join(tmp, "config.json"), d)
+        write_json(os.path.join(tmp, "config.json"), d)
         for name, write in (files or {}).items():
             write(os.path.join(tmp, name))
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.eos_ids}
         if self.config.pad_token_id is not None:
             gen["pad_token_id"] = self.config.pad_token_id
-        _write_json(os.path.join(tmp, "generation_config.json"), gen)
+        write_json(os.path.join(tmp, "generation_config.json"), gen)
         commit_dir(tmp, path)
 
 
@@ -596,7 +596,7 @@ def load_safetensors(path, expected, device, dtype, optional=None):
     return state
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")

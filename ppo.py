@@ -41,15 +41,6 @@ def masked_mean(x, mask, dim=None):
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def masked_var(x, mask):
-    """Population variance over the valid positions (0 when there are fewer than two)."""
-    n = mask.sum()
-    if n <= 1:
-        return torch.zeros((), dtype=x.dtype, device=x.device)
-    mean = masked_mean(x, mask)
-    return masked_mean((x - mean) ** 2, mask)
-
-
 def masked_whiten(x, mask, shift_mean=True):
     """(x - mean) / std over valid positions (7); shift_mean=False keeps the mean (for rewards). With one valid
     token there is no spread to divide by: x is only centred (or returned unchanged). Invalid positions -> 0.

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import (LORA_TARGETS, Block, Llama, Tokenizer, UserError, add_lora, default_dtype, full_tensor,
-                   last_token_index, load_config, rank, reshard)
+                   last_token_index, load_config, rank, reshard, write_json)
 from sample import DTYPES, PAD_ID, parse_args, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -519,11 +519,6 @@ def save_training_checkpoint(save, params, opt, path, state, module=None):
         trained = {n: full_tensor(p).cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
         files["adapters.safetensors"] = lambda f: save_file(trained, f)
     save(path, files=files)
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def load_trained(module, path):
