@@ -332,7 +332,9 @@ def barrier():
 
 
 def end_distributed():
+    """Leave the process group together (a process that tears gloo down while another still writes can abort)."""
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
