@@ -33,18 +33,20 @@ from dataclasses import dataclass
 
 import torch
 
-from model import Llama, LlamaConfig
-from sample import UserError, generate, parse_args, run_cli
+from common import UserError, parse_args, run_cli
+from model import Llama, LlamaConfig, pad_batch
+from sample import generate
+from tokenizer import Tokenizer, format_dialogue
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
 class Config:
-    cases: str = "260k_b1,134m_b1,260k_b16,134m_b16,rm_260k,rm_134m"
-    new_tokens: int = 128
-    repeats: int = 3
-    device: str = "cpu"
+    cases: str = "260k_b1,134m_b1,260k_b16,134m_b16,rm_260k,rm_134m"  # comma-separated, see above
+    new_tokens: int = 128          # tokens decoded per run
+    repeats: int = 3               # runs per case; the median is reported
+    device: str = "cpu"            # cpu or cuda
     shape: str = "llama-2-7b"      # the GPU cases' model shape: a memory.py shape name, or "tiny"
 
 
@@ -140,10 +142,8 @@ def run_case(name, cfg):
 
 def run_rm_case(name, cfg):
     """Forward + backward of the BT loss on one batch of pairs, ours against HF's sequence classifier."""
-    import torch.nn.functional as F
     from transformers import LlamaForSequenceClassification
-    from model import Tokenizer
-    from rm import RewardModel, pad_batch
+    from rm import RewardModel, bt_loss
     dev = torch.device(cfg.device)
     trunk = Llama.from_pretrained(os.path.join(HERE, "data", "stories260K"), device=dev) if name == "rm_260k" \
         else make_134m(dev)
@@ -164,12 +164,12 @@ def run_rm_case(name, cfg):
 
     def step_ours():
         r = ours(idx, mask)
-        F.softplus(r[n_pairs:] - r[:n_pairs]).mean().backward()
+        bt_loss(r[:n_pairs], r[n_pairs:]).backward()
         ours.zero_grad(set_to_none=True)
 
     def step_hf():
         r = hf(input_ids=hf_idx, attention_mask=mask.long()).logits[:, 0]
-        F.softplus(r[n_pairs:] - r[:n_pairs]).mean().backward()
+        bt_loss(r[:n_pairs], r[n_pairs:]).backward()
         hf.zero_grad(set_to_none=True)
 
     with torch.no_grad():
@@ -215,7 +215,6 @@ def run_decode_7b(cfg):
 
 def save_random_checkpoints(cfg, d, dev):
     """A random policy (causal LM) and reward model of cfg's shape, with the bundled tokenizer, in d."""
-    from model import Tokenizer
     from rm import RewardModel
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tok = Tokenizer(os.path.join(HERE, "data", "stories260K"))
@@ -283,8 +282,6 @@ def run_ppo_step_7b(cfg, rollout_rows=16, minibatch=8, new_tokens=128):
                            out=os.path.join(d, "o"), steps=1, batch_size=rollout_rows, minibatch=minibatch,
                            ppo_epochs=1, max_new_tokens=new_tokens, samples_per_log=0, device=cfg.device, lora_rank=16,
                            grad_checkpointing=True, penalize_missing_eos=False)
-        from model import Tokenizer
-        from rm import format_dialogue
         tok = Tokenizer(os.path.join(d, "policy"))
         prompt = max(len(tok.encode(format_dialogue(p))) for p in ppolib.read_prompts(prompts))
         job = memory.Job(job="ppo", dtype="bf16" if dev.type == "cuda" else "fp32", lora_rank=16,

@@ -18,7 +18,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from model import LORA_TARGETS, LlamaConfig, UserError, load_config
+from common import UserError, parse_args, run_cli
+from model import LORA_TARGETS, LlamaConfig, load_config
 
 GiB = 2**30
 
@@ -110,13 +111,12 @@ def block_activation_bytes(cfg, compute_bytes, residual_bytes, trained, lora_ran
 class Job:
     job: str = "rm"                 # rm | sft | ppo | sample
     dtype: str = "bf16"             # compute dtype: bf16 (GPU) or fp32
-    lora_rank: int = 0
-    lora_targets: str = ",".join(LORA_TARGETS)
-    grad_checkpointing: bool = False
+    lora_rank: int = 0              # > 0: LoRA adapters of this rank are trained, the base frozen
+    lora_targets: str = ",".join(LORA_TARGETS)  # the linear layers that get adapters
+    grad_checkpointing: bool = False  # each block's activations recomputed in backward
     world: int = 1                  # processes (GPUs)
-    fsdp: bool = False
-    rows: int = 16                  # rows per forward/backward: rm 2 x micro_batch (chosen + rejected), sft micro_batch,
-                                    # ppo minibatch / world; sample: the batch
+    fsdp: bool = False              # weights, gradients and optimizer state sharded over the processes
+    rows: int = 16                  # rows per forward (rm: 2 x micro_batch; sft: micro_batch; ppo: minibatch / world)
     seq: int = 1024                 # tokens per row (ppo: prompt + response)
     rollout_rows: int = 64          # ppo: rollout rows per process
     response: int = 512             # ppo: response tokens of seq
@@ -238,7 +238,6 @@ class Config(Job):
 
 
 def main(argv):
-    from sample import parse_args
     c = parse_args(Config, argv)
     cfg = model_config(c.model)
     if c.json:
@@ -251,5 +250,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from sample import run_cli
     run_cli(main)

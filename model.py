@@ -1,5 +1,5 @@
 """
-The LLaMA decoder, its HF-format checkpoints and its SentencePiece tokenizer.
+The LLaMA decoder, its HF-format checkpoints, and LoRA adapters.
 
 One forward serves training, prefill and cached decoding:
 
@@ -10,19 +10,16 @@ One forward serves training, prefill and cached decoding:
 Module names follow transformers' LlamaForCausalLM, so a checkpoint's tensor names map onto ours by one
 rule (`hf_name` below) and any HF LLaMA folder loads without conversion. RoPE uses HF's rotate-half layout.
 """
-import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, bad config, bad data). CLIs print it without a traceback."""
+from common import UserError, commit_dir, rank, read_json, tmp_dir, write_json
+from tokenizer import Tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -195,6 +192,21 @@ def last_token_index(mask):
     padding alike. The reward score, PPO's reward placement and the value bootstrap all read this token."""
     T = mask.shape[-1]
     return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(-1)
+
+
+PAD_ID = 0  # any id works: padded slots are masked out of attention and never sampled or scored
+
+
+def pad_batch(seqs, left=True, device="cpu"):
+    """list of id lists -> (B, T) ids and (B, T) bool mask (False at padding), padded on the left (or right)."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        idx[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = True
+    return idx.to(device), mask.to(device)
 
 
 class KVCache:
@@ -490,10 +502,6 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def reshard(module):
     """FSDP: the root module keeps its gathered bf16 compute copies after a forward; put the fp32 shards back."""
     for m in module.modules():
@@ -513,6 +521,10 @@ def plain_state(module):
 # -----------------------------------------------------------------------------
 # loading helpers: one loader for configs, tensors and tokenizers
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
 def default_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
@@ -523,20 +535,12 @@ def _need_dir(path):
                         f"model.safetensors (an HF LLaMA checkpoint), e.g. --model=data/stories260K.")
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e}). Restore the file from the original checkpoint.") from None
-
-
 def load_config(path):
     _need_dir(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{cfg_path}: missing. A model folder needs the config.json of an HF LLaMA checkpoint.")
-    return LlamaConfig.from_dict(_read_json(cfg_path), where=cfg_path)
+    return LlamaConfig.from_dict(read_json(cfg_path), where=cfg_path)
 
 
 def generation_eos_ids(path):
@@ -544,7 +548,7 @@ def generation_eos_ids(path):
     p = os.path.join(path, "generation_config.json")
     if not os.path.isfile(p):
         return None
-    e = _read_json(p).get("eos_token_id")
+    e = read_json(p).get("eos_token_id")
     return None if e is None else [e] if isinstance(e, int) else list(e)
 
 
@@ -557,7 +561,7 @@ def load_safetensors(path, expected, device, dtype, optional=None):
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        weight_map = _read_json(index).get("weight_map") or {}
+        weight_map = read_json(index).get("weight_map") or {}
         files = [os.path.join(path, f) for f in dict.fromkeys(weight_map.values())]
         for f in files:
             if not os.path.isfile(f):
@@ -596,80 +600,16 @@ def load_safetensors(path, expected, device, dtype, optional=None):
     return state
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def tmp_dir(path):
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def commit_dir(tmp, path):
-    """Swap a finished temporary folder in place of `path`, keeping files of `path` that tmp does not have
-    (a tokenizer.model, say). The old folder is moved aside first, so `path` is never half written."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        stale = ("model.safetensors", "model.safetensors.index.json")
-        for f in os.listdir(path):
-            src = os.path.join(path, f)
-            if (not os.path.exists(os.path.join(tmp, f)) and not f.startswith(stale)
-                    and not (f.startswith("model-") and f.endswith(".safetensors"))):
-                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, f))
-        old = path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# tokenizer
-
-class Tokenizer:
-    """SentencePiece tokenizer: a tokenizer.model file, or a model folder holding one."""
-
-    def __init__(self, path):
-        import sentencepiece as spm
-        file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise UserError(f"{file}: missing. Copy the checkpoint's SentencePiece tokenizer.model there.")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(file)
-        except Exception:
-            raise UserError(f"{file}: not a SentencePiece model. Use the tokenizer.model that came with "
-                            f"the checkpoint.") from None
-        self.path = file
-        self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-
-    def encode(self, text, bos=True, eos=False):
-        ids = self.sp.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids):
-        return self.sp.decode(list(ids))
-
-    def save(self, path):
-        """Write the SentencePiece model to `path` (a checkpoint's tokenizer.model)."""
-        with open(path, "wb") as f:
-            f.write(self.sp.serialized_model_proto())
+def load_tokenizer(path, config):
+    """The tokenizer of a model folder, checked against the model's config."""
+    tok = Tokenizer(path)
+    if tok.vocab_size > config.vocab_size:
+        raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+                        f"{config.vocab_size}. Use the tokenizer that came with this checkpoint.")
+    return tok
 
 
 def load(path, device="cpu", dtype=None):
     """The model and tokenizer of a folder, checked against each other. Every script loads through here."""
     model = Llama.from_pretrained(path, device=device, dtype=dtype)
-    tok = Tokenizer(path)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
-                        f"{model.config.vocab_size}. Use the tokenizer.model that came with this checkpoint.")
-    return model, tok
+    return model, load_tokenizer(path, model.config)

@@ -1,16 +1,20 @@
 """
-PPO with GAE, from scratch: ALMoST step 3, RL from synthetic feedback. The checklist of RLHF_NOTES.md, item by item
-(the numbers in the comments below).
+PPO with GAE, from scratch: ALMoST step 3, reinforcement learning from synthetic feedback. The policy starts from
+the SFT policy of step 2 and learns to maximise the synthetic reward model's score minus beta * KL(policy || SFT).
 
     python ppo.py --policy=out/sft/best --rm=out/rm/best --prompts=out/queries.jsonl --out=out/ppo
 
-Per step: sample a rollout batch from the policy with THE sampler (1), recompute the logprobs of the policy and the
-frozen reference (the SFT policy) and the values with the training forward on the same token layout (3), build
-per-token rewards -beta * (logp - logp_ref) with the reward model's score (normalised) at the last real response
-token (6), GAE backwards over the response (8), whiten the advantages (7), then ppo_epochs passes of minibatches
-over fresh permutations with the clipped policy and value losses (9, 10, 11), and update beta (12). Every metric of
-item 13 goes to metrics.jsonl; checkpoints are HF folders (policy: LlamaForCausalLM, value:
-LlamaForSequenceClassification) and a rerun resumes.
+A PPO step, as train() runs it:
+  1. rollout      sample responses to a batch of prompts with THE sampler (temperature T, no top-k, no top-p)
+  2. score        the logprobs of the policy and of the frozen reference (the SFT policy) and the values,
+                  recomputed on one token layout; the reward model's score of each response
+  3. advantages   per-token rewards -beta * (logp - logp_ref), the score added at the last real token (token_rewards);
+                  GAE backwards over the response (gae); whitened advantages (masked_whiten)
+  4. PPO epochs   ppo_epochs passes of minibatches over fresh permutations, each a gradient step on ppo_loss
+  5. KL control   beta follows the measured KL towards --kl_target (adaptive_kl, Ziegler et al. 2019)
+  6. log, save    one metrics.jsonl line; HF checkpoints of the policy (LlamaForCausalLM) and the value model
+                  (LlamaForSequenceClassification) every --save_every steps; a rerun resumes
+docs/ppo.md lists the implementation details that make this work and where each of them lives below.
 """
 import contextlib
 import json
@@ -18,20 +22,23 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from model import Llama, Tokenizer, UserError, commit_dir, last_token_index, lora_disabled, rank
-from rm import (RewardModel, ScaleConfig, all_sum, autocast, clip_grads, compute_dtype, describe, end_distributed,
-                format_dialogue, load_dtype, lora_key, make_optimizer, memory_dry_run, prepare_for_training,
-                save_training_checkpoint, setup_distributed, start_or_resume, sync_grads)
-from sample import PAD_ID, generate, parse_args, run_cli
+from common import UserError, commit_dir, derive_seed, parse_args, rank, run_cli, world_size
+from model import Llama, PAD_ID, last_token_index, lora_disabled
+from rm import RewardModel
+from sample import generate
+from tokenizer import Tokenizer, format_dialogue
+from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, load_dtype, lora_key,
+                     make_optimizer, memory_dry_run, optimizer_step, prepare_for_training, resume_from,
+                     save_training_checkpoint, setup_distributed, start_or_resume)
 
 
 # -----------------------------------------------------------------------------
-# masked statistics and GAE (the public helpers)
+# the algorithms: masked statistics, the KL-shaped rewards, GAE, the PPO loss, the KL controller
 
 def masked_mean(x, mask, dim=None):
     """Mean of x over the positions where mask is True (all of them, or along dim)."""
@@ -42,7 +49,7 @@ def masked_mean(x, mask, dim=None):
 
 
 def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over valid positions (7); shift_mean=False keeps the mean (for rewards). With one valid
+    """(x - mean) / std over the valid positions only; shift_mean=False keeps the mean (for rewards). With one valid
     token there is no spread to divide by: x is only centred (or returned unchanged). Invalid positions -> 0.
     Under torchrun the mean and std are those of every process's rows (the global batch)."""
     m = mask.to(x.dtype)
@@ -58,10 +65,23 @@ def masked_whiten(x, mask, shift_mean=True):
     return out * mask
 
 
+def token_rewards(score, logp, ref_logp, mask, beta):
+    """Per-token rewards: -beta * (logp - logp_ref) on every response token (the KL penalty, estimated on the
+    sampled token), plus the sequence's score at its last real response token (the EOS when there is one): not one
+    past it, not at the first token. (B, R) tensors, score (B,). Returns (rewards, the non-score part)."""
+    kl = (logp - ref_logp) * mask
+    non_score = -beta * kl
+    rewards = non_score.clone()
+    rows = torch.arange(len(score), device=score.device)
+    rewards[rows, last_token_index(mask)] += score
+    return rewards, non_score
+
+
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Generalised advantage estimation (8) on (B, T) tensors whose mask marks each row's response tokens (a
-    prefix of the row). Backwards: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V
-    and A past the last token 0. Returns (advantages, returns = A + V), both 0 off the mask, detached."""
+    """Generalised advantage estimation (Schulman et al. 2016) on (B, T) tensors whose mask marks each row's
+    response tokens (a prefix of the row). Backwards: delta_t = r_t + gamma V_{t+1} - V_t,
+    A_t = delta_t + gamma lam A_{t+1}, with V and A past the last token 0. Returns (advantages, returns = A + V),
+    both 0 off the mask, detached; the returns are taken before the advantages are whitened."""
     rewards, values, m = rewards.detach(), values.detach(), mask.to(rewards.dtype)
     B, T = rewards.shape
     adv = torch.zeros_like(rewards)
@@ -75,57 +95,65 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, (adv + values) * m
 
 
-def token_rewards(score, logp, ref_logp, mask, beta):
-    """Per-token rewards (6): -beta * (logp - logp_ref) on every response token, plus the sequence score at the
-    last real response token (the EOS when there is one). Returns (rewards, non_score part)."""
-    kl = (logp - ref_logp) * mask
-    non_score = -beta * kl
-    rewards = non_score.clone()
-    rows = torch.arange(len(score), device=score.device)
-    rewards[rows, last_token_index(mask)] += score
-    return rewards, non_score
+def ppo_loss(logp, old_logp, values, old_values, advantages, returns, mask, n_tokens, clip=0.2, value_clip=0.2):
+    """PPO's clipped losses (Schulman et al. 2017) over the masked response tokens, each summed over the tokens and
+    divided by n_tokens (the token count of the whole minibatch, over every process). (B, R) tensors.
+    Policy: with ratio = exp(logp - logp_old), the larger of -A ratio and -A clip(ratio, 1 - clip, 1 + clip): a step
+    gains nothing by pushing the ratio past the clip range in the direction the advantage favours.
+    Value: half the larger of (V - R)^2 and (V_clipped - R)^2, V_clipped = V_old + clip(V - V_old, +-value_clip).
+    Returns (policy_loss, value_loss, ratio)."""
+    ratio = torch.exp(logp - old_logp)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    policy_loss = (torch.max(pg_loss1, pg_loss2) * mask).sum() / n_tokens
+    values_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    vf_loss1 = (values - returns) ** 2
+    vf_loss2 = (values_clipped - returns) ** 2
+    value_loss = 0.5 * (torch.max(vf_loss1, vf_loss2) * mask).sum() / n_tokens
+    return policy_loss, value_loss, ratio
 
 
 def adaptive_kl(beta, kl, target, horizon, n):
-    """Ziegler et al. 2019 (12): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon), n episodes."""
     err = min(max(kl / target - 1, -0.2), 0.2)
     return beta * (1 + err * n / horizon)
 
 
 # -----------------------------------------------------------------------------
-# config
+# config and prompts
 
 @dataclass
-class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP: see rm.py
+class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP: see trainer.py
     policy: str = ""               # the SFT policy (HF LLaMA folder); also the frozen reference
     rm: str = ""                   # the reward model; the value model starts from it (head re-used)
     prompts: str = ""              # .jsonl with "query" (or "prompt") fields, or .txt with one prompt a line
-    out: str = "out/ppo"
+    out: str = "out/ppo"           # output folder: last/ (policy/ and value/), metrics.jsonl, config.json
     steps: int = 100               # rollout batches
     batch_size: int = 16           # episodes per rollout batch
-    minibatch: int = 4
-    ppo_epochs: int = 4
-    max_new_tokens: int = 128
-    temperature: float = 1.0       # rollouts sample at T with top-k 0 and top-p 1 (1)
-    lr: float = 1e-5
-    value_lr: float = 1e-5
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
+    minibatch: int = 4             # episodes per gradient step
+    ppo_epochs: int = 4            # passes over each rollout batch
+    max_new_tokens: int = 128      # response length at most
+    temperature: float = 1.0       # rollouts sample at T with top-k 0 and top-p 1; logprobs use the same T
+    lr: float = 1e-5               # the policy's learning rate (AdamW)
+    value_lr: float = 1e-5         # the value model's learning rate
+    gamma: float = 1.0             # GAE discount
+    lam: float = 0.95              # GAE lambda
+    clip: float = 0.2              # policy ratio clip range
+    value_clip: float = 0.2        # value clip range, around the rollout's values
     vf_coef: float = 0.5           # scales the value loss (separate optimizer, but reported together)
     beta: float = 0.05             # initial KL coefficient
-    adaptive_kl: bool = True
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    whiten_rewards: bool = False
-    missing_eos_penalty: float = -1.0   # the score of a response that never emits EOS (5)
+    adaptive_kl: bool = True       # adapt beta towards kl_target
+    kl_target: float = 6.0         # KL (nats per response) the controller aims at
+    kl_horizon: int = 10000        # episodes over which the controller moves beta
+    whiten_rewards: bool = False   # whiten the per-token rewards (without re-centring) before GAE
+    missing_eos_penalty: float = -1.0   # the score of a response that never emits EOS
     penalize_missing_eos: bool = True   # False: a truncated response keeps its RM score (marked truncated in eos_rate)
-    grad_clip: float = 1.0
-    log_every: int = 1
-    save_every: int = 10
-    samples_per_log: int = 2
-    seed: int = 1337
+    grad_clip: float = 1.0         # clip the gradients' global norm (policy and value alike)
+    log_every: int = 1             # steps between printed sample responses
+    save_every: int = 10           # steps between checkpoints (and the last step)
+    samples_per_log: int = 2       # sample responses printed each log_every steps
+    seed: int = 1337               # prompts, rollouts and minibatch order follow (seed, step)
+    resume: bool = True            # go on from out/last if it is there
 
 
 def read_prompts(path):
@@ -151,8 +179,53 @@ def read_prompts(path):
     return out
 
 
+def encode_prompts(cfg, tok, ctx, master_process):
+    """The prompts as token ids in the dialogue format; those that leave no room for a response are skipped."""
+    texts = read_prompts(cfg.prompts)
+    ids = [tok.encode(format_dialogue(p), bos=True) for p in texts]
+    fits = [len(p) + cfg.max_new_tokens <= ctx for p in ids]
+    if not all(fits) and master_process:
+        print(f"note: {fits.count(False)} prompt(s) of {cfg.prompts} leave no room for {cfg.max_new_tokens} new "
+              f"tokens in the {ctx}-token context; they are skipped", file=sys.stderr)
+    texts, ids = [t for t, f in zip(texts, fits) if f], [p for p, f in zip(ids, fits) if f]
+    if not ids:
+        raise UserError(f"{cfg.prompts}: no prompt fits the context window with --max_new_tokens={cfg.max_new_tokens}.")
+    if len(ids) < cfg.batch_size and master_process:
+        print(f"note: {len(ids)} prompts < --batch_size={cfg.batch_size}: each batch draws them with "
+              f"replacement", file=sys.stderr)
+    return texts, ids
+
+
 # -----------------------------------------------------------------------------
-# the models' forward on a rollout: one layout for every pass (3)
+# the four models and their forward on a rollout: one token layout for every pass, the same as the sampler's
+
+def load_models(cfg, dev, dtype, last):
+    """The policy and the value model (trained), the frozen reference and reward model. With LoRA (and no FSDP)
+    there is one copy of each trunk: the reference is the policy with its adapters off, the reward model the value
+    trunk with its adapters off and the RM's own head. Returns (policy, ref or None, value, reward model, resuming,
+    policy params, value params)."""
+    lora = cfg.lora_rank > 0
+    policy_from, policy_adapters, resuming = resume_from(cfg, cfg.policy, os.path.join(last, "policy"))
+    value_from, value_adapters, _ = resume_from(cfg, cfg.rm, os.path.join(last, "value"))
+    policy = Llama.from_pretrained(policy_from, device=dev, dtype=load_dtype(cfg, dtype))
+    value = RewardModel.from_pretrained(value_from, device=dev, dtype=load_dtype(cfg, dtype))
+    if lora and not cfg.fsdp:
+        ref = None
+        reward_model = RewardModel(value.model, value.tok, value.max_length)
+        reward_model.head.weight = torch.nn.Parameter(value.head.weight.detach().clone().to(dtype),
+                                                      requires_grad=False)
+        reward_model.normalizer = value.normalizer
+    else:
+        ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=dtype).requires_grad_(False)   # the frozen SFT
+        reward_model = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=dtype).requires_grad_(False)
+    p_params = prepare_for_training(policy, cfg, dtype, seed=cfg.seed, trained_from=policy_adapters)
+    v_params = prepare_for_training(value, cfg, dtype, heads=[value.head], seed=cfg.seed + 1,
+                                    trained_from=value_adapters)
+    for m in (policy, ref, reward_model, value):
+        if m is not None:
+            m.eval()   # no dropout anywhere: LLaMA has none, and eval() keeps it that way
+    return policy, ref, value, reward_model, resuming, p_params, v_params
+
 
 def layout(prompts, responses):
     """Left-padded prompts then right-padded responses: ids (B, P+R), mask (B, P+R), response mask (B, R)."""
@@ -184,7 +257,114 @@ def values_of(value_model, idx, mask, P):
 
 
 # -----------------------------------------------------------------------------
-# training
+# the phases of a PPO step
+
+def rollout(policy, prompts, cfg, eos, seeds, dev, dtype):
+    """1. Sample one response per prompt with THE sampler, stopping at EOS, at temperature T with top-k 0 and top-p 1
+    (the distribution the logprobs are recomputed under). The EOS is part of the response; a response that never
+    emits it ends at max_new_tokens. Returns (sampled tokens, sampler logprobs, ended, response ids)."""
+    policy.eval()
+    with autocast(dev, dtype):
+        toks, sampled_lp = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
+                                    top_p=1.0, stop_ids=[eos], seed=seeds)
+    ended = [len(t) < cfg.max_new_tokens for t in toks]
+    responses = [t + [eos] if e else t for t, e in zip(toks, ended)]
+    return toks, sampled_lp, ended, [r if r else [eos] for r in responses]
+
+
+@torch.no_grad()
+def score_rollout(policy, ref, value, reward_model, batch, cfg, beta, dev, dtype):
+    """2 and 3. Recompute the logprobs of the policy and the reference (at the same T) and the values on the rollout's
+    layout, in minibatch-sized chunks so the (rows, T, vocab) logits never exceed a training step's; the reward
+    model's normalised score (or the missing-EOS penalty); the KL-shaped per-token rewards; GAE; whitening."""
+    idx, mask, rmask, P = batch["idx"], batch["mask"], batch["rmask"], batch["P"]
+    chunk = cfg.minibatch // world_size()
+    chunks = [slice(i, i + chunk) for i in range(0, len(idx), chunk)]
+    with autocast(dev, dtype):
+        old_logp = torch.cat([logprobs_of(policy, idx[c], mask[c], P, cfg.temperature)[0] for c in chunks])
+        with lora_disabled(policy) if ref is None else contextlib.nullcontext():
+            ref_logp = torch.cat([logprobs_of(policy if ref is None else ref, idx[c], mask[c], P, cfg.temperature)[0]
+                                  for c in chunks])
+        old_values = torch.cat([values_of(value, idx[c], mask[c], P) for c in chunks])
+        with lora_disabled(reward_model):
+            raw = reward_model.score(batch["prompt_texts"], batch["texts"], normalize=True).to(dev)
+        score = raw
+        if cfg.penalize_missing_eos:
+            score = torch.where(torch.tensor(batch["ended"], device=dev), raw,
+                                torch.full_like(raw, cfg.missing_eos_penalty))
+        # the sampler's logprobs against the recomputed ones: any gap means rollout and training disagree
+        mismatch = max((abs(a - b) for t, s, row in zip(batch["toks"], batch["sampled_lp"], old_logp.tolist())
+                        for a, b in zip(s, row[:len(t)])), default=0.0)
+        rewards, non_score = token_rewards(score, old_logp, ref_logp, rmask, beta)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, rmask, shift_mean=False)
+        adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)   # returns before whitening
+        adv = masked_whiten(adv, rmask)                                     # over the global batch
+    batch.update(old_logp=old_logp, ref_logp=ref_logp, old_values=old_values, raw=raw, score=score, adv=adv,
+                 returns=returns, non_score=non_score, mismatch=mismatch)
+    return batch
+
+
+def ppo_epochs(policy, value, batch, opts, params, cfg, g, dev, dtype):
+    """4. ppo_epochs passes over the rollout batch, each in minibatches of a fresh permutation, one gradient step on
+    ppo_loss per minibatch. A global minibatch is minibatch / world rows of every process; each process's loss is its
+    tokens' sum over the global minibatch's token count, and the gradients are summed over the processes. Returns the
+    statistics of every minibatch."""
+    policy.train()
+    value.train()
+    B, world, stats = len(batch["idx"]), world_size(), []
+    for epoch in range(cfg.ppo_epochs):
+        for mb in torch.randperm(B, generator=g).split(cfg.minibatch // world):
+            mb = mb.to(dev)
+            m = batch["rmask"][mb]
+            n_tok, = all_sum([m.sum().item()])
+            with autocast(dev, dtype):
+                logp, entropy = logprobs_of(policy, batch["idx"][mb], batch["mask"][mb], batch["P"], cfg.temperature)
+                v = values_of(value, batch["idx"][mb], batch["mask"][mb], batch["P"])
+            policy_loss, value_loss, ratio = ppo_loss(logp, batch["old_logp"][mb], v, batch["old_values"][mb],
+                                                      batch["adv"][mb], batch["returns"][mb], m, n_tok, cfg.clip,
+                                                      cfg.value_clip)
+            (policy_loss + cfg.vf_coef * value_loss).backward()
+            optimizer_step(params[0], opts[0], cfg, cfg.grad_clip)
+            optimizer_step(params[1], opts[1], cfg, cfg.grad_clip)
+            with torch.no_grad():   # this process's share of the minibatch
+                share = n_tok / max(m.sum().item(), 1)
+                old_logp, old_v = batch["old_logp"][mb], batch["old_values"][mb]
+                stats.append({"policy_loss": policy_loss.item() * share, "value_loss": value_loss.item() * share,
+                              "ratio": masked_mean(ratio, m).item(),
+                              "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, m).item(),
+                              "clipfrac": masked_mean(((ratio - 1).abs() > cfg.clip).float(), m).item(),
+                              "value_clipfrac": masked_mean(((v - old_v).abs() > cfg.value_clip).float(), m).item(),
+                              "entropy": masked_mean(entropy, m).item()})
+    policy.eval()
+    value.eval()
+    return stats
+
+
+def step_metrics(batch, stats, cfg, state, t0, t_gen):
+    """6. The step's metrics: means over the global batch; the std, explained variance, minibatch statistics and
+    speeds are this process's. The first minibatch's statistics are kept apart: on it the ratio must be 1, the
+    approximate KL and the clip fraction 0 (the rollout and training forwards agree)."""
+    rmask, world = batch["rmask"], world_size()
+    kl_seq = ((batch["old_logp"] - batch["ref_logp"]) * rmask).sum(-1)         # per-sequence KL, summed over tokens
+    sums = all_sum([kl_seq.sum().item(), batch["score"].sum().item(), batch["raw"].sum().item(),
+                    batch["non_score"].sum().item(), rmask.sum().item(), sum(batch["ended"])])
+    kl, score_mean, raw_mean, non_score_mean, length, eos_rate = [x / cfg.batch_size for x in sums]
+    dt = time.time() - t0
+    r_all, v_all = batch["returns"][rmask], batch["old_values"][rmask]
+    ev = 1 - (r_all - v_all).var() / r_all.var() if r_all.numel() > 1 and r_all.var() > 0 else torch.tensor(0.0)
+    rec = {"step": state["step"] + 1, "score_mean": score_mean,
+           "score_std": batch["score"].std().item() if len(rmask) > 1 else 0.0, "rm_score_mean": raw_mean, "kl": kl,
+           "beta": state["beta"], "non_score_reward": non_score_mean, "response_length": length, "eos_rate": eos_rate,
+           "explained_variance": ev.item(), "tokens_per_s": rmask.sum().item() * world / dt,
+           "gen_tokens_per_s": sum(map(len, batch["toks"])) / max(t_gen, 1e-9), "gen_time_share": t_gen / dt,
+           "step_time": dt, "rollout_logprob_mismatch": batch["mismatch"], "first_minibatch": stats[0]}
+    rec.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+    return rec
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and the memory plan
 
 def save_checkpoint(path, policy, tok, value, opts, params, state):
     """policy/, value/ and state in one folder, swapped in atomically (a crash never leaves a mixed checkpoint).
@@ -198,11 +378,6 @@ def save_checkpoint(path, policy, tok, value, opts, params, state):
     save_training_checkpoint(value.save_pretrained, params[1], opts[1], os.path.join(tmp, "value"), state, value)
     if rank() == 0:
         commit_dir(tmp, path)
-
-
-def row_seed(seed, step, row):
-    """The sampler seed of one rollout row: a row samples the same on any number of processes."""
-    return ((seed * 1_000_003 + step) * 1_000_003 + row) % 2**63
 
 
 def dry_run(cfg):
@@ -219,7 +394,10 @@ def dry_run(cfg):
                           rollout_rows=max(1, cfg.batch_size // world), response=cfg.max_new_tokens)
 
 
-def train(cfg):
+# -----------------------------------------------------------------------------
+# training
+
+def check_config(cfg):
     for k in ("policy",) if cfg.dry_run else ("policy", "rm", "prompts"):
         if not getattr(cfg, k):
             raise UserError(f"--{k} is required (python ppo.py --policy=SFT_FOLDER --rm=RM_FOLDER --prompts=FILE).")
@@ -227,193 +405,71 @@ def train(cfg):
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --minibatch={cfg.minibatch}.")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0: PPO needs a sampling distribution.")
+
+
+def train(cfg):
+    check_config(cfg)
     if cfg.dry_run:
         return dry_run(cfg)
-    r0, world, dev = setup_distributed(cfg.device)
+    master_process, world, dev = setup_distributed(cfg.device)
     if cfg.minibatch % world:
         raise UserError(f"--minibatch={cfg.minibatch} (and --batch_size) must be a multiple of the {world} processes.")
     dtype = compute_dtype(cfg, dev)
-    main = r0 == 0
-    prompts_text = read_prompts(cfg.prompts)
     last = os.path.join(cfg.out, "last")
-    resuming = os.path.isfile(os.path.join(last, "policy", "trainer_state.json"))
-    lora = cfg.lora_rank > 0
-    # trained models: fp32 masters, or (LoRA) a frozen base in the compute dtype whose adapters are trained. A full
-    # run resumes from last/'s weights; a LoRA run from its bases plus last/'s adapters and value head.
-    policy = Llama.from_pretrained(os.path.join(last, "policy") if resuming and not lora else cfg.policy,
-                                   device=dev, dtype=load_dtype(cfg, dtype))
-    value = RewardModel.from_pretrained(os.path.join(last, "value") if resuming and not lora else cfg.rm,
-                                        device=dev, dtype=load_dtype(cfg, dtype))
+    policy, ref, value, reward_model, resuming, p_params, v_params = load_models(cfg, dev, dtype, last)
     tok = Tokenizer(cfg.policy)
-    if lora and not cfg.fsdp:
-        # one copy of each 7B trunk: the reference is the policy with its adapters off (14), the reward model the
-        # value trunk with its adapters off and the RM's own head
-        ref = None
-        rm = RewardModel(value.model, value.tok, value.max_length)
-        rm.head.weight = torch.nn.Parameter(value.head.weight.detach().clone().to(dtype), requires_grad=False)
-        rm.normalizer = value.normalizer
-    else:
-        ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=dtype).requires_grad_(False)   # frozen SFT (14)
-        rm = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=dtype).requires_grad_(False)
-    p_params = prepare_for_training(policy, cfg, dtype, seed=cfg.seed,
-                                    trained_from=os.path.join(last, "policy") if resuming and lora else None)
-    v_params = prepare_for_training(value, cfg, dtype, heads=[value.head], seed=cfg.seed + 1,
-                                    trained_from=os.path.join(last, "value") if resuming and lora else None)
-    for m in (policy, ref, rm, value):
-        if m is not None:
-            m.eval()   # (2) no dropout anywhere; LLaMA has none, and eval() keeps it that way
-    opt_p, opt_v = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
-    state = {"step": 0, "beta": cfg.beta}
+    opts = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
     run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm), "lora": lora_key(cfg)}
-    loads = [(p_params, opt_p, os.path.join(last, "policy")), (v_params, opt_v, os.path.join(last, "value"))]
-    state = start_or_resume(cfg.out, os.path.join(last, "policy"), state, run, loads if resuming else [])
-    if main:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
+    loads = [(p_params, opts[0], os.path.join(last, "policy")), (v_params, opts[1], os.path.join(last, "value"))]
+    state, log = start_or_resume(cfg, cfg.out, os.path.join(last, "policy"), {"step": 0, "beta": cfg.beta}, run,
+                                 loads if resuming else [])
+    if master_process:
         print(f"ppo: {cfg.batch_size} episodes a step over {world} process(es); {dev} "
               f"{str(dtype).removeprefix('torch.')}; policy: {describe(p_params, policy, cfg)}; value: "
               f"{describe(v_params, value, cfg)}")
-    eos = tok.eos_id
-    ctx = policy.config.max_position_embeddings
-    prompt_ids = [tok.encode(format_dialogue(p), bos=True) for p in prompts_text]
-    too_long = [i for i, p in enumerate(prompt_ids) if len(p) + cfg.max_new_tokens > ctx]
-    if too_long:
-        if main:
-            print(f"note: {len(too_long)} prompt(s) of {cfg.prompts} leave no room for {cfg.max_new_tokens} new "
-                  f"tokens in the {ctx}-token context; they are skipped", file=sys.stderr)
-        prompt_ids = [p for i, p in enumerate(prompt_ids) if i not in set(too_long)]
-        prompts_text = [p for i, p in enumerate(prompts_text) if i not in set(too_long)]
-    if not prompt_ids:
-        raise UserError(f"{cfg.prompts}: no prompt fits the context window with --max_new_tokens={cfg.max_new_tokens}.")
-    if len(prompt_ids) < cfg.batch_size and main:
-        print(f"note: {len(prompt_ids)} prompts < --batch_size={cfg.batch_size}: each batch draws them with "
-              f"replacement", file=sys.stderr)
+    prompt_texts, prompt_ids = encode_prompts(cfg, tok, policy.config.max_position_embeddings, master_process)
 
-    def log(rec):
-        if main:
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    B = cfg.batch_size // world                  # this process's rollout rows; it owns rows [r0 * B, (r0 + 1) * B)
+    B = cfg.batch_size // world                  # this process's rollout rows; it owns rows [rank * B, (rank + 1) * B)
+    rows = range(rank() * B, (rank() + 1) * B)
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="ppo", dynamic_ncols=True,
-               disable=not main)
+               disable=not master_process)
     for step in bar:
         t0 = time.time()
-        g = torch.Generator().manual_seed(cfg.seed * 100003 + step)     # everything random follows (seed, step)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "ppo_step", step))   # all randomness follows the step
         if len(prompt_ids) >= cfg.batch_size:
             pick = torch.randperm(len(prompt_ids), generator=g)[:cfg.batch_size].tolist()
         else:
             pick = torch.randint(len(prompt_ids), (cfg.batch_size,), generator=g).tolist()
-        rows = range(r0 * B, (r0 + 1) * B)
         pick = [pick[j] for j in rows]
-        batch_prompts = [prompt_ids[i] for i in pick]
+        prompts = [prompt_ids[i] for i in pick]
 
-        # rollout (1, 5): THE sampler, stopping at EOS; the EOS is part of the response
-        policy.eval()
-        with autocast(dev, dtype):
-            toks, sampled_lp = generate(policy, batch_prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                                        top_k=0, top_p=1.0, stop_ids=[eos],
-                                        seed=[row_seed(cfg.seed, step, j) for j in rows])
+        # 1. rollout
+        toks, sampled_lp, ended, responses = rollout(policy, prompts, cfg, tok.eos_id,
+                                                     [derive_seed(cfg.seed, "sampling", step, j) for j in rows],
+                                                     dev, dtype)
         t_gen = time.time() - t0
-        ended = [len(t) < cfg.max_new_tokens for t in toks]
-        responses = [t + [eos] if e else t for t, e in zip(toks, ended)]
-        responses = [r if r else [eos] for r in responses]
-        idx, mask, rmask, P = layout(batch_prompts, responses)
-        idx, mask, rmask = idx.to(dev), mask.to(dev), rmask.to(dev)
-
-        with torch.no_grad(), autocast(dev, dtype):
-            # in minibatch-sized chunks, so the (rows, T, vocab) logits never exceed the training step's
-            chunks = [slice(i, i + cfg.minibatch // world) for i in range(0, B, cfg.minibatch // world)]
-            old_logp = torch.cat([logprobs_of(policy, idx[c], mask[c], P, cfg.temperature)[0] for c in chunks])
-            with lora_disabled(policy) if ref is None else contextlib.nullcontext():
-                ref_logp = torch.cat([logprobs_of(policy if ref is None else ref, idx[c], mask[c], P, cfg.temperature)[0]
-                                      for c in chunks])                      # same T for the reference (1)
-            old_values = torch.cat([values_of(value, idx[c], mask[c], P) for c in chunks])
-            texts = [tok.decode(t) for t in toks]
-            with lora_disabled(rm):
-                raw = rm.score([prompts_text[i] for i in pick], texts, normalize=True).to(dev)
-            score = raw
-            if cfg.penalize_missing_eos:                                          # (5)
-                score = torch.where(torch.tensor(ended, device=dev), raw, torch.full_like(raw, cfg.missing_eos_penalty))
-            mismatch = max((abs(a - b) for t, s, row in zip(toks, sampled_lp, old_logp.tolist())
-                            for a, b in zip(s, row[:len(t)])), default=0.0)
-            rewards, non_score = token_rewards(score, old_logp, ref_logp, rmask, state["beta"])
-            if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, rmask, shift_mean=False)
-            adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)   # returns before whitening (8)
-            adv = masked_whiten(adv, rmask)                                     # over the global batch
-
-        # PPO epochs (9-11). A global minibatch is minibatch / world rows of every process; each process's loss is
-        # its tokens' sum over the global minibatch's token count, and sync_grads sums the gradients.
-        policy.train()
-        value.train()
-        mstats, first = [], None
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=g)
-            for mb in perm.split(cfg.minibatch // world):
-                mb = mb.to(dev)
-                m = rmask[mb]
-                n_tok, = all_sum([m.sum().item()])
-                with autocast(dev, dtype):
-                    logp, ent = logprobs_of(policy, idx[mb], mask[mb], P, cfg.temperature)
-                    v = values_of(value, idx[mb], mask[mb], P)
-                ratio = torch.exp(logp - old_logp[mb])
-                a = adv[mb]
-                pg = (torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)) * m).sum() / n_tok
-                v_old = old_values[mb]
-                v_clip = v_old + (v - v_old).clamp(-cfg.value_clip, cfg.value_clip)
-                vf = 0.5 * (torch.max((v - returns[mb]) ** 2, (v_clip - returns[mb]) ** 2) * m).sum() / n_tok
-                (pg + cfg.vf_coef * vf).backward()
-                sync_grads(p_params, cfg)
-                sync_grads(v_params, cfg)
-                clip_grads(p_params, cfg.grad_clip)
-                clip_grads(v_params, cfg.grad_clip)
-                opt_p.step()
-                opt_v.step()
-                opt_p.zero_grad(set_to_none=True)
-                opt_v.zero_grad(set_to_none=True)
-                with torch.no_grad():   # this process's share of the minibatch
-                    share = n_tok / max(m.sum().item(), 1)
-                    s = {"policy_loss": pg.item() * share, "value_loss": vf.item() * share,
-                         "ratio": masked_mean(ratio, m).item(),
-                         "approx_kl": masked_mean(0.5 * (logp - old_logp[mb]) ** 2, m).item(),
-                         "clipfrac": masked_mean(((ratio - 1).abs() > cfg.clip).float(), m).item(),
-                         "value_clipfrac": masked_mean(((v - v_old).abs() > cfg.value_clip).float(), m).item(),
-                         "entropy": masked_mean(ent, m).item()}
-                mstats.append(s)
-                first = first or s
-        policy.eval()
-        value.eval()
-
-        # adaptive KL (12), once per rollout batch, on the per-sequence KL summed over tokens (global batch)
-        kl_seq = ((old_logp - ref_logp) * rmask).sum(-1)
-        sums = all_sum([kl_seq.sum().item(), score.sum().item(), raw.sum().item(), non_score.sum().item(),
-                        rmask.sum().item(), sum(ended)])
-        kl, score_mean, raw_mean, non_score_mean, length, eos_rate = [x / cfg.batch_size for x in sums]
-        beta_used = state["beta"]
+        idx, mask, rmask, P = layout(prompts, responses)
+        batch = {"idx": idx.to(dev), "mask": mask.to(dev), "rmask": rmask.to(dev), "P": P, "toks": toks,
+                 "sampled_lp": sampled_lp, "ended": ended, "texts": [tok.decode(t) for t in toks],
+                 "prompt_texts": [prompt_texts[i] for i in pick]}
+        # 2, 3. score, rewards, advantages
+        batch = score_rollout(policy, ref, value, reward_model, batch, cfg, state["beta"], dev, dtype)
+        # 4. PPO epochs
+        stats = ppo_epochs(policy, value, batch, opts, (p_params, v_params), cfg, g, dev, dtype)
+        # 5. KL control, once per rollout batch, on the per-sequence KL of the global batch
+        rec = step_metrics(batch, stats, cfg, state, t0, t_gen)
         if cfg.adaptive_kl:
-            state["beta"] = adaptive_kl(state["beta"], kl, cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
+            state["beta"] = adaptive_kl(state["beta"], rec["kl"], cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
         state["step"] = step + 1
-
-        # metrics (13): means over the global batch; std, explained variance, minibatch statistics and speeds are
-        # process 0's
-        dt = time.time() - t0
-        r_all, v_all = returns[rmask], old_values[rmask]
-        ev = 1 - (r_all - v_all).var() / r_all.var() if r_all.numel() > 1 and r_all.var() > 0 else torch.tensor(0.0)
-        rec = {"step": state["step"], "score_mean": score_mean, "score_std": score.std().item() if B > 1 else 0.0,
-               "rm_score_mean": raw_mean, "kl": kl, "beta": beta_used, "non_score_reward": non_score_mean,
-               "response_length": length, "eos_rate": eos_rate, "explained_variance": ev.item(),
-               "tokens_per_s": rmask.sum().item() * world / dt, "gen_tokens_per_s": sum(map(len, toks)) / max(t_gen, 1e-9),
-               "gen_time_share": t_gen / dt, "step_time": dt, "rollout_logprob_mismatch": mismatch,
-               "first_minibatch": first}
-        rec.update({k: sum(s[k] for s in mstats) / len(mstats) for k in mstats[0]})
+        # 6. log and save
         log(rec)
-        bar.set_postfix(score=f"{rec['rm_score_mean']:.3f}", kl=f"{kl:.2f}", len=f"{rec['response_length']:.0f}")
-        if state["step"] % cfg.log_every == 0 and main:
-            for i in range(min(cfg.samples_per_log, len(texts))):
-                tqdm.write(f"  [{score[i].item():+.2f}] {prompts_text[pick[i]][:60]!r} -> {texts[i][:100]!r}")
+        bar.set_postfix(score=f"{rec['rm_score_mean']:.3f}", kl=f"{rec['kl']:.2f}", len=f"{rec['response_length']:.0f}")
+        if state["step"] % cfg.log_every == 0 and master_process:
+            for i in range(min(cfg.samples_per_log, len(toks))):
+                tqdm.write(f"  [{batch['score'][i].item():+.2f}] {batch['prompt_texts'][i][:60]!r} -> "
+                           f"{batch['texts'][i][:100]!r}")
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            save_checkpoint(last, policy, tok, value, (opt_p, opt_v), (p_params, v_params), state)
+            save_checkpoint(last, policy, tok, value, opts, (p_params, v_params), state)
     bar.close()
     return state
 

@@ -9,13 +9,12 @@ the logprob of every sampled token. The CLI, data generation, self-play and PPO 
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from model import UserError, load
-
-PAD_ID = 0  # any id works: padded slots are masked out of attention and never sampled
+from common import UserError, parse_args, run_cli
+from model import DTYPES, load, pad_batch
 
 
 # -----------------------------------------------------------------------------
@@ -97,13 +96,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    B, T0 = len(prompts), max(len(p) for p in prompts)
-    idx = torch.full((B, T0), PAD_ID, dtype=torch.long)
-    mask = torch.zeros(B, T0, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        idx[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long)               # left padding
-        mask[i, T0 - len(p):] = True
-    idx, mask = idx.to(device), mask.to(device)
+    idx, mask = pad_batch(prompts, left=True, device=device)                   # (B, T0), left padding
+    B, T0 = idx.shape
     was_training = model.training
     model.eval()
 
@@ -135,63 +129,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
 
 @dataclass
 class Config:
-    model: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stories260K")
-    prompt: str = ""             # "" samples from BOS alone
-    prompt_file: str = ""        # one prompt per line; overrides --prompt
+    model: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stories260K")  # model folder
+    prompt: str = ""             # the prompt text; "" samples from BOS alone
+    prompt_file: str = ""        # a text file, one prompt a line; overrides --prompt
     num_samples: int = 3         # samples per prompt
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.9
-    seed: int = 1337
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    max_new_tokens: int = 200    # new tokens per sample at most
+    temperature: float = 0.8     # 0 is greedy
+    top_k: int = 0               # keep the k most likely tokens (0: all)
+    top_p: float = 0.9           # keep the smallest set of tokens whose probability reaches p (1: all)
+    seed: int = 1337             # the same seed gives the same samples
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda or cuda:N
     dtype: str = ""              # "" = fp32 on CPU, bf16 on CUDA; or float32 / bfloat16 / float16
     stream: bool = True          # print each sample as it is generated; False: one batch, printed at the end
-
-
-def parse_args(cls, argv):
-    """--key=value (or --key value) flags onto the dataclass `cls`, type-checked. Unknown flags are errors."""
-    cfg, types = cls(), {f.name: f.type for f in fields(cls)}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print("flags (defaults): " + " ".join(f"--{k}={getattr(cfg, k)!r}" for k in types))
-            sys.exit(0)
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: flags look like --key=value.")
-        key, eq, val = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv):
-                raise UserError(f"flag --{key} needs a value: --{key}=VALUE.")
-            val, i = argv[i + 1], i + 1
-        if key not in types:
-            raise UserError(f"unknown flag --{key}. Known flags: " + ", ".join("--" + k for k in types))
-        typ = types[key]
-        try:
-            if typ is bool:
-                if val.lower() not in ("1", "0", "true", "false"):
-                    raise ValueError
-                setattr(cfg, key, val.lower() in ("1", "true"))
-            else:
-                setattr(cfg, key, typ(val))
-        except ValueError:
-            raise UserError(f"--{key}={val!r}: expected a {typ.__name__}.") from None
-        i += 1
-    return cfg
-
-
-def run_cli(main):
-    """Run main(sys.argv[1:]) as a script: a UserError ends in one line on stderr and exit status 2."""
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def main(argv):

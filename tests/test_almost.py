@@ -299,7 +299,7 @@ def test_best_of_picks_the_arg_max_of_the_good_candidates():
 
 
 def test_sft_loss_mask_is_exactly_the_assistant_tokens(stories):
-    from almost import encode_dialogue
+    from sft import encode_dialogue
     _, tok = stories
     turns = [("user", "Once upon a time, Tom found a ball."), ("assistant", "He played with it all day. He was happy."),
              ("user", "Then it started to rain."), ("assistant", "Tom ran home and drank warm milk!")]
@@ -356,14 +356,15 @@ def test_selfplay_interrupted_resumes_without_duplicates(tmp_path, monkeypatch):
 def test_sft_trains_on_selfplay_and_reloads_to_identical_logits(tmp_path):
     import torch
     from model import Llama
-    from almost import sft_train
+    import sft
     turns = [("user", "Once upon a time, Tom found a ball."), ("assistant", "He played with it all day. He was happy.")]
     path = tmp_path / "sp.jsonl"
     with open(path, "w") as f:
         for i in range(24):
             f.write(json.dumps({"query_id": i, "usable": True, "turns": [{"role": r, "text": t} for r, t in turns]}) + "\n")
-    cfg = tiny(tmp_path, sft_epochs=2.0, sft_batch=8, sft_micro_batch=4, sft_eval_every=2)
-    state, model = sft_train(cfg, str(path), str(tmp_path / "sft"), os.path.join(ROOT, "data", "stories260K"))
+    cfg = sft.Config(data=str(path), model=os.path.join(ROOT, "data", "stories260K"), out=str(tmp_path / "sft"),
+                     epochs=2.0, batch_size=8, micro_batch=4, eval_every=2, device="cpu")
+    state, model = sft.train(cfg)
     assert state["step"] == 4
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "sft" / "metrics.jsonl") if '"train"' in l]
     assert losses[-1] < losses[0]                                      # it learns the one dialogue
@@ -377,7 +378,7 @@ def test_sft_trains_on_selfplay_and_reloads_to_identical_logits(tmp_path):
     with torch.no_grad():
         assert (hf(idx).logits - again(idx)).abs().max().item() < 1e-4
     # a rerun finds the finished run and does not train again
-    state2, _ = sft_train(cfg, str(path), str(tmp_path / "sft"), os.path.join(ROOT, "data", "stories260K"))
+    state2, _ = sft.train(cfg)
     assert state2["step"] == 4 and len(open(tmp_path / "sft" / "metrics.jsonl").readlines()) == len(losses) + 2
 
 
@@ -398,7 +399,7 @@ def test_hhh_judge_is_bi_positional(stories, monkeypatch):
     chosen answer is longer are correct; an "always A" judge ties every pair (counted correct, >=)."""
     import re
     import torch
-    from almost import eval_hhh_judge, judge_text
+    from eval import eval_hhh_judge, judge_text
     model, tok = stories
     pairs = [{"prompt": "\n\nHuman: Hi", "chosen": "Hello! How can I help you today?", "rejected": "Go away.",
               "type": "helpful"},
@@ -417,11 +418,11 @@ def test_hhh_judge_is_bi_positional(stories, monkeypatch):
             pa = 0.7 if len(a) > len(b) else 0.3
             out.append(pa if word == "A" else 1 - pa)
         return torch.tensor(out).log()
-    monkeypatch.setattr("almost.continuation_logprob", longer)
+    monkeypatch.setattr("eval.continuation_logprob", longer)
     res = eval_hhh_judge(model, tok, pairs)
     assert (res["accuracy_helpful"], res["accuracy_honest"], res["accuracy"]) == (1.0, 0.0, 0.5)
     for p_a in (0.9, 0.1):   # a judge that always answers A (or always B): every pair ties, and ties count
-        monkeypatch.setattr("almost.continuation_logprob",
+        monkeypatch.setattr("eval.continuation_logprob",
                             lambda m, t, texts, word: torch.full((len(texts),), p_a if word == "A" else 1 - p_a).log())
         assert eval_hhh_judge(model, tok, pairs)["accuracy"] == 1.0
 
@@ -429,7 +430,7 @@ def test_hhh_judge_is_bi_positional(stories, monkeypatch):
 def test_continuation_logprob_is_the_teacher_forced_sum(stories):
     """log P(" A" | text) = the sum of the word's token logprobs after the text, here two tokens ("▁", "A")."""
     import torch
-    from almost import continuation_logprob
+    from eval import continuation_logprob
     model, tok = stories
     text = "\n\nHuman: Pick one.\n\nAssistant: I pick"
     full, base = tok.encode(text + " A", bos=True), tok.encode(text, bos=True)

@@ -166,3 +166,52 @@ def test_cli_samples(tmp_path):
     r = cli(f"--prompt_file={f}", "--num_samples=2", "--max_new_tokens=20", "--stream=false")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("The dog") == 2 and r.stdout.count("Lily and Tom") == 2
+
+
+# -----------------------------------------------------------------------------
+# every script's flags: --help lists each with its default and a one-line description
+
+CLIS = {"sample.py": "sample.Config", "rm.py": "rm.TrainConfig", "sft.py": "sft.Config", "ppo.py": "ppo.Config",
+        "eval.py": "eval.Config", "almost.py": "almost.Config", "memory.py": "memory.Config", "bench.py": "bench.Config"}
+
+
+@pytest.mark.parametrize("script", list(CLIS))
+def test_help_describes_every_flag(script):
+    import dataclasses
+    import importlib
+    from common import flag_help
+    mod, cls = CLIS[script].split(".")
+    cfg = getattr(importlib.import_module(mod), cls)
+    helps = flag_help(cfg)
+    r = cli_of(script, "--help")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = {line.split("=", 1)[0].strip(): line for line in r.stdout.splitlines() if line.startswith("  --")}
+    for f in dataclasses.fields(cfg):
+        assert helps.get(f.name), f"{script}: --{f.name} has no description (a trailing comment on its field)"
+        line = lines[f"--{f.name}"]
+        assert repr(getattr(cfg(), f.name)) in line and helps[f.name] in line, line
+
+
+def cli_of(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_old_eval_commands_point_to_eval_py():
+    for script in ("rm.py", "almost.py"):
+        r = cli_of(script, "eval", "--rm=x")
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "eval.py" in r.stderr, r.stderr
+
+
+def test_seed_derivation_and_metrics_log(tmp_path):
+    from common import MetricsLog, derive_seed
+    assert derive_seed(1337, "ppo_step", 7) == 1337 * 100003 + 7
+    assert derive_seed(1337, "sampling", 3, 5) == ((1337 * 1_000_003 + 3) * 1_000_003 + 5) % 2**63
+    assert derive_seed(1337, "sampling", 2**40, bits=31) == (1337 * 1_000_003 + 2**40) % 2**31
+    log = MetricsLog(str(tmp_path), 0)
+    for step in (1, 2, 3):
+        log({"step": step})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4')                                           # a half-written line
+    MetricsLog(str(tmp_path), 2)                                         # resuming from step 2
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]

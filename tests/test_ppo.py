@@ -8,7 +8,7 @@ import torch
 import ppo
 import rm as rmlib
 from conftest import STORIES, toy_pairs, write_jsonl
-from ppo import adaptive_kl, gae, layout, masked_mean, masked_whiten, token_rewards
+from ppo import adaptive_kl, gae, layout, masked_mean, masked_whiten, ppo_loss, token_rewards
 
 
 def prefix_mask(lengths, T):
@@ -68,6 +68,29 @@ def test_score_lands_on_the_last_real_response_token():
     assert torch.allclose(non_score, -0.1 * (logp - ref) * rmask)
 
 
+def test_ppo_loss_by_hand():
+    """Two rows; the second's last token is padding (garbage that must not count). clip 0.2, value clip 0.2."""
+    log = torch.tensor([1.5, 0.5]).log()
+    logp = torch.tensor([[0.0, log[0]], [log[1], 9.0]])          # ratios 1, 1.5 | 0.5, (padding)
+    old_logp = torch.zeros(2, 2)
+    adv = torch.tensor([[1.0, 2.0], [-1.0, 7.0]])
+    values, old_values = torch.tensor([[1.0, 0.5], [0.1, 5.0]]), torch.zeros(2, 2)
+    returns = torch.tensor([[1.0, 1.0], [-1.0, 3.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    pl, vl, ratio = ppo_loss(logp, old_logp, values, old_values, adv, returns, mask, 3, 0.2, 0.2)
+    # policy terms max(-A r, -A clip(r)): (-1, -1) -> -1; (-3, -2.4) -> -2.4; (0.5, 0.8) -> 0.8
+    assert pl.item() == pytest.approx((-1 - 2.4 + 0.8) / 3)
+    # value terms: V_clip = (0.2, 0.2 | 0.1); max((V-R)^2, (V_clip-R)^2) = (0.64, 0.64 | 1.21)
+    assert vl.item() == pytest.approx(0.5 * (0.64 + 0.64 + 1.21) / 3)
+    assert torch.allclose(ratio[mask], torch.tensor([1.0, 1.5, 0.5]))
+    pl6, vl6, _ = ppo_loss(logp, old_logp, values, old_values, adv, returns, mask, 6, 0.2, 0.2)
+    assert (pl6.item(), vl6.item()) == pytest.approx((pl.item() / 2, vl.item() / 2))   # divided by the global count
+    # the gradient reaches only the valid tokens
+    logp.requires_grad_(True)
+    ppo_loss(logp, old_logp, values, old_values, adv, returns, mask, 3)[0].backward()
+    assert logp.grad[1, 1] == 0 and logp.grad[0, 0] != 0 and logp.grad[0, 1] == 0   # token 2 is clipped: no gradient
+
+
 def test_adaptive_kl_formula():
     assert adaptive_kl(0.05, 6.0, 6.0, 10000, 64) == pytest.approx(0.05)
     assert adaptive_kl(0.05, 9.0, 6.0, 10000, 64) == pytest.approx(0.05 * (1 + 0.2 * 64 / 10000))  # 0.5 clipped to 0.2
@@ -112,6 +135,10 @@ def test_first_minibatch_is_on_policy_and_resume_continues(toy, tmp_path):
     from model import Llama
     Llama.from_pretrained(str(out / "last" / "policy"))
     rmlib.RewardModel.from_pretrained(str(out / "last" / "value"))
+    # --resume=false starts over from the SFT policy, as in every trainer
+    state = ppo.train(toy_cfg(toy, out, steps=1, save_every=1, resume=False))
+    assert state["step"] == 1 and [r["step"] for r in metrics(out)] == [1]
+    assert metrics(out)[0]["kl"] == pytest.approx(0, abs=1e-6)
 
 
 def test_ppo_raises_a_learnable_reward_with_bounded_kl(toy, tmp_path):

@@ -33,6 +33,7 @@ def test_bt_loss_closed_form():
                    for c, r in zip(rc.tolist(), rr.tolist())) / 5
     assert abs(bt_loss(rc, rr).item() - expected) < 1e-5
     assert abs(bt_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() - math.log(2)) < 1e-6
+    assert abs(bt_loss(rc, rr, reduction="sum").item() - 5 * expected) < 5e-5     # what train_step sums
 
 
 def test_accuracy_counts_ties_as_wrong():
@@ -222,13 +223,16 @@ def test_not_a_llama_and_eval_sets_refused(tmp_path):
 
 
 def test_cli_errors():
-    for args, words in [(["eval", "--rm=/nonexistent/rm"], ["/nonexistent/rm"]),
+    for args, words in [(["eval", "--rm=/nonexistent/rm"], ["moved to eval.py", "python eval.py --rm="]),
                         (["--data=/nonexistent.jsonl", "--preset=tiny"], ["/nonexistent.jsonl", "no such data file"]),
                         (["--bogus=2"], ["unknown flag --bogus"])]:
         r = subprocess.run([sys.executable, os.path.join(ROOT, "rm.py"), *args], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert all(w in r.stderr for w in words), r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--rm=/nonexistent/rm"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "/nonexistent/rm" in r.stderr, r.stderr
 
 
 def test_parity_on_an_untied_gqa_config_with_biases(tmp_path):

@@ -365,10 +365,10 @@ def test_sft_on_two_processes_matches_one(tmp_path, scale_flags):
         {"role": "assistant", "text": f"{names[i % 5]} played with the {things[i % 6]} all day." + " It was fun." * (i % 3)}]}
         for i in range(30)]
     data = write_jsonl(tmp_path / "sp.jsonl", rows)
-    flags = ["--sft_epochs=1", "--sft_batch=8", "--sft_micro_batch=2", "--sft_eval_every=2", "--sft_lr=1e-3",
-             "--device=cpu"]
-    launch("tests/sft_driver.py", [data, "one", STORIES, *flags], 1, tmp_path)
-    launch("tests/sft_driver.py", [data, "two", STORIES, *flags, *scale_flags], 2, tmp_path)
+    flags = [f"--data={data}", f"--model={STORIES}", "--epochs=1", "--batch_size=8", "--micro_batch=2",
+             "--eval_every=2", "--lr=1e-3", "--device=cpu"]
+    launch("sft.py", [*flags, "--out=one"], 1, tmp_path)
+    launch("sft.py", [*flags, "--out=two", *scale_flags], 2, tmp_path)
     assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "two/last/model.safetensors") < WEIGHT_TOL
     assert max_diff(os.path.join(STORIES, "model.safetensors"), tmp_path / "one/last/model.safetensors") > 1e-3
     assert train_losses(tmp_path / "one/metrics.jsonl") == pytest.approx(train_losses(tmp_path / "two/metrics.jsonl"),

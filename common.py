@@ -1,0 +1,238 @@
+"""
+The plumbing every script shares, so that the other files hold only the method: command-line flags, the
+one kind of error a user can fix, files (JSON, jsonl records, atomic writes and folders), seeds, and printing and
+metrics from the master process only.
+
+    cfg = parse_args(Config, sys.argv[1:])   # --key=value flags onto a dataclass; --help lists them with comments
+    run_cli(main)                            # a UserError ends in one line on stderr and exit status 2
+"""
+import dataclasses
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad config, bad data). CLIs print it without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# command-line flags: a dataclass per script, one field a flag, its trailing comment the --help text
+
+def flag_help(cls):
+    """{field: its trailing comment} read from the source of the dataclass and its bases."""
+    out = {}
+    for c in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(c):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^\n#]*#\s*(.*)$", inspect.getsource(c), re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def print_help(cls):
+    cfg, helps = cls(), flag_help(cls)
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--flag=value ...]\n\nflags (default, what it does):")
+    for f in dataclasses.fields(cls):
+        print(f"  --{f.name}={getattr(cfg, f.name)!r}".ljust(34) + " " + helps.get(f.name, ""))
+
+
+def parse_args(cls, argv):
+    """--key=value (or --key value) flags onto the dataclass `cls`, type-checked. Unknown flags are errors."""
+    cfg, types = cls(), {f.name: f.type for f in dataclasses.fields(cls)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print_help(cls)
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: flags look like --key=value (--help lists them).")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UserError(f"flag --{key} needs a value: --{key}=VALUE.")
+            val, i = argv[i + 1], i + 1
+        if key not in types:
+            raise UserError(f"unknown flag --{key}. Known flags: " + ", ".join("--" + k for k in types))
+        typ = types[key]
+        try:
+            if typ is bool:
+                if val.lower() not in ("1", "0", "true", "false"):
+                    raise ValueError
+                setattr(cfg, key, val.lower() in ("1", "true"))
+            else:
+                setattr(cfg, key, typ(val))
+        except ValueError:
+            raise UserError(f"--{key}={val!r}: expected a {typ.__name__}.") from None
+        i += 1
+    return cfg
+
+
+def run_cli(main):
+    """Run main(sys.argv[1:]) as a script: a UserError ends in one line on stderr and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# files. Whatever a stage produces is written to a temporary name and renamed, so a crash never leaves half a file;
+# jsonl records are appended one flushed line at a time, so a kill loses at most the record being written.
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}). Restore or delete the file.") from None
+
+
+def write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """THE JSON writer: indented, atomic."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path, records):
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_records(path):
+    """The complete records of a jsonl file ([] if it does not exist). A last line without its newline is what a
+    kill mid-write leaves: it is cut off the file (the rerun writes that record again). A malformed line
+    elsewhere is an error that names file:line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):                                   # a half-written last record
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    records = []
+    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not a JSON record ({e}). Fix or delete that line, then rerun: "
+                            f"the stage redoes what is missing.") from None
+    return records
+
+
+class RecordWriter:
+    """Appends records to a jsonl file, one line each, flushed at once."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record):
+        self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def tmp_dir(path):
+    """A fresh folder beside `path` to write a checkpoint into before commit_dir swaps it in."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_dir(tmp, path):
+    """Swap a finished temporary folder in place of `path`, keeping files of `path` that tmp does not have
+    (a tokenizer.model, say). The old folder is moved aside first, so `path` is never half written."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        stale = ("model.safetensors", "model.safetensors.index.json")
+        for f in os.listdir(path):
+            src = os.path.join(path, f)
+            if (not os.path.exists(os.path.join(tmp, f)) and not f.startswith(stale)
+                    and not (f.startswith("model-") and f.endswith(".safetensors"))):
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, f))
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# seeds: every random stream of a run is seeded from --seed, a stream constant and the stream's keys, so a rerun or
+# a resumed run draws the same numbers
+
+STREAMS = {"queries": 7919, "epoch": 1000, "ppo_step": 100003, "sampling": 1_000_003}
+
+
+def derive_seed(seed, stream, *keys, bits=63):
+    """THE seed derivation: fold the keys into --seed, s <- s * STREAMS[stream] + key, modulo 2**bits."""
+    s = seed
+    for k in keys:
+        s = s * STREAMS[stream] + k
+    return s % 2**bits
+
+
+# -----------------------------------------------------------------------------
+# processes: under torchrun only the master process (rank 0) prints, logs and writes
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+class MetricsLog:
+    """A run's metrics.jsonl: one JSON line per record, appended by the master process. A run that resumes from its
+    checkpoint at `step` repeats the steps after it, so their lines (and a half-written last line) are dropped first:
+    no step is logged twice."""
+
+    def __init__(self, out, step=0):
+        self.path = os.path.join(out, "metrics.jsonl")
+        if rank() != 0:
+            return
+        os.makedirs(out, exist_ok=True)
+        if os.path.isfile(self.path):
+            keep = []
+            for line in open(self.path, encoding="utf-8"):
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    pass
+            write_text(self.path, "".join(keep))
+
+    def __call__(self, record):
+        if rank() == 0:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
