@@ -578,7 +578,7 @@ def stage_rm(cfg):
                            ("held_out_nofilter", os.path.join(data_dir, "val_nofilter.jsonl")),
                            ("static_hhh", os.path.join(DATA, "almost", "hhh_eval.json"))]:
             ps = rmlib.read_pairs(path)
-            s[name] = rmlib.evaluate_pairs(model, rmlib.tokenize_pairs(model.tok, ps, model.max_length, path))
+            s[name] = rmlib.evaluate_pairs(model, rmlib.tokenize_pairs(model, ps, path))
         stats[k] = s
         print(f"rm ({'with' if k == 'filter' else 'without'} the length rule): held-out accuracy "
               f"{s['held_out']['accuracy']:.3f}, corr(score, length) {s['held_out']['length_corr']:.3f}, "

@@ -219,7 +219,7 @@ def save_random_checkpoints(cfg, d, dev):
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tok = Tokenizer(os.path.join(HERE, "data", "stories260K"))
     policy = random_model(cfg, dev, dtype)
-    policy.save_pretrained(os.path.join(d, "policy"), files={"tokenizer.model": tok.save})
+    policy.save_pretrained(os.path.join(d, "policy"), files=tok.files())
     del policy
     rm = RewardModel(random_model(cfg, dev, dtype, lm_head=False), tok, max_length=cfg.max_position_embeddings)
     rm.save_pretrained(os.path.join(d, "rm"))

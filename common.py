@@ -168,7 +168,7 @@ def tmp_dir(path):
 
 def commit_dir(tmp, path):
     """Swap a finished temporary folder in place of `path`, keeping files of `path` that tmp does not have
-    (a tokenizer.model, say). The old folder is moved aside first, so `path` is never half written."""
+    (a chat template, say). The old folder is moved aside first, so `path` is never half written."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
         stale = ("model.safetensors", "model.safetensors.index.json")

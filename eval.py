@@ -155,7 +155,7 @@ def rm_accuracy(reward_model, path, cfg):
     """Reward-model accuracy and score statistics on a pairs file (per category where pairs carry a "type")."""
     pairs = read_pairs(path, cfg.on_error)
     pairs = pairs[:cfg.max_items] if cfg.max_items else pairs
-    return evaluate_pairs(reward_model, tokenize_pairs(reward_model.tok, pairs, reward_model.max_length, path),
+    return evaluate_pairs(reward_model, tokenize_pairs(reward_model, pairs, path),
                           cfg.batch_size)
 
 

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from common import UserError, commit_dir, derive_seed, parse_args, rank, run_cli, world_size
 from model import Llama, PAD_ID, last_token_index, lora_disabled
-from rm import RewardModel
+from rm import RewardModel, read_lines
 from sample import generate
-from tokenizer import Tokenizer, format_dialogue
+from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, messages_text
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, load_dtype, lora_key,
                      make_optimizer, memory_dry_run, optimizer_step, prepare_for_training, resume_from,
                      save_training_checkpoint, setup_distributed, start_or_resume)
@@ -152,28 +152,29 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     log_every: int = 1             # steps between printed sample responses
     save_every: int = 10           # steps between checkpoints (and the last step)
     samples_per_log: int = 2       # sample responses printed each log_every steps
+    chat_template: bool = False    # prompts in the policy folder's chat template instead of the paper's Human/Assistant
     seed: int = 1337               # prompts, rollouts and minibatch order follow (seed, step)
     resume: bool = True            # go on from out/last if it is there
 
 
 def read_prompts(path):
+    """Prompts from a .txt (one a line) or a .jsonl whose lines hold a "query" or "prompt": a string, or TRL's
+    conversational [{"role", "content"}] messages (rendered in the paper's dialogue format)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such prompts file. Give a .jsonl with \"query\" fields or a .txt, one a line.")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    d = json.loads(line)
-                    out.append(d.get("query", d.get("prompt")))
-                except (json.JSONDecodeError, AttributeError):
-                    raise UserError(f"{path}:{i}: not a JSON object with a \"query\" field.") from None
-                if not isinstance(out[-1], str):
-                    raise UserError(f"{path}:{i}: no string \"query\" (or \"prompt\") field.")
-            else:
-                out.append(line.rstrip("\n"))
+    for i, line in read_lines(path):
+        if not path.endswith((".jsonl", ".jsonl.gz", ".json")):
+            out.append(line.rstrip("\n"))
+            continue
+        try:
+            d = json.loads(line) if isinstance(line, str) else line
+            p = d.get("query", d.get("prompt")) if isinstance(d, dict) else None
+            out.append(messages_text(p, '"prompt"') if isinstance(p, list) else p)
+        except (json.JSONDecodeError, ValueError) as e:
+            raise UserError(f"{path}:{i}: not a JSON object with a \"query\" or \"prompt\" field ({e}).") from None
+        if not isinstance(out[-1], str):
+            raise UserError(f"{path}:{i}: no string (or messages) \"query\" or \"prompt\" field.")
     if not out:
         raise UserError(f"{path}: no prompts.")
     return out
@@ -182,7 +183,7 @@ def read_prompts(path):
 def encode_prompts(cfg, tok, ctx, master_process):
     """The prompts as token ids in the dialogue format; those that leave no room for a response are skipped."""
     texts = read_prompts(cfg.prompts)
-    ids = [tok.encode(format_dialogue(p), bos=True) for p in texts]
+    ids = [dialogue_ids(tok, p, chat=cfg.chat_template) for p in texts]
     fits = [len(p) + cfg.max_new_tokens <= ctx for p in ids]
     if not all(fits) and master_process:
         print(f"note: {fits.count(False)} prompt(s) of {cfg.prompts} leave no room for {cfg.max_new_tokens} new "
@@ -211,7 +212,7 @@ def load_models(cfg, dev, dtype, last):
     value = RewardModel.from_pretrained(value_from, device=dev, dtype=load_dtype(cfg, dtype))
     if lora and not cfg.fsdp:
         ref = None
-        reward_model = RewardModel(value.model, value.tok, value.max_length)
+        reward_model = RewardModel(value.model, value.tok, value.max_length, value.chat)
         reward_model.head.weight = torch.nn.Parameter(value.head.weight.detach().clone().to(dtype),
                                                       requires_grad=False)
         reward_model.normalizer = value.normalizer
@@ -373,7 +374,7 @@ def save_checkpoint(path, policy, tok, value, opts, params, state):
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    save_training_checkpoint(lambda p, files: policy.save_pretrained(p, files={"tokenizer.model": tok.save, **files}),
+    save_training_checkpoint(lambda p, files: policy.save_pretrained(p, files={**tok.files(), **files}),
                              params[0], opts[0], os.path.join(tmp, "policy"), state, policy)
     save_training_checkpoint(value.save_pretrained, params[1], opts[1], os.path.join(tmp, "value"), state, value)
     if rank() == 0:
@@ -385,9 +386,9 @@ def dry_run(cfg):
     prompt + max_new_tokens tokens (the longest prompt, when the prompts and the policy's tokenizer are at hand)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prompt = 256
-    if os.path.isfile(cfg.prompts) and os.path.isfile(os.path.join(cfg.policy, "tokenizer.model")):
+    if os.path.isfile(cfg.prompts) and has_tokenizer(cfg.policy):
         tok = Tokenizer(cfg.policy)
-        prompt = max(len(tok.encode(format_dialogue(p), bos=True)) for p in read_prompts(cfg.prompts))
+        prompt = max(len(dialogue_ids(tok, p, chat=cfg.chat_template)) for p in read_prompts(cfg.prompts))
     elif rank() == 0:
         print(f"(prompt length taken as {prompt} tokens: --prompts or the policy's tokenizer is not at hand)")
     return memory_dry_run(cfg, cfg.policy, "ppo", max(1, cfg.minibatch // world), prompt + cfg.max_new_tokens,
@@ -415,9 +416,13 @@ def train(cfg):
     if cfg.minibatch % world:
         raise UserError(f"--minibatch={cfg.minibatch} (and --batch_size) must be a multiple of the {world} processes.")
     dtype = compute_dtype(cfg, dev)
+    tok = Tokenizer(cfg.policy)
+    if not tok.same_as(Tokenizer(cfg.rm)):
+        raise UserError(f"{cfg.rm}: its tokenizer differs from the policy's ({cfg.policy}). The value model starts "
+                        f"from the reward model and reads the policy's token ids, so the two must share one "
+                        f"tokenizer: train the reward model from the policy's base model.")
     last = os.path.join(cfg.out, "last")
     policy, ref, value, reward_model, resuming, p_params, v_params = load_models(cfg, dev, dtype, last)
-    tok = Tokenizer(cfg.policy)
     opts = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
     run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm), "lora": lora_key(cfg)}
     loads = [(p_params, opts[0], os.path.join(last, "policy")), (v_params, opts[1], os.path.join(last, "value"))]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common import UserError, parse_args, run_cli
 from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, reshard
-from tokenizer import format_dialogue, split_dialogue
+from tokenizer import dialogue_ids, messages_text, split_dialogue
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
                      load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,
                      prepare_for_training, resume_from, save_training_checkpoint, set_lr, setup_distributed,
@@ -39,37 +39,86 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # data: preference pairs, in the paper's dialogue format
 
+def read_lines(path):
+    """[(line number, line)] of a .jsonl / .jsonl.gz file, or [(item number, item)] of a .json list. A file that is
+    not UTF-8 JSON text (Parquet, binary, a bad byte) ends in one message that names it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PAR1":
+        raise UserError(f"{path}: a Parquet file. Convert it to jsonl first, e.g. python -c \"import pandas; "
+                        f"pandas.read_parquet('{path}').to_json('data.jsonl', orient='records', lines=True)\".")
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:   # a .gz that is not gzip
+        raise UserError(f"{path}: cannot be read ({e}).") from None
+    lines = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append(raw.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line). Data "
+                            f"files are UTF-8 JSON lines.") from None
+    if path.endswith(".json"):
+        try:
+            items = json.loads("\n".join(lines))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e}). A .json file must hold a list; use .jsonl for one record "
+                            f"a line.") from None
+        if not isinstance(items, list):
+            raise UserError(f"{path}: a .json data file must hold a list of records.")
+        return list(enumerate(items, 1))
+    return [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+
+
+def pair_of(d):
+    """One preference pair in any of TRL's layouts or Anthropic HH's -> {"prompt", "chosen", "rejected"} in the
+    paper's dialogue format (plus "rejected_prompt" where the two dialogues differ before their last turn):
+    - standard: {"prompt", "chosen", "rejected"} as text, or as [{"role", "content"}] messages (conversational);
+    - implicit prompt: {"chosen", "rejected"} whole dialogues: split at the last "\\n\\nAssistant:" (HH), or after
+      the longest common prefix (TRL), or before the last message (conversational)."""
+    if not isinstance(d, dict) or "chosen" not in d or "rejected" not in d:
+        raise ValueError('needs fields "chosen" and "rejected"')
+    c, r, p = d["chosen"], d["rejected"], d.get("prompt")
+    if any(isinstance(x, list) for x in (c, r, p)):                   # conversational
+        if p is None:                                                  # the shared messages before the last
+            if not (isinstance(c, list) and isinstance(r, list) and c and r and c[:-1] == r[:-1]):
+                raise ValueError('"chosen" and "rejected" must be message lists that differ in the last message only')
+            p, c, r = c[:-1], c[-1:], r[-1:]
+        last = []
+        for name, x in (("chosen", c), ("rejected", r)):
+            if not (isinstance(x, list) and len(x) == 1 and isinstance(x[0], dict) and x[0].get("role") == "assistant"
+                    and isinstance(x[0].get("content"), str)):
+                raise ValueError(f'"{name}" must be one assistant message, [{{"role": "assistant", "content": ...}}]')
+            last.append(x[0]["content"])
+        return {**d, "prompt": messages_text(p, '"prompt"'), "chosen": last[0], "rejected": last[1]}
+    if not isinstance(c, str) or not isinstance(r, str):
+        raise ValueError('"chosen" and "rejected" must both be strings or both be message lists')
+    if p is not None:
+        if not isinstance(p, str):
+            raise ValueError('"prompt" must be a string or a message list')
+        return d
+    cs, rs = split_dialogue(c), split_dialogue(r)
+    if cs and rs:                                                      # Anthropic HH
+        return {**d, "prompt": cs[0], "chosen": cs[1], "rejected": rs[1], "rejected_prompt": rs[0]}
+    k = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+    k -= k > 0 and c[k - 1] == " "                                     # TRL's rule: the space goes with the answer
+    if k <= 0:
+        raise ValueError('has no "prompt", and "chosen" and "rejected" share no prompt to split off')
+    return {**d, "prompt": c[:k], "chosen": c[k:], "rejected": r[k:]}
+
+
 def read_pairs(path, on_error="stop"):
-    """Preference pairs from a .jsonl / .jsonl.gz (one object a line) or .json (a list) file, as dicts
-    {"prompt", "chosen", "rejected"} plus any other fields (e.g. "type"). on_error: "stop" at the first bad line
-    with its file:line, or "skip" it with a warning."""
+    """Preference pairs from a .jsonl / .jsonl.gz (one object a line) or .json (a list) file in any layout pair_of
+    reads, as dicts {"prompt", "chosen", "rejected"} plus any other fields (e.g. "type"). on_error: "stop" at the first
+    bad line with its file:line, or "skip" it with a warning."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such data file. Give a .jsonl file of {{\"prompt\", \"chosen\", \"rejected\"}} "
                         f"lines.")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                items = list(enumerate(json.load(f), 1))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: not valid JSON ({e}). A .json file must hold a list of pairs; use "
-                                f".jsonl for one pair a line.") from None
-        else:
-            items = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
     pairs, skipped = [], 0
-    for lineno, item in items:
+    for lineno, item in read_lines(path):
         try:
-            d = json.loads(item) if isinstance(item, str) else item
-            if not isinstance(d, dict) or not isinstance(d.get("chosen"), str) or not isinstance(d.get("rejected"), str):
-                raise ValueError('needs string fields "chosen" and "rejected"')
-            if "prompt" not in d:  # HH layout: the dialogue is in chosen / rejected
-                c, r = split_dialogue(d["chosen"]), split_dialogue(d["rejected"])
-                if c is None or r is None:
-                    raise ValueError('has no "prompt" and no "\\n\\nAssistant:" turn to split the dialogue at')
-                d = {**d, "prompt": c[0], "chosen": c[1], "rejected": r[1], "rejected_prompt": r[0]}
-            elif not isinstance(d["prompt"], str):
-                raise ValueError('"prompt" must be a string')
-            pairs.append(d)
+            pairs.append(pair_of(json.loads(item) if isinstance(item, str) else item))
         except (ValueError, json.JSONDecodeError) as e:
             where = f"{path}:{lineno}" + ("" if not path.endswith(".json") else f" (item {lineno})")
             if on_error == "stop":
@@ -83,20 +132,21 @@ def read_pairs(path, on_error="stop"):
     return pairs
 
 
-def encode(tok, prompt, response, max_length):
-    """Token ids of format_dialogue(prompt, response) + EOS, no BOS (as the released code), left-truncated to
-    max_length so the response's end and the EOS survive."""
-    ids = tok.encode(format_dialogue(prompt, response), bos=False)
-    return ids[-(max_length - 1):] + [tok.eos_id]
+def encode(tok, prompt, response, max_length, chat=False):
+    """Token ids of the dialogue ending in `response`, then EOS: the paper's format without BOS (as the released
+    code), or the model's chat template (chat=True). Left-truncated to max_length so the response's end and the EOS
+    survive."""
+    return dialogue_ids(tok, prompt, response, chat, bos=False)[-max_length:]
 
 
 # -----------------------------------------------------------------------------
 # the reward model
 
 class RewardModel(nn.Module):
-    def __init__(self, trunk, tok, max_length=1024):
+    def __init__(self, trunk, tok, max_length=1024, chat=False):
         super().__init__()
-        self.model, self.tok, self.max_length = trunk, tok, max_length
+        # chat: texts in the model's chat template instead of the paper's format (saved with the model)
+        self.model, self.tok, self.max_length, self.chat = trunk, tok, max_length, chat
         C = trunk.config.hidden_size
         p = trunk.embed_tokens.weight
         # the head; saved under HF's name "score.weight" (our score() is the scoring method)
@@ -113,9 +163,11 @@ class RewardModel(nn.Module):
         tok = load_tokenizer(path, trunk.config)
         torch.manual_seed(seed)
         head = trunk.extra_tensors.pop("score.weight", None)
-        if head is not None:   # a saved reward model: its own max_length and normaliser
+        chat = False
+        if head is not None:   # a saved reward model: its own max_length, text format and normaliser
             max_length = trunk.config.extra.get("max_length", max_length)
-        reward_model = cls(trunk, tok, max_length)
+            chat = bool(trunk.config.extra.get("chat_template", False))
+        reward_model = cls(trunk, tok, max_length, chat)
         if head is not None:
             reward_model.head.weight = nn.Parameter(head)
             reward_model.normalizer = trunk.config.extra.get("reward_normalizer", reward_model.normalizer)
@@ -125,12 +177,12 @@ class RewardModel(nn.Module):
         """LlamaForSequenceClassification layout. transformers scores the last token that is not pad_token_id,
         so pad is set to a token the texts never end with (not EOS): that is the token we score."""
         pad = 0 if self.tok.eos_id != 0 else 1
-        files = {"tokenizer.model": self.tok.save, **(files or {})}
+        files = {**self.tok.files(pad_id=pad), **(files or {})}
         reshard(self)   # (FSDP: the head's root module)
         self.model.save_pretrained(path, extra={"score.weight": self.head.weight}, files=files, config_updates={
             "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
             "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad,
-            "reward_normalizer": self.normalizer, "max_length": self.max_length})
+            "reward_normalizer": self.normalizer, "max_length": self.max_length, "chat_template": self.chat})
 
     def forward(self, idx, mask, per_token=False):
         """(B, T) ids and mask -> (B,) fp32 raw scores, read at each row's last real token; per_token=True: the
@@ -144,7 +196,7 @@ class RewardModel(nn.Module):
     def score(self, prompts, responses, batch_size=32, normalize=False):
         """Scores (N,) of N (prompt, response) texts, batched with left padding (longest first, so batches are
         tight; the result is in the input order). normalize: (r - mean) / std with the stored normaliser."""
-        return self.score_ids([encode(self.tok, p, r, self.max_length) for p, r in zip(prompts, responses)],
+        return self.score_ids([encode(self.tok, p, r, self.max_length, self.chat) for p, r in zip(prompts, responses)],
                               batch_size, normalize)
 
     @torch.no_grad()
@@ -192,18 +244,19 @@ def pearson(x, y):
     return (x @ y).item() / d if d > 0 else float("nan")
 
 
-def tokenize_pairs(tok, pairs, max_length, where):
-    """-> list of (chosen_ids, rejected_ids, pair); drops pairs whose two texts are identical (they teach
-    nothing and would count as ties) and reports truncation."""
+def tokenize_pairs(reward_model, pairs, where):
+    """-> list of (chosen_ids, rejected_ids, pair) in the reward model's format; drops pairs whose two texts are
+    identical (they teach nothing and would count as ties) and reports truncation."""
+    tok, max_length, chat = reward_model.tok, reward_model.max_length, reward_model.chat
     out, same, cut = [], 0, 0
     for p in pairs:
-        c = encode(tok, p["prompt"], p["chosen"], max_length)
-        r = encode(tok, p.get("rejected_prompt", p["prompt"]), p["rejected"], max_length)
+        c = encode(tok, p["prompt"], p["chosen"], max_length, chat)
+        r = encode(tok, p.get("rejected_prompt", p["prompt"]), p["rejected"], max_length, chat)
         if c == r:
             same += 1
             continue
         for prompt, resp in ((p["prompt"], p["chosen"]), (p.get("rejected_prompt", p["prompt"]), p["rejected"])):
-            cut += len(tok.encode(format_dialogue(prompt, resp), bos=False)) + 1 > max_length
+            cut += len(dialogue_ids(tok, prompt, resp, chat, bos=False)) > max_length
         out.append((c, r, p))
     if same:
         print(f"note: {where}: dropped {same} pair(s) whose chosen and rejected texts are identical", file=sys.stderr)
@@ -243,6 +296,7 @@ class TrainConfig(ScaleConfig):
     out: str = "out/rm"            # output folder: best/, last/, metrics.jsonl, config.json
     preset: str = ""               # "tiny": settings for the bundled 260K model on CPU (see README)
     max_length: int = 1024         # tokens per text; longer ones lose their start
+    chat_template: bool = False    # texts in the model folder's chat template instead of the paper's Human/Assistant
     batch_size: int = 128          # pairs per optimizer step (paper: 128)
     micro_batch: int = 8           # pairs per forward/backward; batch_size / micro_batch accumulation steps
     epochs: float = 1.0            # passes over the training pairs
@@ -287,7 +341,7 @@ def check_config(cfg):
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --micro_batch={cfg.micro_batch}.")
 
 
-def load_data(cfg, tok):
+def load_data(cfg, reward_model):
     """The training and held-out pairs, tokenized once: --val_data, or a split of --data seeded by --seed."""
     pairs = read_pairs(cfg.data, cfg.on_error)
     if cfg.val_data:
@@ -300,8 +354,8 @@ def load_data(cfg, tok):
             raise UserError(f"{cfg.data}: one pair cannot be split into train and held-out; add pairs or "
                             f"give --val_data.")
         val_pairs, train_pairs = [pairs[i] for i in idx[:n_val]], [pairs[i] for i in idx[n_val:]]
-    train_set = tokenize_pairs(tok, train_pairs, cfg.max_length, cfg.data)
-    val_set = tokenize_pairs(tok, val_pairs, cfg.max_length, cfg.val_data or cfg.data + " (held out)")
+    train_set = tokenize_pairs(reward_model, train_pairs, cfg.data)
+    val_set = tokenize_pairs(reward_model, val_pairs, cfg.val_data or cfg.data + " (held out)")
     if len(train_set) < cfg.batch_size:
         print(f"note: {len(train_set)} training pairs < --batch_size={cfg.batch_size}: one step per epoch uses "
               f"them all", file=sys.stderr)
@@ -356,11 +410,12 @@ def train(cfg):
     weights, adapters, resuming = resume_from(cfg, cfg.model, last)
     reward_model = RewardModel.from_pretrained(weights, device=dev, dtype=load_dtype(cfg, dtype),
                                                max_length=cfg.max_length, seed=cfg.seed)
+    reward_model.chat = cfg.chat_template
     if adapters:
         reward_model.normalizer = load_config(last).extra.get("reward_normalizer", reward_model.normalizer)
     params = prepare_for_training(reward_model, cfg, dtype, heads=[reward_model.head], seed=cfg.seed,
                                   trained_from=adapters)
-    train_set, val_set = load_data(cfg, reward_model.tok)
+    train_set, val_set = load_data(cfg, reward_model)
     total = max(1, int(cfg.epochs * max(1, len(train_set) // cfg.batch_size)))
     opt = make_optimizer(reward_model, cfg.lr, cfg.weight_decay)
     run = {"data": os.path.abspath(cfg.data), "train_pairs": len(train_set), "total_steps": total,

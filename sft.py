@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common import UserError, parse_args, read_records, run_cli
 from model import Llama
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, dialogue_text
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
                      load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,
                      prepare_for_training, resume_from, save_training_checkpoint, set_lr, setup_distributed,
@@ -38,6 +38,7 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     warmup: float = 0.03           # linear warmup over this fraction of the steps, then cosine decay
     grad_clip: float = 1.0         # clip the gradient's global norm
     eval_every: int = 50           # optimizer steps between held-out evaluations (each saves last/)
+    chat_template: bool = False    # dialogues in the model folder's chat template instead of the paper's Human/Assistant
     seed: int = 1337               # the held-out split and the order of the dialogues
     resume: bool = True            # go on from out/last if it is there
 
@@ -45,30 +46,35 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
 # -----------------------------------------------------------------------------
 # the data and the loss
 
-def encode_dialogue(tok, turns, max_length):
-    """BOS + dialogue_text(turns) + EOS -> (ids, mask) with mask True exactly on the assistant tokens of every
-    turn and the final EOS: the loss is on what the assistant says. Token spans come from tokenizing prefixes of
-    the text (checked to be prefixes of the whole), so they match prompt-then-generate tokenization. None if the
-    dialogue is longer than max_length."""
-    text, spans = "", []
-    for role, t in turns:
-        if role == "user":
-            text += "\n\nHuman: " + t.strip()
-        else:
-            text += "\n\nAssistant:"
-            start = len(text)
-            text += " " + t.strip()
-            spans.append((start, len(text)))
-    ids = tok.encode(text, bos=True) + [tok.eos_id]
+def encode_dialogue(tok, turns, max_length, chat=False):
+    """A dialogue [(role, text)] as the policy sees it -> (ids, mask) with mask True exactly on the assistant's tokens
+    of every turn: the loss is on what the assistant says. The paper's format: BOS + dialogue_text(turns) + EOS (the
+    EOS in the mask); chat=True: the model's chat template (its end-of-turn tokens in the mask). Each assistant
+    turn's span comes from rendering the dialogue up to it, and tokenizing prefixes of the text (checked to be prefixes
+    of the whole), so it matches prompt-then-generate tokenization. None if the dialogue is longer than max_length."""
+    def render(k, generation_prompt):   # the text of turns[:k], and the assistant's tag when it is to speak
+        if chat:
+            return tok.apply_chat_template([{"role": r, "content": t.strip()} for r, t in turns[:k]], generation_prompt)
+        return dialogue_text(turns[:k]) + ("\n\nAssistant:" if generation_prompt else "")
+
+    text, spans = render(len(turns), False), []
+    for i, (role, _) in enumerate(turns):
+        if role == "assistant":
+            before, through = render(i, True), render(i + 1, False)
+            if not (text.startswith(before) and text.startswith(through)):
+                raise ValueError("the chat template does not render a dialogue's beginning as a prefix of the whole")
+            spans.append((len(before), len(through)))
+    ids = tok.encode(text, bos=not chat) + ([] if chat else [tok.eos_id])
     if len(ids) > max_length:
         return None
     mask = [False] * len(ids)
     for start, end in spans:
-        a, b = (len(tok.encode(text[:k], bos=True)) for k in (start, end))
-        if tok.encode(text[:end], bos=True) != ids[:b]:
+        a, b = (len(tok.encode(text[:k], bos=not chat)) for k in (start, end))
+        if tok.encode(text[:end], bos=not chat) != ids[:b]:
             raise ValueError(f"tokenization of a turn boundary is not a prefix of the whole: {text[:end][-40:]!r}")
         mask[a:b] = [True] * (b - a)
-    mask[-1] = True                                                            # EOS
+    if not chat:
+        mask[-1] = True                                                        # EOS
     return ids, mask
 
 
@@ -94,7 +100,11 @@ def load_data(cfg, tok):
     records = [r for r in read_records(cfg.data) if r.get("usable")]
     if len(records) < 2:
         raise UserError(f"{cfg.data}: {len(records)} usable dialogue(s); SFT needs at least 2. Run selfplay first.")
-    data = [encode_dialogue(tok, [(t["role"], t["text"]) for t in r["turns"]], cfg.max_length) for r in records]
+    try:
+        data = [encode_dialogue(tok, [(t["role"], t["text"]) for t in r["turns"]], cfg.max_length, cfg.chat_template)
+                for r in records]
+    except ValueError as e:
+        raise UserError(f"{cfg.data}: {e}. Leave --chat_template off for this model.") from None
     dropped = sum(d is None for d in data)
     data = [d for d in data if d is not None]
     if dropped:
@@ -138,7 +148,7 @@ def train(cfg):
               f"{dev} {str(dtype).removeprefix('torch.')}; {describe(params, model, cfg)}")
 
     def save(path, files):
-        model.save_pretrained(path, files={"tokenizer.model": tok.save, **files})
+        model.save_pretrained(path, files={**tok.files(), **files})
 
     model.train()
     for step in tqdm(range(state["step"], total), initial=state["step"], total=total, desc=f"sft {name}",

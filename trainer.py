@@ -21,7 +21,7 @@ import torch
 
 import memory
 from common import MetricsLog, UserError, derive_seed, rank, read_json, world_size, write_json
-from model import DTYPES, LORA_TARGETS, Block, Llama, add_lora, default_dtype, full_tensor
+from model import DTYPES, LORA_TARGETS, Block, Llama, LoRALinear, add_lora, default_dtype, full_tensor, hf_name
 
 
 @dataclass
@@ -267,9 +267,10 @@ def start_or_resume(cfg, out, last, state, run, optimizers):
 
 def save_training_checkpoint(save, params, opt, path, state, module=None):
     """A model (save(path, files=...) writes it) plus optimizer moments (safetensors) and trainer state (json),
-    in one atomic step; for a LoRA run (module given) also adapters.safetensors, the trained tensors by name, which
-    a resumed run puts back on its base model. Every process calls this (FSDP gathers each sharded moment, a
-    collective); process 0 writes. Moments are stored whole, so a run resumes on any number of processes."""
+    in one atomic step; for a LoRA run (module given) also its adapters in PEFT's layout (adapter_config.json,
+    adapter_model.safetensors), which a resumed run puts back on its base model. Every process calls this (FSDP
+    gathers each sharded moment, a collective); process 0 writes. Moments are stored whole, so a run resumes on any
+    number of processes."""
     from safetensors.torch import save_file
     tensors = {}
     for i, p in enumerate(params):
@@ -281,24 +282,49 @@ def save_training_checkpoint(save, params, opt, path, state, module=None):
     files = {"optimizer.safetensors": lambda f: save_file(tensors, f),
              "trainer_state.json": lambda f: write_json(f, state)}
     if module is not None and any(".lora_" in n for n, _ in module.named_parameters()):
-        trained = {n: full_tensor(p).cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
-        files["adapters.safetensors"] = lambda f: save_file(trained, f)
+        trained = {peft_name(module, n): full_tensor(p).cpu().contiguous()
+                   for n, p in module.named_parameters() if p.requires_grad}
+        files["adapter_model.safetensors"] = lambda f: save_file(trained, f, metadata={"format": "pt"})
+        files["adapter_config.json"] = lambda f: write_json(f, peft_config(module))
     save(path, files=files)
 
 
+# LoRA adapters in PEFT's layout: peft.PeftModel.from_pretrained(base, folder) loads them onto the base model
+
+def peft_name(module, name):
+    """Our trained parameter's name -> PEFT's tensor name ("base_model.model." + the HF name; a reward model's head
+    is HF's "score", saved whole as a module to save)."""
+    hf = hf_name(name) if isinstance(module, Llama) else "score.weight" if name == "head.weight" else name
+    return "base_model.model." + hf + (".weight" if name.endswith((".lora_A", ".lora_B")) else "")
+
+
+def peft_config(module):
+    """adapter_config.json of the adapters on `module` (rank, alpha and targets read off its LoRA layers)."""
+    layers = {n.rsplit(".", 1)[-1]: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+    some = next(iter(layers.values()))
+    rank = some.lora_A.shape[0]
+    causal = isinstance(module, Llama)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM" if causal else "SEQ_CLS", "r": rank,
+            "lora_alpha": some.scale * rank, "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None if causal else ["score"], "base_model_name_or_path": None}
+
+
 def load_trained(module, path):
-    """Put a LoRA run's trained tensors (adapters.safetensors: adapters and heads, by name) back on `module`."""
+    """Put a LoRA run's trained tensors (adapter_model.safetensors: adapters and heads) back on `module`."""
     from safetensors.torch import load_file
-    f = os.path.join(path, "adapters.safetensors")
+    f = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(f):
         raise UserError(f"{f}: missing, so this LoRA run cannot resume from {path}. Pass --resume=false (or a new "
                         f"--out) to start over.")
-    params = dict(module.named_parameters())
-    for n, t in load_file(f).items():
-        if n not in params or params[n].shape != t.shape:
-            raise UserError(f"{f}: tensor '{n}' does not fit this model: {path} belongs to another run (another "
+    params = {peft_name(module, n): p for n, p in module.named_parameters() if p.requires_grad}
+    tensors = load_file(f)
+    for n, p in params.items():
+        t = tensors.get(n)
+        if t is None or p.shape != t.shape:
+            raise UserError(f"{f}: no tensor '{n}' of shape {tuple(p.shape)}: {path} belongs to another run (another "
                             f"--lora_rank or --lora_targets?). Give a new --out to start over.")
-        params[n].data.copy_(t)
+        p.data.copy_(t)
 
 
 def load_optimizer(params, opt, path):

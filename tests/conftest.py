@@ -39,3 +39,32 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
+
+
+SHARED_SMOLLM2 = os.path.join(ROOT, "..", "shared", "models", "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The folder of SmolLM2-135M-Instruct's tokenizer files (byte-level BPE); the test skips where it is absent."""
+    if not os.path.isfile(os.path.join(SHARED_SMOLLM2, "tokenizer.json")):
+        pytest.skip("SmolLM2's files are not beside the repository (../shared/models/smollm2-135m-instruct)")
+    return SHARED_SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_tokenizer):
+    """SmolLM2-135M-Instruct as an HF folder, built once by its make_hf.py into .cache/ (needs gguf, a test
+    extra; about 15 s)."""
+    import shutil
+    import subprocess
+    out = os.path.join(ROOT, ".cache", "smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        pytest.importorskip("gguf")
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, os.path.join(smollm2_tokenizer, "make_hf.py"), tmp], check=True,
+                       capture_output=True, timeout=600)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out

@@ -319,7 +319,7 @@ def test_sft_loss_mask_is_exactly_the_assistant_tokens(stories):
     unmasked = tok.decode([i for i, m in zip(ids[1:], mask[1:]) if not m])
     assert "Tom found a ball" in unmasked and "rain" in unmasked and "happy" not in unmasked and "milk" not in unmasked
     # prompt-then-generate tokenization equals the masked split: the prompt is exactly the unmasked prefix
-    from rm import format_dialogue
+    from tokenizer import format_dialogue
     prompt = tok.encode(format_dialogue(turns[0][1]), bos=True)
     assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)]) and mask[len(prompt)]
     assert encode_dialogue(tok, turns, 20) is None                          # longer than max_length

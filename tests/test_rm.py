@@ -10,8 +10,8 @@ import torch
 
 from conftest import ROOT, STORIES, toy_pairs, write_jsonl
 from model import UserError, last_token_index
-from rm import (RewardModel, TrainConfig, bt_loss, encode, format_dialogue, pad_batch, pair_metrics, read_pairs,
-                tokenize_pairs, train)
+from rm import RewardModel, TrainConfig, bt_loss, encode, pad_batch, pair_metrics, read_pairs, tokenize_pairs, train
+from tokenizer import format_dialogue
 
 
 @pytest.fixture(scope="module")
@@ -198,17 +198,21 @@ def test_missing_fields_and_empty_data(tmp_path):
 
 def test_long_texts_are_truncated_with_a_note(rm, capsys):
     long = {"prompt": "Tell me a story.", "chosen": "Lily ran. " * 200 + "The end.", "rejected": "No."}
-    (c, r, _), = tokenize_pairs(rm.tok, [long], 128, "long.jsonl")
+    keep, rm.max_length = rm.max_length, 128
+    try:
+        (c, r, _), = tokenize_pairs(rm, [long], "long.jsonl")
+    finally:
+        rm.max_length = keep
     assert len(c) == 128 and c[-1] == rm.tok.eos_id and len(r) < 128
     assert "long.jsonl: 1 text(s) longer than max_length=128" in capsys.readouterr().err
 
 
 def test_identical_pairs_are_dropped(rm, capsys):
     pairs = toy_pairs(3) + [{"prompt": "a", "chosen": "same", "rejected": "same"}]
-    assert len(tokenize_pairs(rm.tok, pairs, 512, "t.jsonl")) == 3
+    assert len(tokenize_pairs(rm, pairs, "t.jsonl")) == 3
     assert "identical" in capsys.readouterr().err
     with pytest.raises(UserError, match="identical"):
-        tokenize_pairs(rm.tok, pairs[3:], 512, "t.jsonl")
+        tokenize_pairs(rm, pairs[3:], "t.jsonl")
 
 
 def test_not_a_llama_and_eval_sets_refused(tmp_path):
@@ -263,3 +267,46 @@ def test_parity_on_an_untied_gqa_config_with_biases(tmp_path):
     with torch.no_grad():
         ref2 = torch.cat([hf2(torch.tensor([s])).logits[:, 0] for s in seqs])
     assert (rm2.score(*zip(*TEXTS)) - ref2).abs().max().item() < 1e-4
+
+
+def test_trl_and_conversational_pair_formats(tmp_path):
+    """TRL's standard and implicit-prompt layouts, as text and as conversations, all become the paper's dialogue."""
+    user = [{"role": "user", "content": "Is the sky blue?"}]
+    yes, no = [{"role": "assistant", "content": "Yes."}], [{"role": "assistant", "content": "No."}]
+    rows = [{"prompt": "Is the sky blue?", "chosen": "Yes.", "rejected": "No."},                  # standard
+            {"chosen": "The sky is blue.", "rejected": "The sky is green."},                      # implicit prompt
+            {"prompt": [{"role": "system", "content": "Be brief."}] + user, "chosen": yes, "rejected": no},
+            {"chosen": user + yes, "rejected": user + no},                                        # implicit, conversational
+            {"chosen": "\n\nHuman: Is the sky blue?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Is the sky blue?\n\nAssistant: No."}]
+    pairs = read_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    got = [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    assert got == [("Is the sky blue?", "Yes.", "No."), ("The sky is", " blue.", " green."),
+                   ("Be brief.\n\nHuman: Is the sky blue?", "Yes.", "No."), ("\n\nHuman: Is the sky blue?", "Yes.", "No."),
+                   ("\n\nHuman: Is the sky blue?", "Yes.", "No.")]
+    for bad, words in [({"chosen": user + yes, "rejected": [{"role": "user", "content": "x"}] + no}, "differ in the last"),
+                       ({"prompt": user, "chosen": yes + yes, "rejected": no}, "one assistant message"),
+                       ({"prompt": [{"role": "robot", "content": "x"}], "chosen": yes, "rejected": no}, '"role"')]:
+        with pytest.raises(UserError, match=words):
+            read_pairs(write_jsonl(tmp_path / "bad.jsonl", [bad]))
+
+
+@pytest.mark.parametrize("content,words", [(b"PAR1\x00\x01binary", "Parquet"),
+                                           (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff"}\n',
+                                            "p.jsonl:2: not UTF-8"),
+                                           (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8")])
+def test_binary_and_parquet_files_end_in_one_message(tmp_path, content, words):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(UserError, match=words):
+        read_pairs(str(f))
+    import ppo
+    with pytest.raises(UserError, match=words.replace("p.jsonl", "q.jsonl")):
+        (tmp_path / "q.jsonl").write_bytes(content)
+        ppo.read_prompts(str(tmp_path / "q.jsonl"))
+
+
+def test_ppo_prompts_accept_conversations(tmp_path):
+    import ppo
+    f = write_jsonl(tmp_path / "q.jsonl", [{"query": "Tell me a story."},
+                                           {"prompt": [{"role": "user", "content": "Hi"}]}, {"prompt": "Bye"}])
+    assert ppo.read_prompts(f) == ["Tell me a story.", "\n\nHuman: Hi", "Bye"]

@@ -63,6 +63,45 @@ def test_lora_starts_at_the_base_switches_off_and_merges_into_a_plain_checkpoint
         assert (model(idx) - tuned).abs().max().item() < 1e-5
 
 
+def test_lora_checkpoints_load_in_peft(tmp_path):
+    """A LoRA run's checkpoint holds its adapters in PEFT's layout: peft.PeftModel.from_pretrained on the base model
+    gives our scores (a reward model: adapters + head) and our logits (a policy)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from rm import RewardModel, TrainConfig, train
+    from trainer import save_training_checkpoint
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(40))
+    train(TrainConfig(data=data, preset="tiny", out=str(tmp_path / "rm"), batch_size=8, micro_batch=4, epochs=0.5,
+                      eval_every=2, max_length=48, device="cpu", lora_rank=4, lora_targets="q_proj,v_proj,down_proj"))
+    last = tmp_path / "rm" / "last"
+    assert json.load(open(last / "adapter_config.json"))["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    ours = RewardModel.from_pretrained(str(last))                      # the merged checkpoint
+    texts = [("Tell me about Tom.", "Tom was happy."), ("A story?", "The dog ran away and was sad.")]
+    scores = ours.score([p for p, _ in texts], [r for _, r in texts])
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(STORIES, num_labels=1, pad_token_id=0)
+    hf = peft.PeftModel.from_pretrained(base, str(last)).eval()
+    from rm import encode
+    from model import pad_batch
+    idx, mask = pad_batch([encode(ours.tok, p, r, 48) for p, r in texts], left=False)
+    with torch.no_grad():
+        theirs = hf(input_ids=idx, attention_mask=mask.long()).logits[:, 0]
+    assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)
+    # a policy: adapters on a causal LM
+    torch.manual_seed(0)
+    policy = Llama.from_pretrained(STORIES)
+    params = add_lora(policy, rank=4, alpha=8, targets=("q_proj", "up_proj"))
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+    opt = torch.optim.AdamW(params)
+    save_training_checkpoint(policy.save_pretrained, params, opt, str(tmp_path / "policy"), {"step": 1}, policy)
+    idx = torch.tensor([[1, 400, 401, 260, 300, 12, 99]])
+    hf = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(STORIES),
+                                        str(tmp_path / "policy")).eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - policy(idx)).abs().max().item() < 1e-4
+
+
 def test_lora_flags_are_checked():
     model = Llama(small_cfg())
     with pytest.raises(UserError, match="unknown layer"):
@@ -346,7 +385,7 @@ def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
     args = [f"--data={pairs}", *RM_ARGS, "--lora_rank=4", "--lora_targets=q_proj,v_proj,gate_proj"]
     launch("rm.py", [*args, "--out=one"], 1, tmp_path)
     launch("rm.py", [*args, "--out=two", "--fsdp=true"], 2, tmp_path)
-    assert max_diff(tmp_path / "one/last/adapters.safetensors", tmp_path / "two/last/adapters.safetensors") < WEIGHT_TOL
+    assert max_diff(tmp_path / "one/last/adapter_model.safetensors", tmp_path / "two/last/adapter_model.safetensors") < WEIGHT_TOL
     assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "two/last/model.safetensors") < WEIGHT_TOL
     # stop after one step, resume from base + adapters: the same end
     launch("rm.py", [*args, "--out=split", "--stop_after=1"], 1, tmp_path)

@@ -1,0 +1,227 @@
+"""tokenizer.py: byte-level BPE from tokenizer.json, token for token as transformers; the files checkpoints carry."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, STORIES
+from tokenizer import Tokenizer
+
+PARITY_TEXTS = [
+    "Hello world", "The quick brown fox jumps over the lazy dog.",
+    "Café naïve résumé São Paulo Ærøskøbing", "日本語のテキスト、中文文本。한국어 텍스트", "Здравствуй, мир! Γειά σου",
+    "emoji 😀👍🏽 and a flag 🇫🇷 and a family 👨‍👩‍👧", "digits 1234567 3.14159 1,000,000 ²³ ½ Ⅻ",
+    "  leading spaces, runs   of    spaces\n\n\nand newlines\n", "tab\there \r\n crlf \u00a0nbsp\u2003em",
+    "def f(x):\n    return x**2  # a comment\n\tif x != 0: print(f'{x!r}')",
+    "it's I'm we'll they've you'd don't SHOULDN'T O'Neil", " ", "", "x" * 80, "a\u0301 combining",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>",
+    "text<|im_end|>glued<|endoftext|>", "\n\nHuman: What is 2+2?\n\nAssistant: 4.",
+]
+
+
+def hh_texts(n):
+    out = []
+    with gzip.open(os.path.join(ROOT, "data", "hh-rlhf", "helpful-base", "test.jsonl.gz"), "rt") as f:
+        for line in f:
+            d = json.loads(line)
+            out += [d["chosen"], d["rejected"]]
+            if len(out) >= n:
+                return out
+    return out
+
+
+def assert_parity(ours, hf, texts):
+    for t in texts:
+        ids = ours.encode(t, bos=True)
+        assert ids == hf(t)["input_ids"], t
+        assert ours.decode(ours.encode(t, bos=False)) == t                       # exact round trip
+        assert ours.decode(ids) == hf.decode(ids), t
+
+
+def test_smollm2_bpe_matches_transformers(smollm2_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(smollm2_tokenizer)
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer)
+    assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == ("bpe", 49152, 1, 2, 2, False)
+    assert_parity(tok, hf, PARITY_TEXTS + hh_texts(300))
+    assert tok.encode("<|im_start|>")[0] == 1 and len(tok.encode("<|im_start|>")) == 1   # a special token is one id
+
+
+LLAMA3_TEMPLATE = ("{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+                   "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+                   "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+
+def llama3_style_folder(d):
+    """A small tokenizer folder written the way Llama-3's is: the Llama-3 split regex, byte-level BPE with
+    ignore_merges, <|begin_of_text|> added by the post-processor's template, a Llama-3 style chat template."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+    t = HFTokenizer(models.BPE(ignore_merges=True))
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    t.train_from_iterator(hh_texts(400) + PARITY_TEXTS, trainers.BpeTrainer(
+        vocab_size=1200, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = t.token_to_id("<|begin_of_text|>")
+    t.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])])
+    t.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "chat_template": LLAMA3_TEMPLATE}))
+    return t
+
+
+def test_llama3_style_tokenizer_json(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    t = llama3_style_folder(tmp_path)
+    tok = Tokenizer(str(tmp_path))
+    assert tok.add_bos and tok.bos_id == t.token_to_id("<|begin_of_text|>") and tok.eos_id == t.token_to_id("<|eot_id|>")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert_parity(tok, hf, PARITY_TEXTS + hh_texts(100))
+
+
+CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi! What is 2+2?"},
+                {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?  "}]
+
+
+@pytest.mark.parametrize("which", ["smollm2", "llama3"])
+def test_chat_templates_render_as_transformers(which, tmp_path, request):
+    """The chat template, rendered by hand with jinja2, equals transformers' apply_chat_template: text and ids."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    from tokenizer import dialogue_ids, format_dialogue
+    if which == "smollm2":
+        folder = request.getfixturevalue("smollm2_tokenizer")
+    else:
+        llama3_style_folder(tmp_path)
+        folder = str(tmp_path)
+    tok, hf = Tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    for messages in (CONVERSATION, CONVERSATION[1:], CONVERSATION[1:3]):
+        for gen in (True, False):
+            ours = tok.apply_chat_template(messages, add_generation_prompt=gen)
+            assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            assert tok.encode(ours, bos=False) == hf(ours, add_special_tokens=False)["input_ids"]
+    # THE dialogue helper: the paper's text parsed into turns, rendered by the template
+    prompt = "\n\nHuman: Hi! What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?"
+    stripped = [{**m, "content": m["content"].strip()} for m in CONVERSATION[1:]]      # turns are stripped
+    want = hf.apply_chat_template(stripped, tokenize=False, add_generation_prompt=True)
+    assert format_dialogue(prompt, chat=tok) == want
+    assert dialogue_ids(tok, prompt, chat=True) == hf(want, add_special_tokens=False)["input_ids"]
+    ids = dialogue_ids(tok, prompt, "6.", chat=True)
+    assert ids[-1] == tok.eos_id and tok.decode(ids).endswith("6." + tok.decode([tok.eos_id]))
+
+
+def test_sft_mask_under_a_chat_template(smollm2_tokenizer):
+    from sft import encode_dialogue
+    tok = Tokenizer(smollm2_tokenizer)
+    turns = [("user", "Hi!"), ("assistant", "Hello there."), ("user", "Bye."), ("assistant", "Goodbye!")]
+    ids, mask = encode_dialogue(tok, turns, 512, chat=True)
+    assert tok.decode(ids) == tok.apply_chat_template([{"role": r, "content": t} for r, t in turns], False)
+    said = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert said == "Hello there.<|im_end|>\nGoodbye!<|im_end|>\n"                 # the assistant's turns, and only them
+
+
+def test_unsupported_and_missing_tokenizers(tmp_path):
+    from model import UserError
+    with pytest.raises(UserError, match="no tokenizer.model"):
+        Tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
+    with pytest.raises(UserError, match="only BPE"):
+        Tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_bytes(b"\xff\xfe binary")
+    with pytest.raises(UserError, match="tokenizer.json"):
+        Tokenizer(str(tmp_path))
+
+
+def test_checkpoints_carry_complete_tokenizer_files(tmp_path, stories):
+    """A policy checkpoint and a reward-model checkpoint: transformers' AutoTokenizer gives our ids (BOS included), a
+    pad token, and the reward model's pad is not its EOS."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf")            # transformers converts a tokenizer.model with it
+    from rm import RewardModel
+    model, tok = stories
+    model.save_pretrained(str(tmp_path / "policy"), files=tok.files())
+    RewardModel.from_pretrained(STORIES).save_pretrained(str(tmp_path / "rm"))
+    for name in ("policy", "rm"):
+        d = tmp_path / name
+        assert {"tokenizer.model", "tokenizer_config.json"} <= set(os.listdir(d))
+        hf = transformers.AutoTokenizer.from_pretrained(str(d))
+        for t in ["Once upon a time, there was a cat.", "\n\nHuman: Hi!\n\nAssistant: Hello, how are you?"]:
+            assert hf(t)["input_ids"] == tok.encode(t, bos=True)
+        assert hf.pad_token_id is not None and hf.pad_token_id != tok.eos_id
+    cfg = json.load(open(tmp_path / "rm" / "config.json"))
+    assert cfg["pad_token_id"] == transformers.AutoTokenizer.from_pretrained(str(tmp_path / "rm")).pad_token_id
+
+
+def test_smollm2_greedy_matches_transformers_and_sample_py_streams_it(smollm2):
+    """sample.py on a real chat model (byte-level BPE, no BOS, ChatML): our greedy tokens equal transformers'."""
+    transformers = pytest.importorskip("transformers")
+    from model import load
+    from sample import generate
+    model, tok = load(smollm2)
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode(prompt, bos=True)
+    ours, _ = generate(model, [ids], 20, temperature=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    n = len(ours[0])
+    assert ours[0] == theirs[:n] and (n == 20 or theirs[n] == tok.eos_id), (tok.decode(ours[0]), tok.decode(theirs))
+    assert "Paris" in tok.decode(ours[0])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--model={smollm2}", f"--prompt={prompt}",
+                        "--temperature=0", "--num_samples=1", "--max_new_tokens=20"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and tok.decode(ours[0]) in r.stdout, r.stdout + r.stderr
+
+
+def test_reward_model_on_smollm2_scores_the_same_in_transformers(smollm2, tmp_path):
+    """rm.py trains a few steps on SmolLM2; transformers' sequence classifier on the checkpoint gives our scores."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import toy_pairs, write_jsonl
+    from rm import RewardModel, TrainConfig, train
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(12))
+    train(TrainConfig(data=data, model=smollm2, out=str(tmp_path / "rm"), max_length=64, batch_size=4,
+                      micro_batch=4, epochs=1.0, lr=1e-5, eval_every=2, device="cpu"))
+    ours = RewardModel.from_pretrained(str(tmp_path / "rm" / "best"))
+    prompts, responses = ["What is a cat?", "Tell me about Paris."], ["A small animal.", "It is in France."]
+    scores = ours.score(prompts, responses)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "rm" / "best"))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "best"),
+                                                                       dtype=torch.float32).eval()
+    from tokenizer import format_dialogue
+    texts = [format_dialogue(p, r) + hf_tok.eos_token for p, r in zip(prompts, responses)]
+    batch = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert hf_tok.pad_token_id != hf_tok.eos_token_id
+    with torch.no_grad():
+        theirs = hf(**batch).logits[:, 0]
+    assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)
+
+
+def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path, smollm2_tokenizer):
+    """The value model starts from the reward model and reads the policy's ids: their tokenizers must agree."""
+    import shutil
+    from model import Llama, LlamaConfig
+    from rm import RewardModel
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    d = tmp_path / "other"
+    Llama(cfg).init_weights().save_pretrained(str(d))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(smollm2_tokenizer, f), d / f)
+    RewardModel.from_pretrained(str(d)).save_pretrained(str(tmp_path / "rm"))
+    (tmp_path / "prompts.txt").write_text("Tell me a story.\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), f"--policy={STORIES}", f"--rm={tmp_path / 'rm'}",
+                        f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'ppo'}", "--device=cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "tokenizer differs from the policy's" in r.stderr and str(tmp_path / "rm") in r.stderr
