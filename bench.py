@@ -14,6 +14,8 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
   rm_260k    reward-model training throughput (forward + backward of the Bradley-Terry loss, pairs/s) against
              transformers' LlamaForSequenceClassification: stories260K trunk, 16 pairs of 20..250 tokens
   rm_134m    the same on the 134M shape, 4 pairs of 20..250 tokens
+  tok_bpe    tokenizer.py's byte-level BPE against transformers' tokenizer (Rust) on the Anthropic HH test dialogues,
+             encode tokens/s, with --tokenizer (a folder with tokenizer.json, e.g. SmolLM2's); checks equal ids
 
 GPU cases (not in the default list; they need CUDA and about 40 GB free; --shape=tiny runs their code path on the
 CPU, without memory figures):
@@ -48,6 +50,7 @@ class Config:
     repeats: int = 3               # runs per case; the median is reported
     device: str = "cpu"            # cpu or cuda
     shape: str = "llama-2-7b"      # the GPU cases' model shape: a memory.py shape name, or "tiny"
+    tokenizer: str = ""            # tok_bpe: a model folder with a tokenizer.json (SmolLM2's, Llama-3's, ...)
 
 
 def timed(fn, repeats):
@@ -96,6 +99,33 @@ def hf_model(ours, device):
     hf.generation_config.eos_token_id = None  # run all new tokens, as we do with stop_ids=[]
     hf.generation_config.pad_token_id = 0
     return hf
+
+
+def run_tokenizer_case(cfg):
+    """Encode every Anthropic HH test dialogue (chosen and rejected, 9,332 texts), ours against transformers' fast
+    tokenizer, one text a call; the first pass of ours fills its word cache, so the median includes warm passes."""
+    import gzip
+    import json
+    from transformers import AutoTokenizer
+    if not os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")):
+        raise UserError(f"--tokenizer={cfg.tokenizer!r}: give a folder that holds a tokenizer.json.")
+    texts = []
+    for split in ("harmless-base", "helpful-base"):
+        with gzip.open(os.path.join(HERE, "data", "hh-rlhf", split, "test.jsonl.gz"), "rt", encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                texts += [d["chosen"], d["rejected"]]
+    t0 = time.perf_counter()
+    ours = Tokenizer(cfg.tokenizer)
+    t_load = time.perf_counter() - t0
+    hf = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    n = sum(len(ours.encode(t, bos=False)) for t in texts)
+    same = all(ours.encode(t, bos=False) == hf(t, add_special_tokens=False)["input_ids"] for t in texts)
+    ours.bpe.cache.clear()
+    t_ours = timed(lambda: [ours.encode(t, bos=False) for t in texts], cfg.repeats)
+    t_hf = timed(lambda: [hf(t, add_special_tokens=False)["input_ids"] for t in texts], cfg.repeats)
+    print(f"tok_bpe   {len(texts)} texts, {n} tokens: ours {n / t_ours:,.0f} tok/s  transformers {n / t_hf:,.0f} tok/s  "
+          f"ratio {t_hf / t_ours:4.2f}x  (ours loads in {t_load:.2f} s; identical ids: {same})", flush=True)
 
 
 def run_case(name, cfg):
@@ -311,6 +341,9 @@ def main(argv):
     for name in cfg.cases.split(","):
         if name in GPU_CASES:
             GPU_CASES[name](cfg)
+            continue
+        if name == "tok_bpe":
+            run_tokenizer_case(cfg)
             continue
         if name not in ("260k_b1", "134m_b1", "260k_b16", "134m_b16", "rm_260k", "rm_134m"):
             raise UserError(f"--cases: unknown case {name!r}.")

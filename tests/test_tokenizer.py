@@ -207,18 +207,50 @@ def test_reward_model_on_smollm2_scores_the_same_in_transformers(smollm2, tmp_pa
     assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)
 
 
-def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path, smollm2_tokenizer):
-    """The value model starts from the reward model and reads the policy's ids: their tokenizers must agree."""
+def tiny_bpe_model(d, smollm2_tokenizer):
+    """A random 1-layer LLaMA with SmolLM2's tokenizer files (and chat template), in folder d."""
     import shutil
     from model import Llama, LlamaConfig
-    from rm import RewardModel
     cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    d = tmp_path / "other"
+    torch.manual_seed(0)
     Llama(cfg).init_weights().save_pretrained(str(d))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(os.path.join(smollm2_tokenizer, f), d / f)
-    RewardModel.from_pretrained(str(d)).save_pretrained(str(tmp_path / "rm"))
+    return str(d)
+
+
+def test_reward_model_in_a_chat_template_scores_the_same_in_transformers(tmp_path, smollm2_tokenizer):
+    """rm.py --chat_template=true: the texts are the chat template's, the flag is saved with the reward model, and
+    transformers scores the same text (rendered by its own apply_chat_template) the same."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    from conftest import toy_pairs, write_jsonl
+    from rm import RewardModel, TrainConfig, train
+    base = tiny_bpe_model(tmp_path / "base", smollm2_tokenizer)
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(10))
+    train(TrainConfig(data=data, model=base, out=str(tmp_path / "rm"), max_length=128, batch_size=4, micro_batch=4,
+                      epochs=1.0, lr=1e-3, eval_every=1, chat_template=True, device="cpu"))
+    ours = RewardModel.from_pretrained(str(tmp_path / "rm" / "best"))
+    assert ours.chat and json.load(open(tmp_path / "rm" / "best" / "config.json"))["chat_template"] is True
+    scores = ours.score(["What is a cat?", "Hi"], ["A small animal.", "Hello! How can I help?"])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "rm" / "best"))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "best")).eval()
+    texts = [hf_tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                        tokenize=False).rstrip()
+             for q, a in [("What is a cat?", "A small animal."), ("Hi", "Hello! How can I help?")]]
+    batch = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert hf_tok.pad_token_id != hf_tok.eos_token_id                                 # HF scores the last non-pad token
+    with torch.no_grad():
+        theirs = hf(**batch).logits[:, 0]
+    assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)
+
+
+def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path, smollm2_tokenizer):
+    """The value model starts from the reward model and reads the policy's ids: their tokenizers must agree."""
+    from rm import RewardModel
+    d = tiny_bpe_model(tmp_path / "other", smollm2_tokenizer)
+    RewardModel.from_pretrained(d).save_pretrained(str(tmp_path / "rm"))
     (tmp_path / "prompts.txt").write_text("Tell me a story.\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), f"--policy={STORIES}", f"--rm={tmp_path / 'rm'}",
                         f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'ppo'}", "--device=cpu"],
