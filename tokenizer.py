@@ -266,9 +266,11 @@ def translate_pattern(pattern):
 
 
 class BPE:
-    """Byte-level BPE from a tokenizer.json: added tokens matched first, then the pre-tokenizer's regex splits the
-    text into words, each word's UTF-8 bytes are written in GPT-2's byte characters, and the merges are applied in
-    rank order (lowest first) until none applies."""
+    """BPE from a tokenizer.json. Added tokens are matched first. Byte-level (GPT-2, Llama-3, Qwen, SmolLM2): the
+    pre-tokenizer's regex splits the text into words and each word's UTF-8 bytes are written in GPT-2's byte
+    characters. SentencePiece-style (what transformers writes for LLaMA 1 and 2): spaces become "▁", one is
+    prepended, and a character the vocabulary lacks falls back to its bytes, <0xXX>. Then the merges join the
+    pieces of each word in rank order (lowest first) until none applies."""
 
     def __init__(self, spec, where):
         model = spec.get("model") or {}
@@ -279,9 +281,18 @@ class BPE:
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         self.ranks = {m: r for r, m in enumerate(merges)}
         self.ignore_merges = bool(model.get("ignore_merges"))
+        self.byte_fallback = bool(model.get("byte_fallback"))
+        self.unk = self.vocab.get(model.get("unk_token"))
         self.byte_char = bytes_to_unicode()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
-        self.split, self.digits = self.pre_tokenizer(spec.get("pre_tokenizer"), where)
+        self.normalizers = self.steps(spec.get("normalizer"), "normalizers")
+        self.byte_level, self.metaspace, self.split, self.digits = False, None, None, False
+        for step in self.steps(spec.get("pre_tokenizer"), "pretokenizers"):
+            self.pre_tokenizer(step, where)
+        for step in self.normalizers:
+            if step["type"] not in ("Prepend", "Replace", "NFC") or \
+                    step["type"] == "Replace" and "String" not in step["pattern"]:
+                raise UserError(f"{where}: normalizer {step['type']!r} is not supported (Prepend, Replace, NFC are).")
         self.added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
         self.id_to_piece = {i: p for p, i in self.vocab.items()}
         self.id_to_piece.update({i: p for p, i in self.added.items()})
@@ -289,37 +300,59 @@ class BPE:
                          if self.added else None)
         self.cache = {}
 
-    def pre_tokenizer(self, pre, where):
-        """-> (compiled split regex, split digits one by one?) from the pre_tokenizer of tokenizer.json."""
-        steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
-        pattern, digits = None, False
-        for s in steps:
-            if s["type"] == "Split":
-                pattern = s["pattern"].get("Regex") or re.escape(s["pattern"]["String"])
-            elif s["type"] == "ByteLevel":
-                if s.get("use_regex", True):
-                    pattern = GPT2_PATTERN
-                if s.get("add_prefix_space"):
-                    raise UserError(f"{where}: ByteLevel add_prefix_space is not supported.")
-            elif s["type"] == "Digits":
-                digits = bool(s.get("individual_digits"))
-            else:
-                raise UserError(f"{where}: pre-tokenizer {s['type']!r} is not supported (Split, ByteLevel, Digits are).")
-        return translate_pattern(pattern) if pattern else None, digits
+    @staticmethod
+    def steps(item, key):
+        return item.get(key, []) if item and item.get("type") == "Sequence" else [item] if item else []
 
-    def words(self, text):
-        parts = self.split.findall(text) if self.split else [text]
+    def pre_tokenizer(self, s, where):
+        if s["type"] == "Split":
+            self.split = translate_pattern(s["pattern"].get("Regex") or re.escape(s["pattern"]["String"]))
+        elif s["type"] == "ByteLevel":
+            self.byte_level = True
+            if s.get("use_regex", True):
+                self.split = translate_pattern(GPT2_PATTERN)
+            if s.get("add_prefix_space"):
+                raise UserError(f"{where}: ByteLevel add_prefix_space is not supported.")
+        elif s["type"] == "Digits":
+            self.digits = bool(s.get("individual_digits"))
+        elif s["type"] == "Metaspace":
+            self.metaspace = s
+        else:
+            raise UserError(f"{where}: pre-tokenizer {s['type']!r} is not supported (Split, ByteLevel, Digits, "
+                            f"Metaspace are).")
+
+    def words(self, text, first):
+        """A stretch of text between added tokens -> its words, each written in the vocabulary's characters."""
+        for step in self.normalizers:
+            if step["type"] == "Prepend":
+                text = step["prepend"] + text if text else text
+            elif step["type"] == "Replace":
+                text = text.replace(step["pattern"]["String"], step["content"])
+            else:
+                text = unicodedata.normalize("NFC", text)
+        if self.metaspace:
+            rep, scheme = self.metaspace["replacement"], self.metaspace.get("prepend_scheme", "always")
+            text = text.replace(" ", rep)
+            # "▁" goes before the text's first word only (as transformers does, not after an added token)
+            if text and not text.startswith(rep) and scheme != "never" and first:
+                text = rep + text
+            # a SentencePiece vocabulary has no piece that runs across a word boundary: BPE each word alone
+            return re.findall(f"{rep}*[^{rep}]+|{rep}+", text) if text else []
+        parts = self.split.findall(text) if self.split else [text] if text else []
         if self.digits:
             parts = [p for w in parts for p in re.split(r"(\d)", w) if p]
+        if self.byte_level:
+            bc = self.byte_char
+            parts = ["".join(bc[b] for b in w.encode("utf-8")) for w in parts]
         return parts
 
     def bpe(self, word):
-        """The ids of one pre-tokenized word (written in byte characters)."""
+        """The ids of one word (written in the vocabulary's characters)."""
         ids = self.cache.get(word)
         if ids is not None:
             return ids
         if self.ignore_merges and word in self.vocab:
-            ids = [self.vocab[word]]
+            parts = [word]
         else:
             parts = list(word)
             while len(parts) > 1:
@@ -335,39 +368,54 @@ class BPE:
                         merged.append(parts[j])
                         j += 1
                 parts = merged
-            ids = [self.vocab[p] for p in parts]
+        ids = []
+        for p in parts:
+            if p in self.vocab:
+                ids.append(self.vocab[p])
+            elif self.byte_fallback:                     # a character the vocabulary lacks: its bytes
+                ids += [self.vocab[f"<0x{b:02X}>"] for b in p.encode("utf-8")]
+            elif self.unk is not None:
+                ids.append(self.unk)
+            else:
+                raise UserError(f"the tokenizer has no piece for {p!r} and no unknown token.")
         if len(self.cache) < 100_000:
             self.cache[word] = ids
         return ids
 
     def encode(self, text):
-        ids, pos = [], 0
-        chunks = []
+        chunks, pos = [], 0
         if self.added_re:
             for m in self.added_re.finditer(text):
-                chunks.append((text[pos:m.start()], None))
-                chunks.append((None, self.added[m.group()]))
+                chunks += [text[pos:m.start()], self.added[m.group()]]
                 pos = m.end()
-        chunks.append((text[pos:], None))
-        bc = self.byte_char
-        for chunk, special in chunks:
-            if special is not None:
-                ids.append(special)
-                continue
-            for w in self.words(chunk):
-                ids.extend(self.bpe("".join(bc[b] for b in w.encode("utf-8"))))
+        chunks.append(text[pos:])
+        ids = []
+        for k, chunk in enumerate(chunks):
+            if isinstance(chunk, int):
+                ids.append(chunk)
+            else:
+                for w in self.words(chunk, first=k == 0):
+                    ids.extend(self.bpe(w))
         return ids
 
     def decode(self, ids):
-        out = bytearray()
-        cb = self.char_byte
+        out, cb = bytearray(), self.char_byte
         for i in ids:
             piece = self.id_to_piece.get(int(i), "")
             if piece in self.added:
                 out += piece.encode("utf-8")
-            else:
+            elif self.byte_level:
                 out += bytes(cb[c] for c in piece)
-        return out.decode("utf-8", errors="replace")
+            elif self.byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out.append(int(piece[3:5], 16))
+            else:
+                out += piece.encode("utf-8")
+        text = out.decode("utf-8", errors="replace")
+        if self.metaspace or self.normalizers:                # SentencePiece style: "▁" back to spaces,
+            rep = self.metaspace["replacement"] if self.metaspace else "▁"
+            text = text.replace(rep, " ")
+            text = text[1:] if text.startswith(" ") else text   # without the space prepended to the first word
+        return text
 
 
 # -----------------------------------------------------------------------------

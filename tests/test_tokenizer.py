@@ -34,12 +34,15 @@ def hh_texts(n):
     return out
 
 
-def assert_parity(ours, hf, texts):
+def assert_parity(ours, hf, texts, roundtrip=True):
+    """Our ids equal transformers' for every text, our decoding equals theirs, and (byte-level BPE) decoding gives
+    the text back exactly. (A SentencePiece-style tokenizer drops a text's leading space, in both.)"""
     for t in texts:
         ids = ours.encode(t, bos=True)
         assert ids == hf(t)["input_ids"], t
-        assert ours.decode(ours.encode(t, bos=False)) == t                       # exact round trip
         assert ours.decode(ids) == hf.decode(ids), t
+        if roundtrip:
+            assert ours.decode(ours.encode(t, bos=False)) == t                   # exact round trip
 
 
 def test_smollm2_bpe_matches_transformers(smollm2_tokenizer):
@@ -88,6 +91,21 @@ def test_llama3_style_tokenizer_json(tmp_path):
     assert tok.add_bos and tok.bos_id == t.token_to_id("<|begin_of_text|>") and tok.eos_id == t.token_to_id("<|eot_id|>")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert_parity(tok, hf, PARITY_TEXTS + hh_texts(100))
+
+
+def test_sentencepiece_model_saved_by_transformers_as_tokenizer_json(tmp_path, stories):
+    """transformers 5 saves a SentencePiece model as tokenizer.json alone (Metaspace, byte fallback): it loads, gives
+    transformers' ids, and the SentencePiece ids wherever transformers' conversion agrees with SentencePiece."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf")
+    transformers.AutoTokenizer.from_pretrained(STORIES).save_pretrained(str(tmp_path))
+    assert "tokenizer.json" in os.listdir(tmp_path) and "tokenizer.model" not in os.listdir(tmp_path)
+    tok, sp = Tokenizer(str(tmp_path)), stories[1]
+    assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == ("bpe", 512, 1, 2, True)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert_parity(tok, hf, PARITY_TEXTS + hh_texts(200), roundtrip=False)
+    for t in ["Once upon a time, there was a cat named Tom.", "\n\nHuman: Hi! 日本 😀\n\nAssistant: Hello."]:
+        assert tok.encode(t) == sp.encode(t)
 
 
 CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi! What is 2+2?"},
