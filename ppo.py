@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common import UserError, commit_dir, derive_seed, parse_args, rank, run_cli, world_size
-from model import Llama, PAD_ID, last_token_index, lora_disabled
+from model import Llama, PAD_ID, last_token_index, load_config, lora_disabled
 from rm import RewardModel, read_lines
 from sample import generate
 from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, messages_text
@@ -421,6 +421,8 @@ def train(cfg):
         raise UserError(f"{cfg.rm}: its tokenizer differs from the policy's ({cfg.policy}). The value model starts "
                         f"from the reward model and reads the policy's token ids, so the two must share one "
                         f"tokenizer: train the reward model from the policy's base model.")
+    prompt_texts, prompt_ids = encode_prompts(cfg, tok, load_config(cfg.policy).max_position_embeddings,
+                                              master_process)
     last = os.path.join(cfg.out, "last")
     policy, ref, value, reward_model, resuming, p_params, v_params = load_models(cfg, dev, dtype, last)
     opts = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
@@ -432,7 +434,6 @@ def train(cfg):
         print(f"ppo: {cfg.batch_size} episodes a step over {world} process(es); {dev} "
               f"{str(dtype).removeprefix('torch.')}; policy: {describe(p_params, policy, cfg)}; value: "
               f"{describe(v_params, value, cfg)}")
-    prompt_texts, prompt_ids = encode_prompts(cfg, tok, policy.config.max_position_embeddings, master_process)
 
     B = cfg.batch_size // world                  # this process's rollout rows; it owns rows [rank * B, (rank + 1) * B)
     rows = range(rank() * B, (rank() + 1) * B)
