@@ -3,9 +3,10 @@ Text to token ids and back: THE Tokenizer class, and THE dialogue format every s
 its answers from.
 
 Two kinds of tokenizer files load: SentencePiece's tokenizer.model (LLaMA 1 and 2, the bundled story models) and the
-tokenizer.json of Hugging Face's `tokenizers` with a byte-level BPE model (GPT-2, Llama-3, Qwen, SmolLM2), read and
-run here by hand: the pre-tokenizer's regex splits the text into words, each word's bytes are written in GPT-2's
-byte alphabet, and the BPE merges join them by rank. tokenizer_config.json says which tokens are BOS, EOS and pad
+tokenizer.json of Hugging Face's `tokenizers` with a BPE model, byte-level (GPT-2, Llama-3, Qwen, SmolLM2) or
+SentencePiece-style (what transformers 5 writes for LLaMA 2), read and run here by hand (class BPE): the
+pre-tokenizer splits the text into words, each written in the vocabulary's alphabet, and the merges join them by
+rank. tokenizer_config.json says which tokens are BOS, EOS and pad
 and whether BOS starts a text. Checkpoints this project writes carry these files (`Tokenizer.files`).
 
 The paper's dialogue format (the authors' prompts, the static HHH set, Anthropic HH) is plain text:
@@ -28,9 +29,9 @@ from common import UserError, read_json, write_json
 
 
 class Tokenizer:
-    """THE tokenizer of a model folder: SentencePiece (tokenizer.model, LLaMA 1 and 2) or byte-level BPE
-    (tokenizer.json: Llama-3, SmolLM2, Qwen, GPT-2), with the special tokens and the add-BOS setting of
-    tokenizer_config.json. `path` is the folder (or a tokenizer.model file)."""
+    """THE tokenizer of a model folder: SentencePiece (tokenizer.model, LLaMA 1 and 2) or BPE (tokenizer.json:
+    Llama-3, SmolLM2, Qwen, GPT-2, or LLaMA 2 as transformers 5 saves it), with the special tokens and the add-BOS
+    setting of tokenizer_config.json. `path` is the folder (or a tokenizer.model file)."""
 
     def __init__(self, path):
         folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -129,13 +130,15 @@ class Tokenizer:
         specials = {k: token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         specials.update(bos_token=self.id_to_piece(self.bos_id) if self.bos_id is not None else specials["bos_token"],
                         eos_token=self.id_to_piece(self.eos_id))
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-            **{k: v for k, v in specials.items() if v is not None})
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                **{k: v for k, v in specials.items() if v is not None})
+        except jinja2.TemplateError as e:
+            raise UserError(f"{os.path.dirname(self.path)}: the chat template refused a dialogue ({e}).") from None
 
     def decode(self, ids):
         return self.sp.decode(list(ids)) if self.sp is not None else self.bpe.decode(ids)
-
 
     def files(self, pad_id=None):
         """{file name: writer(path)} of this tokenizer in a checkpoint folder: tokenizer.model or tokenizer.json,
