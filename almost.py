@@ -27,12 +27,14 @@ resume from their last/ checkpoints.
 """
 
 
+import math
 import os
 import random
 import re
 import statistics
 import time
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -46,7 +48,7 @@ from common import (RecordWriter, UserError, derive_seed, parse_args, rank, read
 from eval import Config as EvalConfig, evaluate, policy_answers, results_markdown
 from model import load
 from sample import generate
-from tokenizer import dialogue_text, format_dialogue, postprocess_response
+from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
 from trainer import ScaleConfig, barrier, end_distributed, setup_distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -222,6 +224,9 @@ def query_prompt(tok, fmt, instruction, shots):
     return [i for s in shots for i in tok.encode(s, bos=True)] + [tok.bos_id]
 
 
+QUERY_ENDS = ("Query:", "query:", "QUERY:")   # the sampler stops there: the query line is over by then
+
+
 def extract_query(text, fmt):
     """1a: the first generated line, stripped, cut at a further "Query:". Story format: the opening is the first
     sentence, or the first two when the first is shorter than 30 characters."""
@@ -299,7 +304,6 @@ def rouge_l(a, b):
 def is_novel(q_tokens, pool_tokens, threshold=0.5):
     """ROUGE-L F1 < threshold against every pool entry. A cheap upper bound (bag-of-words overlap >= LCS) skips
     most LCS computations."""
-    from collections import Counter
     cq = Counter(q_tokens)
     for t in pool_tokens:
         overlap = sum((cq & Counter(t)).values())
@@ -311,6 +315,54 @@ def is_novel(q_tokens, pool_tokens, threshold=0.5):
     return True
 
 
+class NoveltyPool:
+    """The query pool, indexed so that a new query is checked (is_novel) only against the entries that could reach
+    the threshold: the same decisions as checking every entry, at a cost that does not grow with the pool.
+    F1 = 2 LCS / (|a| + |b|) >= t needs the two token multisets to share k >= t (|a| + |b|) / 2 tokens, and
+    |a| >= t |b| / (2 - t), so every entry needs at least ceil(t |b| / (2 - t)) shared tokens. Prefix filtering (set
+    similarity joins): with all tokens in one global order, two multisets that share k elements share one among
+    the first n - k + 1 of each. The order puts rare tokens first (by document frequency, fixed between
+    re-indexings, which happen as the pool doubles), so an entry is found through its rare words and the common
+    ones ("the", "what") are never looked up."""
+
+    def __init__(self, threshold=0.5):
+        self.threshold, self.entries, self.df = threshold, [], Counter()
+        self.rank, self.postings, self.indexed = {}, {}, 0
+
+    def elements(self, tokens):
+        """A token multiset as distinct (token, occurrence) elements, in the global order."""
+        seen, out = Counter(), []
+        for t in tokens:
+            out.append((t, seen[t]))
+            seen[t] += 1
+        return sorted(out, key=lambda e: (self.rank.get(e[0], -1), e))   # tokens not yet ranked: rarest
+
+    def prefix(self, tokens):
+        n = len(tokens)
+        k = max(1, math.ceil(self.threshold * n / (2 - self.threshold) - 1e-9))
+        return self.elements(tokens)[:n - k + 1]
+
+    def add(self, tokens):
+        self.entries.append(tokens)
+        self.df.update(set(tokens))
+        if len(self.entries) > 2 * self.indexed:
+            self.reindex()
+        else:
+            for e in self.prefix(tokens):
+                self.postings.setdefault(e, []).append(len(self.entries) - 1)
+
+    def reindex(self):
+        self.rank = {t: r for r, t in enumerate(sorted(self.df, key=lambda t: (self.df[t], t)))}
+        self.postings, self.indexed = {}, len(self.entries)
+        for i, tokens in enumerate(self.entries):
+            for e in self.prefix(tokens):
+                self.postings.setdefault(e, []).append(i)
+
+    def is_novel(self, tokens):
+        candidates = sorted({i for e in self.prefix(tokens) for i in self.postings.get(e, ())})
+        return is_novel(tokens, [self.entries[i] for i in candidates], self.threshold)
+
+
 def stage_queries(cfg):
     path = os.path.join(cfg.out, "queries.jsonl")
     done = read_records(path)
@@ -320,7 +372,9 @@ def stage_queries(cfg):
     instruction, seeds = read_seeds(cfg.seeds)
     model, tok = load(cfg.query_model, device=cfg.device)
     pool = seeds + [r["query"] for r in done]
-    pool_tokens = [rouge_tokens(q) for q in pool]
+    novelty = NoveltyPool()
+    for q in pool:
+        novelty.add(rouge_tokens(q))
     rng = random.Random(derive_seed(cfg.seed, "queries", len(done)))
     rejected = {"empty": 0, "length": 0, "overlap": 0}
     tries, n_new = 0, 0
@@ -336,18 +390,19 @@ def stage_queries(cfg):
                 raise UserError(f"queries: a 10-shot query prompt of {max(map(len, prompts))} tokens leaves no room "
                                 f"in the context window ({model.config.max_position_embeddings}) of "
                                 f"{cfg.query_model}: use shorter seeds or a model with a longer context.")
-            outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31))
+            outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31),
+                               stop_strings=QUERY_ENDS if cfg.format == "dialogue" else None, tokenizer=tok)
             for o in outs:
                 tries += 1
                 q = extract_query(tok.decode(o), cfg.format)
                 qt = rouge_tokens(q)
                 reason = ("empty" if not qt else "length" if not 30 <= len(q) <= 250
-                          else "overlap" if not is_novel(qt, pool_tokens) else None)
+                          else "overlap" if not novelty.is_novel(qt) else None)
                 if reason:
                     rejected[reason] += 1
                     continue
                 pool.append(q)
-                pool_tokens.append(qt)
+                novelty.add(qt)
                 w.write({"id": len(done) + n_new, "query": q})
                 n_new += 1
                 bar.update(1)
@@ -612,7 +667,9 @@ def sample_turns(model, tok, prompts, g, fmt, role, seed):
     budget = min(g.max_new_tokens, ctx - max(map(len, prompts)))
     if budget < 8:
         return [""] * len(prompts)
-    outs, _ = generate(model, prompts, budget, temperature=1.0, top_p=0.9, seed=seed)
+    stops = TURN_ENDS if fmt == "dialogue" else None          # a story ends at its EOS
+    outs, _ = generate(model, prompts, budget, temperature=1.0, top_p=0.9, seed=seed, stop_strings=stops,
+                       tokenizer=tok)
     texts = []
     for o in outs:
         t = tok.decode(o)

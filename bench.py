@@ -14,6 +14,12 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
   rm_260k    reward-model training throughput (forward + backward of the Bradley-Terry loss, pairs/s) against
              transformers' LlamaForSequenceClassification: stories260K trunk, 16 pairs of 20..250 tokens
   rm_134m    the same on the 134M shape, 4 pairs of 20..250 tokens
+  stops      the responses stage's sampling before (rows run to the budget unless they emit EOS, and stay in the
+             batch when they do) and after (stop strings end a row where its kept text ends; finished rows leave
+             the batch): the bundled story generators, and with --model (an HF folder of SmolLM2 or another chat
+             model) the HHH prompt's dialogue format; tokens generated per kept response, wall time, equal texts
+  novelty    the ROUGE-L novelty filter's time per new query against pools of 1,000 and 10,000 accepted queries:
+             every entry checked, against the index (almost.NoveltyPool); equal decisions
   tok_bpe    tokenizer.py's byte-level BPE against transformers' tokenizer (Rust) on the Anthropic HH test dialogues,
              encode tokens/s, with --tokenizer (a folder with tokenizer.json, e.g. SmolLM2's); checks equal ids
 
@@ -27,6 +33,7 @@ CPU, without memory figures):
 
     python bench.py --device=cuda --cases=decode_7b,rm_step_7b,ppo_step_7b
 """
+import math
 import os
 import statistics
 import tempfile
@@ -51,6 +58,8 @@ class Config:
     device: str = "cpu"            # cpu or cuda
     shape: str = "llama-2-7b"      # the GPU cases' model shape: a memory.py shape name, or "tiny"
     tokenizer: str = ""            # tok_bpe: a model folder with a tokenizer.json (SmolLM2's, Llama-3's, ...)
+    model: str = ""                # stops: a chat model folder (SmolLM2-135M-Instruct) for the dialogue-format run
+    queries: int = 16              # stops: queries per generator
 
 
 def timed(fn, repeats):
@@ -99,6 +108,76 @@ def hf_model(ours, device):
     hf.generation_config.eos_token_id = None  # run all new tokens, as we do with stop_ids=[]
     hf.generation_config.pad_token_id = 0
     return hf
+
+
+def sampling_work(model, prompts, budget, **kw):
+    """generate() with a count of the rows of every forward pass: (outputs, row-steps, seconds)."""
+    rows, real = [0], model.forward
+
+    def counting(idx, *a, **k):
+        rows[0] += idx.shape[0]
+        return real(idx, *a, **k)
+    model.forward = counting
+    try:
+        t0 = time.perf_counter()
+        out, _ = generate(model, prompts, budget, temperature=1.0, top_p=0.9, seed=0, **kw)
+        return out, rows[0] - len(prompts), time.perf_counter() - t0           # (the prefill's rows left out)
+    finally:
+        del model.forward
+
+
+def run_stops_case(cfg):
+    import almost
+    from model import load
+    from tokenizer import TURN_ENDS, postprocess_response
+    runs = []   # (name, model, tok, prompts, budget, the kept text of an output, stop strings)
+    seeds = almost.read_seeds(os.path.join(HERE, "data", "stories", "seed_openings.txt"))[1][:cfg.queries]
+    for g in almost.parse_generators(almost.PROFILES["stories"]["generators"], "story"):
+        model, tok = load(g.model)
+        demos = almost.read_demos(g.prompt_file)
+        prompts = [almost.turn_prompt(tok, "story", *demos, g.shots, [("user", q)]) for q in seeds]
+        runs.append((g.name, model, tok, prompts, g.max_new_tokens, lambda t, tok=tok: tok.decode(t), None))
+    if cfg.model:
+        model, tok = load(cfg.model)
+        demos = almost.read_demos(os.path.join(HERE, "data", "almost", "HHH_prompt.txt"))
+        queries = almost.read_seeds(os.path.join(HERE, "data", "almost", "seed_prompts.txt"))[1][:cfg.queries]
+        prompts = [almost.turn_prompt(tok, "dialogue", *demos, 3, [("user", q)]) for q in queries]
+        runs.append((f"{os.path.basename(cfg.model.rstrip('/'))}, HHH 3-shot", model, tok, prompts, 200,
+                     lambda t, tok=tok: postprocess_response(tok.decode(t)), TURN_ENDS))
+    for name, model, tok, prompts, budget, kept, stops in runs:
+        before, work_b, t_b = sampling_work(model, prompts, budget, compact=False)
+        after, work_a, t_a = sampling_work(model, prompts, budget, stop_strings=stops, tokenizer=tok)
+        same = [kept(a) for a in after] == [kept(b) for b in before]
+        print(f"stops     {name}: {len(prompts)} responses, tokens generated per response {work_b / len(prompts):.1f} "
+              f"-> {work_a / len(prompts):.1f}, kept {sum(map(len, after)) / len(prompts):.1f}; {t_b:.2f} s -> "
+              f"{t_a:.2f} s ({t_b / t_a:.2f}x); kept texts equal: {same}", flush=True)
+
+
+def run_novelty_case(cfg):
+    import random
+    from almost import NoveltyPool, is_novel, rouge_tokens
+    rng = random.Random(0)
+    common = "what how is the a to of in can i you do for my and why best way should".split()
+
+    def query():   # query-like: 40% function words, the rest content words of a Zipf(1) vocabulary of 20,000
+        return rouge_tokens(" ".join(rng.choice(common) if rng.random() < 0.4 else f"w{int(math.exp(rng.random() * math.log(20000)))}"
+                                     for _ in range(rng.randint(4, 16))))
+    pool, plain = NoveltyPool(), []
+    for size in (1000, 10000):
+        while len(plain) < size:
+            q = query()
+            if pool.is_novel(q):
+                pool.add(q)
+                plain.append(q)
+        new = [query() for _ in range(200)]
+        t0 = time.perf_counter()
+        slow = [is_novel(q, plain) for q in new]
+        t1 = time.perf_counter()
+        fast = [pool.is_novel(q) for q in new]
+        t2 = time.perf_counter()
+        print(f"novelty   pool {size:6d}: every entry {1e3 * (t1 - t0) / len(new):7.2f} ms/query  indexed "
+              f"{1e3 * (t2 - t1) / len(new):6.3f} ms/query  ({(t1 - t0) / (t2 - t1):.0f}x); equal decisions: "
+              f"{slow == fast}", flush=True)
 
 
 def run_tokenizer_case(cfg):
@@ -342,8 +421,8 @@ def main(argv):
         if name in GPU_CASES:
             GPU_CASES[name](cfg)
             continue
-        if name == "tok_bpe":
-            run_tokenizer_case(cfg)
+        if name in ("tok_bpe", "stops", "novelty"):
+            {"tok_bpe": run_tokenizer_case, "stops": run_stops_case, "novelty": run_novelty_case}[name](cfg)
             continue
         if name not in ("260k_b1", "134m_b1", "260k_b16", "134m_b16", "rm_260k", "rm_134m"):
             raise UserError(f"--cases: unknown case {name!r}.")

@@ -25,7 +25,7 @@ from common import UserError, parse_args, read_records, run_cli, write_json, wri
 from model import DTYPES, load, pad_batch
 from rm import RewardModel, evaluate_pairs, read_pairs, tokenize_pairs
 from sample import generate
-from tokenizer import format_dialogue, postprocess_response
+from tokenizer import TURN_ENDS, format_dialogue, postprocess_response
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -130,7 +130,8 @@ def policy_answers(model, tok, questions, max_new_tokens, seed):
     budget = min(max_new_tokens, ctx - max(map(len, prompts)))
     outs = []
     for b in range(0, len(prompts), 16):
-        o, _ = generate(model, prompts[b:b + 16], budget, temperature=0.7, top_p=1.0, seed=seed + b)
+        o, _ = generate(model, prompts[b:b + 16], budget, temperature=0.7, top_p=1.0, seed=seed + b,
+                        stop_strings=TURN_ENDS, tokenizer=tok)
         outs += o
     return [postprocess_response(tok.decode(o)) for o in outs]
 

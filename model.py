@@ -223,6 +223,12 @@ class KVCache:
         self.max_len, self.pos = max_len, 0   # pos: slots filled so far
         self.padded = False                   # True once any slot is padding: attention then needs the mask
 
+    def keep(self, rows):
+        """Keep only the batch rows `rows` (a (b,) index): rows that finished leave the batch."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.mask, self.lengths = self.mask[rows], self.lengths[rows]
+
     def update(self, layer, k, v):
         T = k.shape[2]
         self.k[layer][:, :, self.pos:self.pos + T] = k

@@ -36,9 +36,11 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def sample_next(logits, temperature, top_k, top_p, generator):
+def sample_next(logits, temperature, top_k, top_p, generator, rows=None, batch=None):
     """logits (B, V) fp32 -> (next ids (B,), their logprobs (B,) under the distribution sampled from).
-    Greedy (temperature 0) reports logprobs under the model's untempered distribution."""
+    Greedy (temperature 0) reports logprobs under the model's untempered distribution. rows: the index in the
+    original batch (of size `batch`) of each row, once finished rows have left it: the noise is still drawn for the
+    whole original batch, so a row samples the same whether or not others have finished."""
     if temperature == 0:
         logp = logits.log_softmax(-1)
         nxt = logits.argmax(-1)
@@ -47,9 +49,12 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         # argmax of p / Exp(1) noise is an exact draw from p (the exponential race), and needs no sync
         # (clamped: a draw of exactly 0 would turn p / 0 into inf, or nan for a filtered token, and win)
         if isinstance(generator, list):   # one generator per row: a row's draw does not depend on the batch
-            noise = torch.stack([torch.empty_like(logp[0]).exponential_(1, generator=g) for g in generator])
-        else:
+            gens = generator if rows is None else [generator[r] for r in rows.tolist()]
+            noise = torch.stack([torch.empty_like(logp[0]).exponential_(1, generator=g) for g in gens])
+        elif rows is None:
             noise = torch.empty_like(logp).exponential_(1, generator=generator)
+        else:
+            noise = logp.new_empty(batch, logp.shape[-1]).exponential_(1, generator=generator)[rows]
         noise.clamp_(min=torch.finfo(logp.dtype).tiny)
         nxt = (logp.exp() / noise).argmax(-1)
     return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
@@ -75,16 +80,24 @@ def check_lengths(model, prompts, max_new_tokens):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=None, seed=None,
-             on_token=None):
+             on_token=None, stop_strings=None, tokenizer=None, compact=True):
     """
     prompts: list of B token-id lists (any lengths). They are left-padded into one batch that shares one
     KV cache; per-row positions keep each row exactly as it would be alone.
     stop_ids: a row ends at its first one (excluded from the output). None: the model's EOS ids
     (generation_config.json, else config.json); [] never stops early.
+    stop_strings: a row also ends as soon as the decoded text of its new tokens (tokenizer.decode) contains one of
+    these strings, which may span several tokens or start inside one. Its tokens and logprobs then end with the
+    token that completed the string; the caller cuts the text at the string (text[:text.find(s)]).
+    A row that has ended leaves the batch: its slots of the KV cache are dropped and no forward pass is spent on it
+    (compact=False keeps it in the batch to the end, as this sampler once did: bench.py measures the difference).
     seed: the same seed gives the same samples; a list of B seeds seeds each row alone, so a row samples the same
-    whatever batch it is in (PPO's rollouts split over processes use this). on_token(step, ids (B,)) is called after every step (streaming).
+    whatever batch it is in (PPO's rollouts split over processes use this). on_token(step, ids) is called after every
+    step with the new ids of the rows still in the batch (streaming).
     returns (tokens, logprobs): per row, the list of new ids and the list of their fp32 logprobs.
     """
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer to decode with")
     check_lengths(model, prompts, max_new_tokens)
     device = model.embed_tokens.weight.device
     stop = torch.tensor(model.eos_ids if stop_ids is None else list(stop_ids), dtype=torch.long, device=device)
@@ -101,27 +114,44 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     was_training = model.training
     model.eval()
 
+    # 1) prefill every prompt at once
     cache = model.new_cache(B, T0 + max_new_tokens)
-    logits = model(idx, mask=mask, cache=cache, logits="last")[:, -1]          # (B, V) prefill
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(idx, mask=mask, cache=cache, logits="last")[:, -1]          # (B, V)
+    # 2) decode one token a step; a row that ends leaves the batch and the cache (rows: the original index of each
+    # row still in the batch)
+    rows = torch.arange(B, device=device)
+    toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
-    toks, lps = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    texts, seen, longest = [[] for _ in range(B)], [0] * B, max(map(len, stop_strings or [""]))
     for step in range(max_new_tokens):
-        nxt, lp = sample_next(logits, temperature, top_k, top_p, generator)   # (B,), (B,)
-        toks.append(nxt)
-        lps.append(lp)
-        hit = torch.isin(nxt, stop) & ~done
-        n_new = torch.where(hit, step, n_new)
-        done |= hit
+        nxt, lp = sample_next(logits, temperature, top_k, top_p, generator, rows if len(rows) < B else None, B)
+        toks[rows, step], lps[rows, step] = nxt, lp.float()
         if on_token is not None:
             on_token(step, nxt)
+        ended = torch.isin(nxt, stop) & ~done[rows]                            # (b,): a stop id is not kept
+        n_new[rows[ended]] = step
+        if stop_strings:   # decode each row's new text; search only where a string could end in this token's text
+            for j, (r, t) in enumerate(zip(rows.tolist(), nxt.tolist())):
+                if done[r] or ended[j]:
+                    continue
+                texts[r].append(t)
+                text = tokenizer.decode(texts[r])
+                if any(s in text[max(0, seen[r] - longest):] for s in stop_strings):
+                    ended[j], n_new[r] = True, step + 1                        # keep the token that completed it
+                seen[r] = len(text)
+        done[rows[ended]] = True
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]          # (B, V), no padding now
+        if compact and bool(ended.any()):
+            keep = (~done[rows]).nonzero().squeeze(1)
+            rows, nxt = rows[keep], nxt[keep]
+            cache.keep(keep)
+        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]          # (b, V), no padding now
     model.train(was_training)
-
-    toks, lps, n_new = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).float().tolist(), n_new.tolist()
-    return [t[:n] for t, n in zip(toks, n_new)], [l[:n] for l, n in zip(lps, n_new)]
+    n_new = n_new.tolist()
+    return [t[:n] for t, n in zip(toks.tolist(), n_new)], [lp[:n] for lp, n in zip(lps.tolist(), n_new)]
 
 
 # -----------------------------------------------------------------------------

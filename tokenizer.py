@@ -490,11 +490,13 @@ def split_dialogue(text):
     return text[:i], text[i + len("\n\nAssistant:"):].strip()
 
 
+TURN_ENDS = ("-----", "Assistant:", "Human:")   # where a continuation's assistant turn has ended
+
+
 def postprocess_response(text):
     """A model's continuation of a dialogue -> the assistant's turn (ALMoST step 1b's post-processing): cut at the
     next "-----" (the end of a demonstration), then before the next "Assistant:", then before the next "Human:";
-    strip."""
-    text = text.split("-----")[0]
-    text = text.split("Assistant:")[0]
-    text = text.split("Human:")[0]
+    strip. The sampler stops at these strings (TURN_ENDS), so nothing is generated past the cut."""
+    for end in TURN_ENDS:
+        text = text.split(end)[0]
     return text.strip()

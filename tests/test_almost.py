@@ -475,3 +475,44 @@ def test_killed_run_restarts_cleanly(tmp_path):
     Llama.from_pretrained(str(out / "sft" / "best"))
     Llama.from_pretrained(str(out / "ppo" / "last" / "policy"))
     assert [x["step"] for x in read_records(str(out / "ppo" / "metrics.jsonl"))] == [1, 2, 3]
+
+
+def synthetic_queries(n, seed=0):
+    """Query-like word strings: a Zipf-like vocabulary of common and rare words, and many near-copies of earlier
+    queries (a word changed, added or dropped), so that the ROUGE-L filter has both kinds of work."""
+    import random
+    rng = random.Random(seed)
+    common = "what how is the a to of in can i you do for my and why best way should".split()
+    rare = [f"w{i}" for i in range(3000)]
+    out = []
+    for _ in range(n):
+        if out and rng.random() < 0.4:
+            words = rng.choice(out).split()
+            i = rng.randrange(len(words))
+            op = rng.random()
+            if op < 0.4:
+                words[i] = rng.choice(rare)
+            elif op < 0.7:
+                words.insert(i, rng.choice(common))
+            elif len(words) > 2:
+                del words[i]
+        else:
+            words = [rng.choice(common) if rng.random() < 0.5 else rare[min(int(rng.paretovariate(0.8)), 2999)]
+                     for _ in range(rng.randint(3, 14))]
+        out.append(" ".join(words))
+    return out
+
+
+def test_indexed_novelty_filter_decides_as_the_exhaustive_check():
+    from almost import NoveltyPool, is_novel, rouge_tokens
+    pool, exhaustive = NoveltyPool(), []
+    decisions = []
+    for q in synthetic_queries(3000):
+        t = rouge_tokens(q)
+        want = is_novel(t, exhaustive)
+        assert pool.is_novel(t) == want, q
+        decisions.append(want)
+        if want:
+            pool.add(t)
+            exhaustive.append(t)
+    assert 500 < sum(decisions) < 2900                                 # both outcomes, many times

@@ -172,3 +172,65 @@ def test_zero_noise_never_picks_a_filtered_token(monkeypatch):
     logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
     nxt, lp = sample_next(logits, 1.0, 2, 1.0, None)                     # top-k 2 keeps tokens 1 and 2
     assert nxt.item() in (1, 2) and torch.isfinite(lp).all()
+
+
+def first_hit(tok, ids, strings):
+    """The number of tokens up to and including the one whose decoded text first contains one of the strings."""
+    for n in range(1, len(ids) + 1):
+        if any(s in tok.decode(ids[:n]) for s in strings):
+            return n
+    return len(ids)
+
+
+def test_stop_strings_end_each_row_where_its_text_first_contains_one(stories):
+    """Strings across token boundaries, inside one token, several strings; rows end at different steps; a row that
+    meets no string is exactly what it is without stop strings; a finished row costs no more forward passes."""
+    model, tok = stories
+    prompts = [tok.encode(p) for p in PROMPTS]
+    free, free_lp = generate(model, prompts, 40, temperature=1.0, seed=5, stop_ids=[])
+    texts = [tok.decode(f) for f in free]
+    inside = next(p[1:3] for p in (tok.sp.id_to_piece(i) for i in free[1][3:]) if len(p.lstrip("\u2581")) >= 4)
+    across = texts[0][12:20]                                     # spans several tokens
+    assert len(tok.encode(across, bos=False)) > 1
+    strings = [across, inside]
+    sizes = []
+    real_forward = model.forward
+
+    def counting(idx, *a, **k):
+        sizes.append(idx.shape[0])
+        return real_forward(idx, *a, **k)
+    model.forward = counting
+    try:
+        cut, lps = generate(model, prompts, 40, temperature=1.0, seed=5, stop_ids=[], stop_strings=strings,
+                            tokenizer=tok)
+    finally:
+        del model.forward
+    ns = [first_hit(tok, f, strings) for f in free]
+    for f, flp, c, lp, n in zip(free, free_lp, cut, lps, ns):
+        assert c == f[:n] and len(lp) == n                          # ends with the token that completed the string
+        assert max(abs(x - y) for x, y in zip(lp, flp)) < 1e-5
+    assert ns[0] < 40 and ns[1] < 40 and len(set(ns)) > 1            # rows end at different steps
+    assert sizes[0] == len(prompts) and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(prompts)
+    assert len(sizes) == max(ns)                                     # the prefill, then one pass a step until the last row ends
+    # a caller cuts the text at the string
+    t = tok.decode(cut[0])
+    assert t[:t.find(across)] == texts[0][:texts[0].find(across)]
+    # no string met: exactly the run without stop strings
+    same, same_lp = generate(model, prompts, 40, temperature=1.0, seed=5, stop_ids=[], stop_strings=["\u00a7\u00a7"],
+                             tokenizer=tok)
+    assert same == free and same_lp == free_lp
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, prompts, 5, stop_strings=["x"])
+
+
+def test_per_row_seeds_and_greedy_rows_survive_others_leaving(stories):
+    """When rows leave the batch, the others sample exactly as before: per-row seeds, one seed, and greedy."""
+    model, tok = stories
+    prompts = [tok.encode(p) for p in PROMPTS]
+    for kw in (dict(seed=[3, 4, 5, 6]), dict(seed=9), dict(temperature=0)):
+        free, _ = generate(model, prompts, 30, stop_ids=[], **kw)
+        stop = free[2][3]                                            # row 2 ends after 3 tokens
+        cut, _ = generate(model, prompts, 30, stop_ids=[stop], **kw)
+        for f, c in zip(free, cut):
+            assert c == (f[:f.index(stop)] if stop in f else f)
+        assert generate(model, prompts, 30, stop_ids=[stop], compact=False, **kw)[0] == cut   # finished rows kept
