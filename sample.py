@@ -133,14 +133,16 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         ended = torch.isin(nxt, stop) & ~done[rows]                            # (b,): a stop id is not kept
         n_new[rows[ended]] = step
         if stop_strings:   # decode each row's new text; search only where a string could end in this token's text
-            for j, (r, t) in enumerate(zip(rows.tolist(), nxt.tolist())):
-                if done[r] or ended[j]:
+            hit = ended.tolist()
+            for j, (r, t, d) in enumerate(zip(rows.tolist(), nxt.tolist(), done[rows].tolist())):
+                if d or hit[j]:
                     continue
                 texts[r].append(t)
                 text = tokenizer.decode(texts[r])
                 if any(s in text[max(0, seen[r] - longest):] for s in stop_strings):
-                    ended[j], n_new[r] = True, step + 1                        # keep the token that completed it
+                    hit[j], n_new[r] = True, step + 1                          # keep the token that completed it
                 seen[r] = len(text)
+            ended = torch.tensor(hit, device=device)
         done[rows[ended]] = True
         if step == max_new_tokens - 1 or bool(done.all()):
             break
