@@ -275,3 +275,20 @@ def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path, smollm2_tok
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "tokenizer differs from the policy's" in r.stderr and str(tmp_path / "rm") in r.stderr
+
+
+def test_chat_template_mistakes_end_in_one_message(tmp_path, stories, smollm2_tokenizer):
+    import shutil
+    from model import UserError
+    pytest.importorskip("jinja2")
+    with pytest.raises(UserError, match="no chat template"):
+        stories[1].apply_chat_template([{"role": "user", "content": "hi"}])
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(smollm2_tokenizer, f), tmp_path / f)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}")
+    tok = Tokenizer(str(tmp_path))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(UserError, match="refused a dialogue.*no system role"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
