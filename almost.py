@@ -681,7 +681,7 @@ def sample_turns(model, tok, prompts, g, fmt, role, seed):
     return texts
 
 
-def selfplay(cfg, n, path, assistant, user, rm):
+def selfplay(cfg, n, path, assistant, user, reward_model):
     queries, _ = split_queries(cfg)
     done = {r["query_id"] for r in read_records(path)}
     todo = [q for q in queries if q["id"] not in done]
@@ -705,7 +705,8 @@ def selfplay(cfg, n, path, assistant, user, rm):
                 prompts = [turn_prompt(a_tok, cfg.format, *a_demos, assistant.shots, d["turns"], "assistant")
                            for d in live for _ in range(n)]
                 cands = sample_turns(a_model, a_tok, prompts, assistant, cfg.format, "assistant", seed)
-                scores = rm.score([dialogue_text(d["turns"]) for d in live for _ in range(n)], cands).tolist()
+                scores = reward_model.score([dialogue_text(d["turns"]) for d in live for _ in range(n)],
+                                            cands).tolist()
                 for i, d in enumerate(live):
                     cs, sc = cands[i * n:(i + 1) * n], scores[i * n:(i + 1) * n]
                     bad = [is_bad_response(c) for c in cs]
@@ -739,9 +740,9 @@ def selfplay(cfg, n, path, assistant, user, rm):
 def stage_selfplay(cfg):
     assistant = parse_generator("--assistant", cfg.assistant, cfg.format)
     user = parse_generator("--user", cfg.user, cfg.format)
-    rm = rmlib.RewardModel.from_pretrained(cfg.reward_model, device=cfg.device)
+    reward_model = rmlib.RewardModel.from_pretrained(cfg.reward_model, device=cfg.device)
     for n in [cfg.n] + ([1] if cfg.selfplay_baseline and cfg.n != 1 else []):
-        selfplay(cfg, n, os.path.join(cfg.out, f"selfplay_n{n}.jsonl"), assistant, user, rm)
+        selfplay(cfg, n, os.path.join(cfg.out, f"selfplay_n{n}.jsonl"), assistant, user, reward_model)
     stats = selfplay_stats(read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl")))
     write_json(os.path.join(cfg.out, "selfplay_stats.json"), stats)
     print(f"selfplay: {stats['dialogues']} dialogues ({stats['usable']} usable, {stats['assistant_turns']} "

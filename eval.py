@@ -25,7 +25,7 @@ from common import UserError, parse_args, read_records, run_cli, write_json, wri
 from model import DTYPES, load, pad_batch
 from rm import RewardModel, evaluate_pairs, read_pairs, tokenize_pairs
 from sample import generate
-from tokenizer import TURN_ENDS, format_dialogue, postprocess_response
+from tokenizer import TURN_ENDS, dialogue_ids, format_dialogue, postprocess_response
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -126,7 +126,7 @@ def eval_truthfulqa(model, tok, items):
 def policy_answers(model, tok, questions, max_new_tokens, seed):
     """Answers at temperature 0.7, top-p 1.0 (the Vicuna protocol), cut as in step 1."""
     ctx = model.config.max_position_embeddings
-    prompts = [tok.encode(format_dialogue(q), bos=True)[-(ctx // 2):] for q in questions]
+    prompts = [dialogue_ids(tok, q)[-(ctx // 2):] for q in questions]
     budget = min(max_new_tokens, ctx - max(map(len, prompts)))
     outs = []
     for b in range(0, len(prompts), 16):
@@ -136,13 +136,13 @@ def policy_answers(model, tok, questions, max_new_tokens, seed):
     return [postprocess_response(tok.decode(o)) for o in outs]
 
 
-def eval_vicuna(a, b, rm, questions, max_new_tokens, seed):
+def eval_vicuna(a, b, reward_model, questions, max_new_tokens, seed):
     """Vicuna-80: answers of policy a and policy b judged by a reward model: win / tie / loss for a. A reward model
     scores each answer alone, so both orders of presentation give the same verdict."""
     qs = [q["turns"][0] for q in questions]
     ans_a = policy_answers(*a, qs, max_new_tokens, seed)
     ans_b = policy_answers(*b, qs, max_new_tokens, seed + 1)
-    sa, sb = rm.score(qs, ans_a), rm.score(qs, ans_b)
+    sa, sb = reward_model.score(qs, ans_a), reward_model.score(qs, ans_b)
     d = sa - sb
     return {"win": int((d > 1e-6).sum()), "tie": int((d.abs() <= 1e-6).sum()), "loss": int((d < -1e-6).sum()),
             "n": len(qs), "mean_score_a": sa.mean().item(), "mean_score_b": sb.mean().item(),
@@ -169,6 +169,8 @@ def evaluate(cfg):
         raise UserError("--on_error must be 'stop' or 'skip'.")
     if cfg.data and not cfg.rm:
         raise UserError("--data is a pairs file for the reward model: give --rm too.")
+    if cfg.dtype and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
     dtype = DTYPES.get(cfg.dtype)
     clip = (lambda xs: xs[:cfg.max_items]) if cfg.max_items else (lambda xs: xs)
     res = {}
