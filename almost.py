@@ -30,6 +30,7 @@ import os
 import random
 import re
 import statistics
+import string
 import time
 import zlib
 from collections import Counter
@@ -89,6 +90,7 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     out: str = "out"                # the folder every stage reads and writes
     stages: str = "queries,responses,compare,check,rm,selfplay,sft,ppo,eval,report"  # stages to run, in this order
     n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000)
+    query_line: str = "authors"     # 1a, dialogue format: "authors" (first line starting "Query:") or "first" line
     seeds: str = ""                 # seed pool file ("" = the profile's); its first line is an instruction line
     query_model: str = ""           # "" = the profile's
     generators: str = ""            # NAME=MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS],...  ("" = the profile's)
@@ -139,6 +141,8 @@ def resolve(cfg):
             setattr(cfg, k, v)
     cfg.reward_model = cfg.reward_model or os.path.join(cfg.out, "rm", "best")
     cfg.format = prof["format"]
+    if cfg.query_line not in QUERY_STOPS:
+        raise UserError(f"--query_line={cfg.query_line!r}: use one of {', '.join(QUERY_STOPS)}.")
     return cfg
 
 
@@ -222,15 +226,27 @@ def query_prompt(tok, fmt, instruction, shots):
     return [i for s in shots for i in tok.encode(s, bos=True)] + [tok.bos_id]
 
 
-QUERY_ENDS = ("Query:", "query:", "QUERY:")   # the sampler stops there: the query line is over by then
+# 1a as the authors' code reads a sample: the prompt ends with "Query:", so the first generated line finishes that
+# query and is never taken; the query is the first line that starts with "Query:" (after stripping), with every
+# "Query:" in it removed, then cut at a "query:" / "query :" in any other case. The sampler stops once such a line
+# is complete. --query_line=first takes the first line instead (the query the prompt asked for; a model too weak
+# to continue the list, like the bundled ones, writes no second "Query:" line), stopping where that line ends.
+QUERY_STOPS = {"authors": re.compile(r"^[^\S\n]*Query:.*\n", re.MULTILINE),
+               "first": re.compile(r"\S[^\n]*\n|query\s?:", re.IGNORECASE)}
 
 
-def extract_query(text, fmt):
-    """1a: the first generated line, stripped, cut at a further "Query:". Story format: the opening is the first
-    sentence, or the first two when the first is shorter than 30 characters."""
-    if fmt == "dialogue":
+def extract_query(text, fmt, rule="authors"):
+    """1a: a sample -> the query ("" if none). Dialogue: the rule above ("authors" or "first"). Story format: the
+    opening is the first sentence, or the first two when the first is shorter than 30 characters."""
+    if fmt == "dialogue" and rule == "first":
         line = text.strip("\n ").split("\n")[0]
         return re.split(r"query\s?:", line, flags=re.IGNORECASE)[0].strip()
+    if fmt == "dialogue":
+        for line in text.split("\n"):
+            if line.strip().startswith("Query:"):
+                q = re.sub(r"query\s?[:]", "[SEP]", line.replace("Query:", "").strip(), flags=re.IGNORECASE)
+                return q.split("[SEP]")[0].strip("\n ")
+        return ""
     line = text.strip().split("\n")[0]
     sents = re.findall(r".*?[.!?](?=\s|$)", line)
     q = sents[0].strip() if sents else ""
@@ -239,18 +255,31 @@ def extract_query(text, fmt):
     return q
 
 
+def bad_query_length(q, lo=30, hi=250):
+    """1a's length filter exactly as the authors' code writes it: a query shorter than 30 characters is dropped
+    unless it ends with punctuation, and one longer than 250 is dropped only if it DOES end with punctuation (their
+    test is a double negation, `not q[-1] not in punctuation`), so long unfinished queries are kept."""
+    return (len(q) < lo and q[-1] not in string.punctuation) or (len(q) > hi and q[-1] in string.punctuation)
+
+
 def story_so_far(turns):
     return " ".join(t.strip() for _, t in turns)
 
 
+def dialogue_prompt_text(preamble, demos, shots, turns, role="assistant"):
+    """The paper's few-shot dialogue prompt, as the authors' code writes it: the prompt file's preamble and first k
+    dialogues, each followed by "\n\n-----" (the preamble too at 0 shots), then the dialogue so far and
+    "\n\nAssistant: " with its trailing space (or "\n\nHuman: " for the user's side in self-play)."""
+    head = "".join(part + "\n\n-----" for part in [preamble] + demos[:shots]) if preamble or shots else ""
+    return head + dialogue_text(turns) + ("\n\nAssistant: " if role == "assistant" else "\n\nHuman: ")
+
+
 def turn_prompt(tok, fmt, preamble, demos, shots, turns, role="assistant"):
-    """The prompt that makes a model write the next turn (step 1's response is the assistant's first turn).
-    Dialogue: the prompt file's preamble and first k dialogues, then the dialogue so far and "\n\nAssistant:" (or
-    "\n\nHuman:" for the user's side). Story: the demonstration stories after BOS, then the story so far."""
+    """The prompt that makes a model write the next turn (step 1's response is the assistant's first turn): the
+    dialogue prompt above (BOS first), or in the story format the demonstration stories after BOS, then the story
+    so far. (A tokenizer that normalizes whitespace, like the bundled one, drops the trailing space.)"""
     if fmt == "dialogue":
-        head = "\n\n-----".join([preamble] + demos[:shots]) + "\n\n-----" if shots else preamble
-        tag = "\n\nAssistant:" if role == "assistant" else "\n\nHuman:"
-        return tok.encode(head + dialogue_text(turns) + tag, bos=True)
+        return tok.encode(dialogue_prompt_text(preamble, demos, shots, turns, role), bos=True)
     return [i for d in demos[:shots] for i in tok.encode(d.strip(), bos=True)] + tok.encode(story_so_far(turns))
 
 
@@ -266,8 +295,9 @@ def story_response(text, ended):
 
 
 # -----------------------------------------------------------------------------
-# Step 1a. Initial queries: 10-shot prompts from the growing pool; a query is kept if it is 30 to 250
-# characters long and its ROUGE-L F1 against every query already in the pool is < 0.5 (Self-Instruct's novelty filter)
+# Step 1a. Initial queries: 10-shot prompts from the growing pool; a query is kept if it passes the length filter
+# (bad_query_length) and its ROUGE-L F1 against every query already in the pool is < 0.5 (Self-Instruct's novelty
+# filter; the authors' threshold)
 
 def rouge_tokens(text):
     """Lowercase word tokens: runs of letters and digits."""
@@ -379,8 +409,11 @@ def stage_queries(cfg):
     with RecordWriter(path) as w, tqdm(total=cfg.n_queries, initial=len(done), desc="queries") as bar:
         while len(done) + n_new < cfg.n_queries:
             if tries > 50 * cfg.n_queries:
+                hint = (" Most samples had no line starting with \"Query:\" (the authors' rule takes the second query "
+                        "a model writes): --query_line=first takes the first." if cfg.format == "dialogue" and
+                        cfg.query_line == "authors" and rejected["empty"] > tries // 2 else "")
                 raise UserError(f"queries: only {len(done) + n_new} of {cfg.n_queries} accepted after {tries} "
-                                f"samples ({rejected}). Lower --n_queries or add seeds to {cfg.seeds}.")
+                                f"samples ({rejected}). Lower --n_queries or add seeds to {cfg.seeds}.{hint}")
             prompts = [query_prompt(tok, cfg.format, instruction, rng.sample(pool, min(10, len(pool))))
                        for _ in range(cfg.batch_size)]
             budget = min(64, model.config.max_position_embeddings - max(map(len, prompts)))
@@ -389,12 +422,12 @@ def stage_queries(cfg):
                                 f"in the context window ({model.config.max_position_embeddings}) of "
                                 f"{cfg.query_model}: use shorter seeds or a model with a longer context.")
             outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31),
-                               stop_strings=QUERY_ENDS if cfg.format == "dialogue" else None, tokenizer=tok)
+                               stop_strings=[QUERY_STOPS[cfg.query_line]] if cfg.format == "dialogue" else None, tokenizer=tok)
             for o in outs:
                 tries += 1
-                q = extract_query(tok.decode(o), cfg.format)
+                q = extract_query(tok.decode(o), cfg.format, cfg.query_line)
                 qt = rouge_tokens(q)
-                reason = ("empty" if not qt else "length" if not 30 <= len(q) <= 250
+                reason = ("empty" if not qt else "length" if bad_query_length(q)
                           else "overlap" if not novelty.is_novel(qt) else None)
                 if reason:
                     rejected[reason] += 1
@@ -413,18 +446,15 @@ def stage_queries(cfg):
 # -----------------------------------------------------------------------------
 # Step 1b. Prompted responses: every generator config answers every query; the BAD rules drop failed answers
 
-APOSTROPHES = "'\u2019\u2018\u02bc`\u00b4"
-
-
 def is_bad_response(text):
-    """A response is BAD (dropped) if it is shorter than 50 characters, ends with "?" or ":", does not end with
-    "." or "!", starts with "well", contains "don't know" / "do not know" (any apostrophe, any case), or contains
-    "Human:" or "<Image>" (any case)."""
-    t = text.strip()
-    low = t.lower()
-    return (len(t) < 50 or t.endswith(("?", ":")) or not t.endswith((".", "!")) or low.startswith("well")
-            or re.search(rf"(don[{APOSTROPHES}]t|do not)\s+know", low) is not None
-            or "human:" in low or "<image>" in low)
+    """1b's BAD rules, as the authors' code: a response is BAD (dropped) if it is shorter than 50 characters, ends
+    with "?" or ":", starts with "well" (any case), does not end with "." or "!", says "don't know" / "do not know"
+    (straight or curly apostrophe, any case), or contains "Human:" or "<Image>" (any case)."""
+    t = text.strip("\n ")
+    return (len(t) < 50 or t.endswith(("?", ":")) or t.lower().startswith("well") or t[-1] not in ".!"
+            or re.search(r"(don('|\u2019)t|do not)\s+know", t, flags=re.IGNORECASE) is not None
+            or re.search(r"Human[:]", t, flags=re.IGNORECASE) is not None
+            or re.search(r"[<]Image[>]", t, flags=re.IGNORECASE) is not None)
 
 
 def stage_responses(cfg):

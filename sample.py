@@ -88,7 +88,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     (generation_config.json, else config.json); [] never stops early.
     stop_strings: a row also ends as soon as the decoded text of its new tokens (tokenizer.decode) contains one of
     these strings, which may span several tokens or start inside one. Its tokens and logprobs then end with the
-    token that completed the string; the caller cuts the text at the string (text[:text.find(s)]).
+    token that completed the string; the caller cuts the text at the string (text[:text.find(s)]). An item may
+    also be a compiled regular expression, searched in the whole text (almost.QUERY_STOPS: "a line that starts with
+    Query: is complete").
     A row that has ended leaves the batch: its slots of the KV cache are dropped and no forward pass is spent on it
     (compact=False keeps it in the batch to the end, as this sampler once did: bench.py measures the difference).
     seed: the same seed gives the same samples; a list of B seeds seeds each row alone, so a row samples the same
@@ -124,7 +126,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    texts, seen, longest = [[] for _ in range(B)], [0] * B, max(map(len, stop_strings or [""]))
+    plain = [s for s in stop_strings or [] if isinstance(s, str)]
+    patterns = [s for s in stop_strings or [] if not isinstance(s, str)]
+    texts, seen, longest = [[] for _ in range(B)], [0] * B, max(map(len, plain or [""]))
     for step in range(max_new_tokens):
         nxt, lp = sample_next(logits, temperature, top_k, top_p, generator, rows if len(rows) < B else None, B)
         toks[rows, step], lps[rows, step] = nxt, lp.float()
@@ -139,7 +143,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
                     continue
                 texts[r].append(t)
                 text = tokenizer.decode(texts[r])
-                if any(s in text[max(0, seen[r] - longest):] for s in stop_strings):
+                if any(s in text[max(0, seen[r] - longest):] for s in plain) or any(p.search(text) for p in patterns):
                     hit[j], n_new[r] = True, step + 1                          # keep the token that completed it
                 seen[r] = len(text)
             ended = torch.tensor(hit, device=device)

@@ -490,13 +490,14 @@ def split_dialogue(text):
     return text[:i], text[i + len("\n\nAssistant:"):].strip()
 
 
-TURN_ENDS = ("-----", "Assistant:", "Human:")   # where a continuation's assistant turn has ended
+TURN_ENDS = ("\n\n-----", "Assistant:", "Human:")   # where a continuation's assistant turn has ended
 
 
 def postprocess_response(text):
-    """A model's continuation of a dialogue -> the assistant's turn (ALMoST step 1b's post-processing): cut at the
-    next "-----" (the end of a demonstration), then before the next "Assistant:", then before the next "Human:";
-    strip. The sampler stops at these strings (TURN_ENDS), so nothing is generated past the cut."""
+    """A model's continuation of a dialogue -> the assistant's turn (ALMoST step 1b's post-processing, as the
+    authors' code): cut at the next "\n\n-----" (the end of a demonstration), then before the next "Assistant:",
+    then before the next "Human:"; strip newlines and spaces. The sampler stops at these strings (TURN_ENDS), so
+    nothing is generated past the cut."""
     for end in TURN_ENDS:
         text = text.split(end)[0]
-    return text.strip()
+    return text.strip("\n ")

@@ -36,7 +36,10 @@ GOOD = "This is a perfectly fine answer that is long enough to keep."
     ("Well, " + GOOD, True),
     ("WELL " + GOOD, True),
     ("I don't know, but " + GOOD, True),
-    ("I DON\u2019T   KNOW, but " + GOOD, True),                        # any apostrophe, any case, any spacing
+    ("I DON\u2019T   KNOW, but " + GOOD, True),                        # a curly apostrophe, any case, any spacing
+    ("I don`t know, but " + GOOD, False),                              # the authors' rule knows two apostrophes
+    ("Well" + GOOD, True),                                             # "starts with well", as written
+    ("  " + GOOD + "\n", False),                                       # judged after stripping
     ("We do not know yet; " + GOOD, True),
     ("I know that " + GOOD, False),
     ("Answer. Human: " + GOOD, True),
@@ -246,16 +249,22 @@ def test_cli_errors(tmp_path, args, words):
 
 
 def test_prompt_formats(stories):
-    from almost import extract_query, query_prompt, read_demos, trim_to_sentence, turn_prompt
+    from almost import dialogue_prompt_text, extract_query, query_prompt, read_demos, trim_to_sentence, turn_prompt
     model, tok = stories
     pre, demos = read_demos(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"))
     assert len(demos) == 14 and pre.startswith("Below are a series of dialogues")
     p = tok.decode(turn_prompt(tok, "dialogue", pre, demos, 1, [("user", "How are you?")]))
     assert p.endswith("\n\n-----\n\nHuman: How are you?\n\nAssistant:") and p.count("-----") == 2
+    text = open(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"), encoding="utf-8").read()
+    two = dialogue_prompt_text(pre, demos, 2, [("user", "How are you?")])
+    assert two == "\n\n-----".join(text.split("\n\n-----")[:3]) + "\n\n-----\n\nHuman: How are you?\n\nAssistant: "
+    assert dialogue_prompt_text(pre, demos, 0, [("user", "Hi?")]) == pre + "\n\n-----\n\nHuman: Hi?\n\nAssistant: "
     ids = turn_prompt(tok, "story", "", ["Story one.", "Story two."], 2, [("user", "Once upon a time.")])
     assert ids.count(tok.bos_id) == 3 and tok.decode(ids) == "Story one. Story two. Once upon a time."
     assert tok.decode(query_prompt(tok, "dialogue", "Make queries.", ["a?", "b?"], )) == "Make queries.\n\nQuery: a?\nQuery: b?\nQuery:"
-    assert extract_query(" What is X? Query: next\nQuery: more", "dialogue") == "What is X?"
+    # as the authors' code: every "Query:" in the line is removed first; only another case ("query:") cuts it
+    assert extract_query(" ignored\nQuery: What is X? Query: next\nQuery: more", "dialogue") == "What is X?  next"
+    assert extract_query(" What is X? query : next\nQuery: more", "dialogue", "first") == "What is X?"
     assert extract_query("Tom ran. He saw a dog. Then more.", "story") == "Tom ran. He saw a dog."
     assert extract_query("Once upon a time, there was a big red car. It was fast.", "story") == \
         "Once upon a time, there was a big red car."
@@ -267,6 +276,7 @@ def test_paper_profile_dialogue_path_runs(tmp_path):
     the HHH dialogues do not fit a 512-token context; the quality of the text is beside the point)."""
     import subprocess
     import sys
+    from almost import bad_query_length
     d = os.path.join(ROOT, "data")
     gens = (f"a={d}/stories260K:{d}/almost/HHH_prompt.txt:0:48,"
             f"b={d}/stories50K:{d}/almost/HHH_prompt.txt:0:48")
@@ -276,12 +286,12 @@ def test_paper_profile_dialogue_path_runs(tmp_path):
          "Can you help me cook rice?", "How old is the moon?", "What do dogs eat?", "Is tea good for me?",
          "How do trees grow?", "Why do we dream?", "What is rain?", "How do I tie a shoe?"]) + "\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), "--profile=paper", f"--out={tmp_path}",
-                        "--n_queries=4", f"--seeds={seeds}", f"--query_model={d}/stories260K", f"--rm_model={d}/stories260K",
+                        "--n_queries=4", "--query_line=first", f"--seeds={seeds}", f"--query_model={d}/stories260K", f"--rm_model={d}/stories260K",
                         f"--generators={gens}", "--rubric=a>b", "--stages=queries,responses,compare,check"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     qs = read_records(str(tmp_path / "queries.jsonl"))
-    assert len(qs) == 4 and all(30 <= len(q["query"]) <= 250 and "query:" not in q["query"].lower() for q in qs)
+    assert len(qs) == 4 and all(not bad_query_length(q["query"]) and "query:" not in q["query"].lower() for q in qs)
     rs = read_records(str(tmp_path / "responses.jsonl"))
     assert sorted((r["query_id"], r["config"]) for r in rs) == [(i, c) for i in range(4) for c in "ab"]
     assert all("Human:" not in r["response"] and "Assistant:" not in r["response"] for r in rs)
@@ -516,3 +526,62 @@ def test_indexed_novelty_filter_decides_as_the_exhaustive_check():
             pool.add(t)
             exhaustive.append(t)
     assert 500 < sum(decisions) < 2900                                 # both outcomes, many times
+
+
+@pytest.mark.parametrize("sample,query", [
+    (" How do I bake bread?\nQuery: What is a good name for a cat?\nQuery: more", "What is a good name for a cat?"),
+    (" the first line finishes the prompt's query and is never taken", ""),
+    ("Query: a line of its own counts", "a line of its own counts"),
+    (" x\n   Query:   spaces around it  \n", "spaces around it"),
+    (" x\nQuery: two queries query : in one line", "two queries"),
+    (" x\nQuery: Query: twice", "twice"),
+    (" x\nQUERY: upper case is not the prefix\nQuery: this one", "this one"),
+    (" x\nSo Query: not at the start\nQuery: kept", "kept"),
+])
+def test_extract_query_as_the_authors(sample, query):
+    """1a's query extraction on the edge cases of the authors' rule (the first line that starts with "Query:")."""
+    from almost import extract_query
+    assert extract_query(sample, "dialogue") == query
+
+
+@pytest.mark.parametrize("q,bad", [
+    ("Why?", False),                              # short, but ends with punctuation: kept
+    ("How do I bake bread", True),                # short without punctuation: dropped
+    ("x" * 30, False), ("x" * 249 + ".", False),  # the window's ends
+    ("x" * 251, False),                           # long without punctuation: kept (the authors' double negation)
+    ("x" * 250 + "?", True),                      # long with punctuation: dropped
+])
+def test_query_length_filter_as_the_authors(q, bad):
+    from almost import bad_query_length
+    assert bad_query_length(q) is bad
+
+
+def test_postprocess_cuts_only_at_a_demonstration_break():
+    assert postprocess_response(" Use -----  as a divider.\n\n-----\n\nHuman: next") == "Use -----  as a divider."
+    assert postprocess_response("\n A tab stays\t\n\n") == "A tab stays\t"
+
+
+def test_queries_stage_on_a_chat_model_takes_the_authors_query_line(smollm2, tmp_path):
+    """1a on a real chat model with the authors' rule: every kept query is a whole "Query:" line the model wrote,
+    the sampler stopped right after that line, and the length filter holds."""
+    import almost
+    from model import load
+    from sample import generate
+    model, tok = load(smollm2)
+    instruction, seeds = almost.read_seeds(os.path.join(ROOT, "data", "almost", "seed_prompts.txt"))
+    prompts = [almost.query_prompt(tok, "dialogue", instruction, seeds[i:i + 10]) for i in range(0, 80, 10)]
+    outs, _ = generate(model, prompts, 64, temperature=1.2, top_p=0.9, seed=3,
+                       stop_strings=[almost.QUERY_STOPS["authors"]], tokenizer=tok)
+    texts = [tok.decode(o) for o in outs]
+    found = [(t, almost.extract_query(t, "dialogue")) for t in texts]
+    assert any(q for _, q in found), texts
+    for (t, q), o in zip(found, outs):
+        if q:   # the line is complete and nothing was generated past the token that ended it
+            assert t.endswith("\n") and not tok.decode(o[:-1]).endswith("\n") and ("Query: " + q) in t
+        else:   # the budget or EOS ended it before any complete "Query:" line
+            assert not almost.QUERY_STOPS["authors"].search(t)
+    cfg = almost.Config(profile="paper", out=str(tmp_path), n_queries=3, query_model=smollm2, batch_size=8)
+    almost.resolve(cfg)
+    almost.stage_queries(cfg)
+    qs = read_records(str(tmp_path / "queries.jsonl"))
+    assert len(qs) == 3 and all(not almost.bad_query_length(q["query"]) for q in qs)
