@@ -98,13 +98,14 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     rm_model: str = ""              # base LLaMA for the reward model ("" = the profile's)
     rm_preset: str = ""             # rm.py preset ("" = the profile's: tiny for stories, the paper's defaults otherwise)
     rm_filter_ablation: bool = True  # also train a reward model without the length rule
+    rm_checkpoint: str = "last"     # step 1's reward model for what follows: "last" (the authors') or "best" held-out
     # step 2
     turns: int = 2                  # self-play: assistant turns per dialogue
     n: int = 4                      # self-play: candidates per assistant turn (best of n by the reward model)
     selfplay_baseline: bool = True  # also the plain self-play baseline (n = 1)
     assistant: str = ""             # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] ("" = the profile's)
     user: str = ""                  # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] that plays the human ("" = the profile's)
-    reward_model: str = ""          # "" = {out}/rm/best, step 1's
+    reward_model: str = ""          # "" = step 1's: {out}/rm/{rm_checkpoint}
     sft_model: str = ""             # the policy SFT starts from ("" = the assistant's model)
     sft_lr: float = 2e-5            # SFT defaults: the paper's (the story profile overrides them)
     sft_batch: int = 64             # sequences per optimizer step
@@ -139,7 +140,9 @@ def resolve(cfg):
     for k, v in prof["sft"].items():
         if getattr(cfg, k) == getattr(defaults, k):   # flags given on the command line win
             setattr(cfg, k, v)
-    cfg.reward_model = cfg.reward_model or os.path.join(cfg.out, "rm", "best")
+    if cfg.rm_checkpoint not in ("last", "best"):
+        raise UserError(f"--rm_checkpoint={cfg.rm_checkpoint!r}: use last or best.")
+    cfg.reward_model = cfg.reward_model or os.path.join(cfg.out, "rm", cfg.rm_checkpoint)
     cfg.format = prof["format"]
     if cfg.query_line not in QUERY_STOPS:
         raise UserError(f"--query_line={cfg.query_line!r}: use one of {', '.join(QUERY_STOPS)}.")
@@ -655,7 +658,7 @@ def stage_rm(cfg):
         barrier()   # under torchrun: the other processes wait here for process 0's checkpoint
         if rank() != 0:
             continue
-        model = rmlib.RewardModel.from_pretrained(os.path.join(out, "best"), device=cfg.device)
+        model = rmlib.RewardModel.from_pretrained(os.path.join(out, cfg.rm_checkpoint), device=cfg.device)
         s = {}
         for name, path in [("held_out", os.path.join(data_dir, "val_filter.jsonl")),
                            ("held_out_nofilter", os.path.join(data_dir, "val_nofilter.jsonl")),

@@ -1,9 +1,9 @@
 """
 The evaluation suite of the paper (its evaluation protocols), in one place:
 
-    python eval.py --rm=out/rm/best                          # the reward model on static HHH and the HH test splits
-    python eval.py --rm=out/rm/best --data=PAIRS.jsonl       # ... or on a pairs file of yours
-    python eval.py --policy=out/ppo/last/policy --policy_b=out/sft/best --rm=out/rm/best   # everything
+    python eval.py --rm=out/rm/last                          # the reward model on static HHH and the HH test splits
+    python eval.py --rm=out/rm/last --data=PAIRS.jsonl       # ... or on a pairs file of yours
+    python eval.py --policy=out/ppo/last/policy --policy_b=out/sft/best --rm=out/rm/last   # everything
 
 - Reward model: accuracy (r_chosen > r_rejected; ties count as wrong) on the static HHH set (221 pairs; helpful,
   harmless, honest, other) and on the Anthropic HH harmless-base and helpful-base test splits.

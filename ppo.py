@@ -2,7 +2,7 @@
 PPO with GAE, from scratch: ALMoST step 3, reinforcement learning from synthetic feedback. The policy starts from
 the SFT policy of step 2 and learns to maximise the synthetic reward model's score minus beta * KL(policy || SFT).
 
-    python ppo.py --policy=out/sft/best --rm=out/rm/best --prompts=out/queries.jsonl --out=out/ppo
+    python ppo.py --policy=out/sft/best --rm=out/rm/last --prompts=out/queries.jsonl --out=out/ppo
 
 A PPO step, as train() runs it:
   1. rollout      sample responses to a batch of prompts with THE sampler (temperature T, no top-k, no top-p)

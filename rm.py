@@ -5,7 +5,7 @@ real token (the appended EOS) of "\\n\\nHuman: {prompt}\\n\\nAssistant: {respons
     python rm.py                                                          # the bundled synthetic pairs, ~1 min
     python rm.py --data=PAIRS.jsonl --model=LLAMA_FOLDER --out=out/rm     # train (paper defaults)
     python rm.py --data=PAIRS.jsonl --preset=tiny                         # the bundled 260K model, minutes on CPU
-    python eval.py --rm=out/rm/best                                       # static HHH + Anthropic HH test splits
+    python eval.py --rm=out/rm/last                                       # static HHH + Anthropic HH test splits
 
 Checkpoints are transformers' LlamaForSequenceClassification (num_labels=1, head "score.weight"), so
 `transformers` gives the same scores. Data: jsonl lines {"prompt", "chosen", "rejected"} (TRL's pair format), or
@@ -302,6 +302,7 @@ class TrainConfig(ScaleConfig):
     epochs: float = 1.0            # passes over the training pairs
     lr: float = 2e-5               # peak learning rate (AdamW)
     weight_decay: float = 0.1      # AdamW weight decay, on matrices only
+    beta2: float = 0.999           # AdamW's second-moment decay (the authors': transformers' default, 0.999)
     warmup: float = 0.03           # linear warmup over this fraction of the steps, then cosine decay
     grad_clip: float = 1.0         # clip the gradient's global norm
     eval_every: int = 50           # optimizer steps between held-out evaluations (each saves last/)
@@ -417,7 +418,7 @@ def train(cfg):
                                   trained_from=adapters)
     train_set, val_set = load_data(cfg, reward_model)
     total = max(1, int(cfg.epochs * max(1, len(train_set) // cfg.batch_size)))
-    opt = make_optimizer(reward_model, cfg.lr, cfg.weight_decay)
+    opt = make_optimizer(reward_model, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2))
     run = {"data": os.path.abspath(cfg.data), "train_pairs": len(train_set), "total_steps": total,
            "lora": lora_key(cfg)}
     state, log = start_or_resume(cfg, cfg.out, last, {"step": 0, "best_accuracy": -1.0}, run,
@@ -457,8 +458,8 @@ def train(cfg):
             break
     bar.close()
     if state["step"] == total and master_process:
-        print(f"done: best held-out accuracy {state['best_accuracy']:.4f}; reward model in "
-              f"{os.path.join(cfg.out, 'best')}")
+        print(f"done: the reward model is {last} (the last checkpoint, as the authors keep); the best held-out "
+              f"accuracy, {state['best_accuracy']:.4f}, is in {os.path.join(cfg.out, 'best')}")
     return state
 
 

@@ -1,6 +1,7 @@
 """
 Supervised fine-tuning on dialogues: ALMoST step 2's ALMoST-SFT, trained on the demonstrations that RM-guided
-self-play wrote. The loss is on what the assistant says (its tokens and the final EOS), never on the user's turns.
+self-play wrote. The loss is on the assistant's final response and the EOS (as the authors' SFT code: the dialogue
+before it is the prompt); --loss_on=all puts it on every assistant turn. Never on the user's turns.
 
     python sft.py --data=out/selfplay_n4.jsonl --model=LLAMA_FOLDER --out=out/sft
 
@@ -39,6 +40,7 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     grad_clip: float = 1.0         # clip the gradient's global norm
     eval_every: int = 50           # optimizer steps between held-out evaluations (each saves last/)
     chat_template: bool = False    # dialogues in the model folder's chat template instead of the paper's Human/Assistant
+    loss_on: str = "final"         # which assistant turns carry the loss: "final" (the authors') or "all"
     seed: int = 1337               # the held-out split and the order of the dialogues
     resume: bool = True            # go on from out/last if it is there
 
@@ -46,9 +48,9 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
 # -----------------------------------------------------------------------------
 # the data and the loss
 
-def encode_dialogue(tok, turns, max_length, chat=False):
+def encode_dialogue(tok, turns, max_length, chat=False, loss_on="final"):
     """A dialogue [(role, text)] as the policy sees it -> (ids, mask) with mask True exactly on the assistant's tokens
-    of every turn: the loss is on what the assistant says. The paper's format: BOS + dialogue_text(turns) + EOS (the
+    of its final turn (loss_on="final") or of every turn ("all"): the loss is on what the assistant says. The paper's format: BOS + dialogue_text(turns) + EOS (the
     EOS in the mask); chat=True: the model's chat template (its end-of-turn tokens in the mask). Each assistant
     turn's span comes from rendering the dialogue up to it, and tokenizing prefixes of the text (checked to be prefixes
     of the whole), so it matches prompt-then-generate tokenization. None if the dialogue is longer than max_length."""
@@ -64,6 +66,7 @@ def encode_dialogue(tok, turns, max_length, chat=False):
             if not (text.startswith(before) and text.startswith(through)):
                 raise ValueError("the chat template does not render a dialogue's beginning as a prefix of the whole")
             spans.append((len(before), len(through)))
+    spans = spans[-1:] if loss_on == "final" else spans
     ids = tok.encode(text, bos=not chat) + ([] if chat else [tok.eos_id])
     if len(ids) > max_length:
         return None
@@ -101,8 +104,8 @@ def load_data(cfg, tok):
     if len(records) < 2:
         raise UserError(f"{cfg.data}: {len(records)} usable dialogue(s); SFT needs at least 2. Run selfplay first.")
     try:
-        data = [encode_dialogue(tok, [(t["role"], t["text"]) for t in r["turns"]], cfg.max_length, cfg.chat_template)
-                for r in records]
+        data = [encode_dialogue(tok, [(t["role"], t["text"]) for t in r["turns"]], cfg.max_length, cfg.chat_template,
+                                cfg.loss_on) for r in records]
     except ValueError as e:
         raise UserError(f"{cfg.data}: {e}. Leave --chat_template off for this model.") from None
     dropped = sum(d is None for d in data)
@@ -123,6 +126,8 @@ def train(cfg):
     for k in ("model",) if cfg.dry_run else ("data", "model"):
         if not getattr(cfg, k):
             raise UserError(f"--{k} is required (python sft.py --data=DIALOGUES.jsonl --model=LLAMA_FOLDER).")
+    if cfg.loss_on not in ("final", "all"):
+        raise UserError(f"--loss_on={cfg.loss_on!r}: use final or all.")
     if cfg.dry_run:
         return memory_dry_run(cfg, cfg.model, "sft", cfg.micro_batch, cfg.max_length)
     if not os.path.isfile(cfg.data):

@@ -313,7 +313,11 @@ def test_sft_loss_mask_is_exactly_the_assistant_tokens(stories):
     _, tok = stories
     turns = [("user", "Once upon a time, Tom found a ball."), ("assistant", "He played with it all day. He was happy."),
              ("user", "Then it started to rain."), ("assistant", "Tom ran home and drank warm milk!")]
-    ids, mask = encode_dialogue(tok, turns, 512)
+    final, final_mask = encode_dialogue(tok, turns, 512)                      # the default: the final response only
+    ids, mask = encode_dialogue(tok, turns, 512, loss_on="all")
+    assert final == ids and final_mask != mask
+    assert tok.decode([i for i, m in zip(ids, final_mask) if m]) == turns[3][1]  # and its EOS
+    assert final_mask[-1] and sum(final_mask) == sum(mask[len(mask) - sum(final_mask):])
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask[-1] and not mask[0]
     spans, cur = [], []
     for i, m in zip(ids, mask):

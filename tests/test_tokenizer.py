@@ -143,10 +143,12 @@ def test_sft_mask_under_a_chat_template(smollm2_tokenizer):
     from sft import encode_dialogue
     tok = Tokenizer(smollm2_tokenizer)
     turns = [("user", "Hi!"), ("assistant", "Hello there."), ("user", "Bye."), ("assistant", "Goodbye!")]
-    ids, mask = encode_dialogue(tok, turns, 512, chat=True)
+    ids, mask = encode_dialogue(tok, turns, 512, chat=True, loss_on="all")
     assert tok.decode(ids) == tok.apply_chat_template([{"role": r, "content": t} for r, t in turns], False)
     said = tok.decode([i for i, m in zip(ids, mask) if m])
     assert said == "Hello there.<|im_end|>\nGoodbye!<|im_end|>\n"                 # the assistant's turns, and only them
+    ids, mask = encode_dialogue(tok, turns, 512, chat=True)                          # the default: the final one
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Goodbye!<|im_end|>\n"
 
 
 def test_unsupported_and_missing_tokenizers(tmp_path):
