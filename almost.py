@@ -102,6 +102,7 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     # step 2
     turns: int = 2                  # self-play: assistant turns per dialogue
     n: int = 4                      # self-play: candidates per assistant turn (best of n by the reward model)
+    later_shots: int = -1           # self-play: demonstrations in the assistant's prompt after its first turn (-1: same)
     selfplay_baseline: bool = True  # also the plain self-play baseline (n = 1)
     assistant: str = ""             # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] ("" = the profile's)
     user: str = ""                  # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] that plays the human ("" = the profile's)
@@ -497,6 +498,7 @@ def stage_responses(cfg):
                 seed = derive_seed(cfg.seed, "sampling", zlib.crc32(g.name.encode()) + batch[0]["id"], bits=31)
                 resps = sample_turns(model, tok, [prompts[q["id"]] for q in batch], g, cfg.format, "assistant", seed)
                 for q, resp in zip(batch, resps):
+                    resp = resp or ""
                     w.write({"query_id": q["id"], "query": q["query"], "config": g.name, "response": resp,
                              "bad": is_bad_response(resp)})
     print(f"responses -> {path}")
@@ -693,16 +695,18 @@ def split_queries(cfg):
 
 
 def sample_turns(model, tok, prompts, g, fmt, role, seed):
-    """Sample one turn per prompt with THE sampler; returns texts ("" where the context is full)."""
+    """Sample one turn per prompt with THE sampler; returns texts, None where the prompt leaves fewer than 8 tokens of
+    the context window (no room for the turn)."""
     ctx = model.config.max_position_embeddings
-    budget = min(g.max_new_tokens, ctx - max(map(len, prompts)))
-    if budget < 8:
-        return [""] * len(prompts)
+    fit = [i for i, p in enumerate(prompts) if len(p) + 8 <= ctx]
+    texts = [None] * len(prompts)
+    if not fit:
+        return texts
+    budget = min(g.max_new_tokens, ctx - max(len(prompts[i]) for i in fit))
     stops = TURN_ENDS if fmt == "dialogue" else None          # a story ends at its EOS
-    outs, _ = generate(model, prompts, budget, temperature=1.0, top_p=0.9, seed=seed, stop_strings=stops,
-                       tokenizer=tok)
-    texts = []
-    for o in outs:
+    outs, _ = generate(model, [prompts[i] for i in fit], budget, temperature=1.0, top_p=0.9, seed=seed,
+                       stop_strings=stops, tokenizer=tok)
+    for i, o in zip(fit, outs):
         t = tok.decode(o)
         if fmt == "dialogue":
             t = postprocess_response(t)
@@ -710,7 +714,7 @@ def sample_turns(model, tok, prompts, g, fmt, role, seed):
             t = story_response(t, ended=len(o) < budget)
         else:   # the story's user adds one sentence
             t = extract_query(t, "story")
-        texts.append(t)
+        texts[i] = t
     return texts
 
 
@@ -729,15 +733,21 @@ def selfplay(cfg, n, path, assistant, user, reward_model):
         for b in tqdm(range(0, len(todo), per_call), desc=f"selfplay n={n}"):
             chunk = todo[b:b + per_call]
             dls = [{"query_id": q["id"], "query": q["query"], "turns": [("user", q["query"])], "candidates": [],
-                    "ended": False} for q in chunk]
+                    "ended": False, "no_room": None} for q in chunk]
             for t in range(cfg.turns):
                 live = [d for d in dls if not d["ended"]]
                 if not live:
                     break
                 seed = derive_seed(cfg.seed, "sampling", zlib.crc32(f"{n}".encode()) + chunk[0]["id"] * 31 + t, bits=31)
-                prompts = [turn_prompt(a_tok, cfg.format, *a_demos, assistant.shots, d["turns"], "assistant")
+                shots = assistant.shots if t == 0 or cfg.later_shots < 0 else cfg.later_shots
+                prompts = [turn_prompt(a_tok, cfg.format, *a_demos, shots, d["turns"], "assistant")
                            for d in live for _ in range(n)]
                 cands = sample_turns(a_model, a_tok, prompts, assistant, cfg.format, "assistant", seed)
+                for i, d in enumerate(live):
+                    if cands[i * n] is None:   # the prompt leaves no room: the dialogue ends, and the stage says so
+                        d["ended"], d["no_room"] = True, f"assistant turn {t + 1}"
+                live = [d for d in live if not d["ended"]]
+                cands = [c for c in cands if c is not None]
                 scores = reward_model.score([dialogue_text(d["turns"]) for d in live for _ in range(n)],
                                             cands).tolist()
                 for i, d in enumerate(live):
@@ -758,7 +768,9 @@ def selfplay(cfg, n, path, assistant, user, reward_model):
                 uprompts = [turn_prompt(u_tok, cfg.format, *u_demos, user.shots, d["turns"], "user") for d in live]
                 utexts = sample_turns(u_model, u_tok, uprompts, user, cfg.format, "user", seed + 1)
                 for d, u in zip(live, utexts):
-                    if len(u) < 10:        # no usable user turn: the dialogue ends here
+                    if u is None:
+                        d["ended"], d["no_room"] = True, f"user turn {t + 2}"
+                    elif len(u) < 10:      # no usable user turn: the dialogue ends here
                         d["ended"] = True
                     else:
                         d["turns"].append(("user", u))
@@ -767,7 +779,18 @@ def selfplay(cfg, n, path, assistant, user, reward_model):
                     d["turns"].pop()       # a dialogue ends with the assistant
                 w.write({"query_id": d["query_id"], "query": d["query"], "n": n,
                          "turns": [{"role": r, "text": x} for r, x in d["turns"]],
-                         "usable": len(d["turns"]) > 1, "candidates": d["candidates"]})
+                         "usable": len(d["turns"]) > 1, "candidates": d["candidates"],
+                         **({"no_room": d["no_room"]} if d["no_room"] else {})})
+    records = read_records(path)
+    short = Counter(r["no_room"] for r in records if r.get("no_room"))
+    if short:
+        ctx = a_model.config.max_position_embeddings
+        print(f"warning: selfplay n={n}: {sum(short.values())} of {len(records)} dialogues ended early because the "
+              f"prompt left no room in the context window ({ctx} tokens) for " +
+              ", ".join(f"{k} ({v})" for k, v in sorted(short.items())) +
+              f". The prompt holds the preamble, {assistant.shots} demonstration(s) and the dialogue so far: use "
+              f"fewer demonstrations after the first turn (--later_shots=K), fewer --turns, or a model with a longer "
+              f"context.")
 
 
 def stage_selfplay(cfg):
@@ -798,7 +821,7 @@ def selfplay_stats(records):
     return {"dialogues": len(records), "usable": sum(r["usable"] for r in records), "assistant_turns": len(turns),
             "chosen_score": statistics.fmean(chosen) if chosen else float("nan"),
             "random_score": statistics.fmean(statistics.fmean(t) for t in turns) if turns else float("nan"),
-            "best_of_k": best_of_k}
+            "best_of_k": best_of_k, "ended_no_room": sum(bool(r.get("no_room")) for r in records)}
 
 
 def sft_config(cfg, data, out, base):

@@ -589,3 +589,38 @@ def test_queries_stage_on_a_chat_model_takes_the_authors_query_line(smollm2, tmp
     almost.stage_queries(cfg)
     qs = read_records(str(tmp_path / "queries.jsonl"))
     assert len(qs) == 3 and all(not almost.bad_query_length(q["query"]) for q in qs)
+
+
+def test_selfplay_says_when_a_turn_has_no_room_and_later_shots_fixes_it(tmp_path, monkeypatch, capsys):
+    """A demonstration that fills most of the 512-token context: the first assistant turn fits, the second does
+    not. The stage says how many dialogues ended early and why; --later_shots=0 gives the second turn room."""
+    from model import load
+    from rm import RewardModel
+    monkeypatch.setattr(almost, "is_bad_response", lambda text: False)    # every candidate usable: turn 2 is reached
+    s = os.path.join(ROOT, "data", "stories260K")
+    _, tok = load(s)
+    demo = "\n\nHuman: Tell me a story.\n\nAssistant: " + "Tom and Lily played in the park with a big red ball. " * 40
+    while len(tok.encode("Preamble." + demo, bos=True)) > 440:
+        demo = demo[:-60]
+    (tmp_path / "long_demo.txt").write_text("Preamble.\n\n-----" + demo.rstrip() + "\n\n-----\n")
+    rm_dir = tmp_path / "rm"
+    RewardModel.from_pretrained(s).save_pretrained(str(rm_dir))
+    results = {}
+    for later in (-1, 0):
+        out = tmp_path / f"out{later}"
+        out.mkdir()
+        almost.write_jsonl(str(out / "queries.jsonl"), [{"id": i, "query": f"Can you tell me a story about a cat {i}?"}
+                                                 for i in range(6)])
+        cfg = Config(profile="paper", out=str(out), n_queries=6, batch_size=4, n=2, selfplay_baseline=False,
+                     assistant=f"{s}:{tmp_path / 'long_demo.txt'}:1:24", user=f"{s}::0:24", later_shots=later,
+                     reward_model=str(rm_dir), device="cpu")
+        almost.stage_selfplay(resolve(cfg))
+        results[later] = (read_records(str(out / "selfplay_n2.jsonl")), capsys.readouterr().out)
+    records, printed = results[-1]
+    ended = [r for r in records if r.get("no_room")]
+    assert ended and all(r["no_room"] == "assistant turn 2" and len(r["candidates"]) == 1 for r in ended)
+    assert f"{len(ended)} of {len(records)} dialogues ended early" in printed and "--later_shots" in printed
+    assert json.load(open(tmp_path / "out-1" / "selfplay_stats.json"))["ended_no_room"] == len(ended)
+    records, printed = results[0]
+    assert not any(r.get("no_room") for r in records) and "ended early" not in printed
+    assert any(len(r["candidates"]) == 2 for r in records)                 # the second turn was sampled
