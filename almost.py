@@ -901,17 +901,20 @@ def stage_ppo(cfg):
 # the paper's evaluations (eval.py) and the report
 
 def stage_eval(cfg):
-    """The evaluation suite on the pipeline's models: the PPO policy, against the SFT policy on Vicuna-80; the
-    step-1 reward model."""
-    ppo_policy = os.path.join(cfg.out, "ppo", "last", "policy")
-    sft = os.path.join(cfg.out, "sft", "best")
-    policy = ppo_policy if os.path.isdir(ppo_policy) else sft
-    if not os.path.isfile(os.path.join(policy, "config.json")):
-        raise UserError(f"{policy}: no policy to evaluate; run the sft (and ppo) stages first.")
-    new = 120 if cfg.format == "story" else 256
-    evaluate(EvalConfig(policy=policy, policy_b=sft if policy != sft else "", rm=cfg.reward_model,
-                        max_new_tokens=new, max_items=cfg.eval_max_items, out=os.path.join(cfg.out, "eval"),
-                        seed=cfg.seed, device=cfg.device))
+    """The evaluation suite on the pipeline's models, the paper's table: the base model, the SFT policy and the PPO
+    policy as judges on static HHH and TruthfulQA; on Vicuna-80 each against the SFT policy, judged by step 1's
+    reward model; the reward model on static HHH and the HH test splits."""
+    assistant = parse_generator("--assistant", cfg.assistant, cfg.format)
+    models = {"base": cfg.sft_model or assistant.model, "sft": os.path.join(cfg.out, "sft", "best"),
+              "ppo": os.path.join(cfg.out, "ppo", "last", "policy")}
+    if not os.path.isfile(os.path.join(models["sft"], "config.json")):
+        raise UserError(f"{models['sft']}: no SFT policy to evaluate; run the sft (and ppo) stages first.")
+    if not os.path.isfile(os.path.join(models["ppo"], "config.json")):
+        del models["ppo"]
+    new = 120 if cfg.format == "story" else 1024
+    evaluate(EvalConfig(models=",".join(f"{k}={v}" for k, v in models.items()), vicuna_baseline="sft",
+                        rm=cfg.reward_model, max_new_tokens=new, max_items=cfg.eval_max_items,
+                        out=os.path.join(cfg.out, "eval"), seed=cfg.seed, device=cfg.device))
 
 
 def stage_report(cfg):

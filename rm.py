@@ -146,6 +146,7 @@ class RewardModel(nn.Module):
     def __init__(self, trunk, tok, max_length=1024, chat=False):
         super().__init__()
         # chat: texts in the model's chat template instead of the paper's format (saved with the model)
+        max_length = min(max_length, trunk.config.max_position_embeddings)    # never past the context window
         self.model, self.tok, self.max_length, self.chat = trunk, tok, max_length, chat
         C = trunk.config.hidden_size
         p = trunk.embed_tokens.weight
