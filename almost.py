@@ -48,7 +48,8 @@ from eval import Config as EvalConfig, evaluate, policy_answers, results_markdow
 from model import load
 from sample import generate
 from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
-from trainer import ScaleConfig, barrier, end_distributed, setup_distributed
+import memory
+from trainer import ScaleConfig, barrier, end_distributed, memory_dry_run, setup_distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
@@ -1008,8 +1009,8 @@ def print_plan(cfg, stages):
             t = p["steps"] * p["batch_size"] * p["max_new_tokens"]
             line = f"{p['steps']} steps x {p['batch_size']} rollouts from out/sft/best, <= {t:,} tokens"
         elif s == "eval":
-            t = 2 * 80 * (120 if cfg.format == "story" else 256)
-            line = f"static HHH, HH, TruthfulQA MC1, Vicuna-80 (2 policies), <= {t:,} tokens"
+            t = 3 * 80 * (120 if cfg.format == "story" else 1024)
+            line = f"static HHH, HH, TruthfulQA MC1, Vicuna-80 (base, SFT, PPO), <= {t:,} tokens"
         else:
             t, line = 0, {"compare": "the comparison rule (no sampling)", "check": "judge NLL of every answer",
                           "rm": f"reward model(s) from {cfg.rm_model}", "sft": "SFT of the assistant model, 2 runs",
@@ -1017,6 +1018,22 @@ def print_plan(cfg, stages):
         total += t
         print(f"  {s:9s} {line}")
     print(f"  about {total:,} tokens to generate in all")
+    # memory per GPU of the sampling stages: each model at --batch_size rows of its whole context window (the most
+    # the sampler's KV cache can hold), and the largest batch that fits
+    samplers = {}
+    if "queries" in stages:
+        samplers.setdefault(cfg.query_model, []).append("queries")
+    if "responses" in stages:
+        for g in parse_generators(cfg.generators, cfg.format):
+            samplers.setdefault(g.model, []).append(f"responses {g.name}")
+    if "selfplay" in stages:
+        for role in ("assistant", "user"):
+            samplers.setdefault(parse_generator(f"--{role}", getattr(cfg, role), cfg.format).model, []).append(
+                f"selfplay {role}")
+    for model, uses in samplers.items():
+        ctx = memory.model_config(model).max_position_embeddings
+        memory_dry_run(cfg, model, "sample", cfg.batch_size, ctx)
+        print(f"  (used by: {', '.join(uses)})")
     # memory per GPU of the trainer stages: each trainer's own dry run (cfg.dry_run is on), as the stage would call it
     if "rm" in stages:
         rmlib.train(rmlib.TrainConfig(model=cfg.rm_model, preset=cfg.rm_preset, seed=cfg.seed, **scale_flags(cfg)))

@@ -16,7 +16,7 @@ leave a few GiB of headroom.
 """
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common import UserError, parse_args, run_cli
 from model import LORA_TARGETS, LlamaConfig, load_config
@@ -29,6 +29,10 @@ SHAPES = {
                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
     "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=2048),
+    "llama-30b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                      num_key_value_heads=52, vocab_size=32000, max_position_embeddings=2048),
+    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=64, vocab_size=32000, max_position_embeddings=2048),
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
     "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
@@ -138,10 +142,15 @@ def plan(cfg, j):
     kv = cfg.num_key_value_heads * cfg.head_dim
     rows = []
 
-    if j.job == "sample":
+    if j.job == "sample":   # THE sampler: the weights, the KV cache of rows x seq, one block's prefill transients
         n, _ = param_counts(cfg)
-        rows += [("weights", cb * n), ("KV cache", 2 * L * kv * cb * j.rows * j.seq),
+        q, H = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
+        rows += [("weights", cb * n), (f"KV cache ({j.rows} rows x {j.seq} tokens)", 2 * L * kv * cb * j.rows * j.seq),
+                 ("prefill: one block's intermediates (q, k, v, attention, SwiGLU)",
+                  cb * j.rows * j.seq * (2 * C + 2 * q + 2 * kv + 3 * H)),
                  ("logits and sampling (fp32)", 4 * 4 * V * j.rows)]
+        if j.device == "cuda":
+            rows.append(("CUDA context and kernels (about)", 0.6 * GiB))
         return rows, sum(b for _, b in rows), ""
 
     # trained models: rm -> trunk + head; sft -> causal LM; ppo -> policy (LM) and value (trunk + head)
@@ -214,6 +223,17 @@ def size(b):
     return f"{b / GiB:9.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:9.1f} MiB"
 
 
+def largest_batch(cfg, j):
+    """The most rows a sampling job of j.seq tokens per row can hold in j.gpu_gib (0 if not one)."""
+    lo, hi = 0, 1
+    while plan(cfg, replace(j, rows=hi))[1] <= j.gpu_gib * GiB and hi < 2**20:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plan(cfg, replace(j, rows=mid))[1] <= j.gpu_gib * GiB else (lo, mid)
+    return lo
+
+
 def describe_plan(cfg, j, title=""):
     rows, peak, note = plan(cfg, j)
     out = [title or f"memory plan: {j.job}", ""]
@@ -225,7 +245,11 @@ def describe_plan(cfg, j, title=""):
                + (f"fits in {j.gpu_gib:.3g} GiB" if fits else f"does NOT fit in {j.gpu_gib:.3g} GiB"))
     if note:
         out.append(f"  ({note})")
-    if not fits:
+    if j.job == "sample":
+        k = largest_batch(cfg, j)
+        out.append(f"  the largest batch that fits: {k} rows of {j.seq} tokens" if k else
+                   f"  not even one row of {j.seq} tokens fits: more GPUs (tensor parallel) or a smaller model")
+    elif not fits:
         out.append("  to fit: --lora_rank (frozen bf16 base), --grad_checkpointing=true, smaller --micro_batch / "
                    "--minibatch, or torchrun over more GPUs with --fsdp=true")
     return "\n".join(out), fits

@@ -442,3 +442,42 @@ def test_ppo_on_two_processes_matches_one(tmp_path, reward_model, flags):
         for k in ("score_mean", "kl", "response_length", "non_score_reward"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5)
     assert one[1]["kl"] > 0                                               # the second rollout comes from a new policy
+
+
+def test_sampling_plan_of_a_30b_generator():
+    """A LLaMA-30B generator in bf16: about 60 GiB of weights and 1.5 MiB of KV cache a token, so 32 rows of its
+    2,048-token context do not fit an 80 GB GPU; the plan says the largest batch that does, and that batch fits."""
+    GiB = memory.GiB
+    cfg = memory.model_config("llama-30b")
+    assert memory.param_counts(cfg)[0] == pytest.approx(32.5e9, rel=2e-3)   # LLaMA-30B: 32.5B parameters
+    rows, peak, _ = memory.plan(cfg, memory.Job(job="sample", rows=32, seq=2048))
+    rows = dict(rows)
+    assert rows["weights"] / GiB == pytest.approx(60.6, abs=0.1)
+    assert rows["KV cache (32 rows x 2048 tokens)"] / (32 * 2048) / 2**20 == pytest.approx(1.52, abs=0.01)
+    assert peak > 80 * GiB
+    k = memory.largest_batch(cfg, memory.Job(job="sample", rows=32, seq=2048))
+    assert k == 5
+    assert memory.plan(cfg, memory.Job(job="sample", rows=k, seq=2048))[1] <= 80 * GiB
+    assert memory.plan(cfg, memory.Job(job="sample", rows=k + 1, seq=2048))[1] > 80 * GiB
+    text, fits = memory.describe_plan(cfg, memory.Job(job="sample", rows=32, seq=2048))
+    assert not fits and "the largest batch that fits: 5 rows of 2048 tokens" in text
+
+
+def test_almost_dry_run_plans_the_sampling_stages():
+    """The paper's command with shapes for folders: every sampling model is planned at --batch_size rows of its
+    context; at 32 rows the 30B generator does not fit, at the README's 4 it does."""
+    d = os.path.join(ROOT, "data", "almost")
+    gens = (f"30b-faithful-3shot=llama-30b:{d}/Faithful_prompt.txt:3,13b-hhh-3shot=llama-13b:{d}/HHH_prompt.txt:3,"
+            f"7b-hhh-1shot=llama-7b:{d}/HHH_prompt.txt:1")
+    base = [os.path.join(ROOT, "almost.py"), "--profile=paper", "--dry_run=true", "--device=cuda",
+            "--query_model=llama-7b", "--rm_model=llama-7b", f"--generators={gens}",
+            "--rubric=30b-faithful-3shot>13b-hhh-3shot>7b-hhh-1shot", f"--assistant=llama-30b:{d}/Faithful_prompt.txt:3",
+            f"--user=llama-30b:{d}/HHH_prompt.txt:3", "--sft_model=llama-7b", "--lora_rank=16",
+            "--grad_checkpointing=true", "--stages=queries,responses,selfplay"]
+    r = subprocess.run([sys.executable, *base], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan30 = r.stdout[r.stdout.index("memory plan (sample, llama-30b, 32 rows x 2048"):]
+    assert "does NOT fit in 80 GiB" in plan30.split("(used by")[0] and "largest batch that fits: 5 rows" in plan30
+    assert "responses 30b-faithful-3shot, selfplay assistant, selfplay user" in plan30
+    r = subprocess.run([sys.executable, *base, "--batch_size=4"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "does NOT fit" not in r.stdout, r.stdout
