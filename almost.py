@@ -936,6 +936,8 @@ def stage_report(cfg):
                          f"{v['static_hhh']['accuracy']:.3f}"))
     if sp:
         rows.append(("self-play: RM score of chosen vs random candidate", f"{sp['chosen_score']:.3f} vs {sp['random_score']:.3f}"))
+        if sp.get("ended_no_room"):
+            rows.append(("self-play: dialogues ended early, no room in the context", str(sp["ended_no_room"])))
     if sft:
         rows.append(("held-out RM score: SFT on RMSP / plain self-play / base", " / ".join(
             f"{sft[k]['mean_rm_score']:.3f}" for k in ("sft", "sft_plain", "base") if k in sft)))
