@@ -350,17 +350,23 @@ def is_novel(q_tokens, pool_tokens, threshold=0.5):
 
 class NoveltyPool:
     """The query pool, indexed so that a new query is checked (is_novel) only against the entries that could reach
-    the threshold: the same decisions as checking every entry, at a cost that does not grow with the pool.
-    F1 = 2 LCS / (|a| + |b|) >= t needs the two token multisets to share k >= t (|a| + |b|) / 2 tokens, and
-    |a| >= t |b| / (2 - t), so every entry needs at least ceil(t |b| / (2 - t)) shared tokens. Prefix filtering (set
-    similarity joins): with all tokens in one global order, two multisets that share k elements share one among
-    the first n - k + 1 of each. The order puts rare tokens first (by document frequency, fixed between
-    re-indexings, which happen as the pool doubles), so an entry is found through its rare words and the common
-    ones ("the", "what") are never looked up."""
+    the threshold: the same decisions as checking every entry. F1 = 2 LCS / (|a| + |b|) >= t needs the two token
+    multisets to share k >= t (|a| + |b|) / 2 tokens (LCS <= the shared count), so their lengths are within a factor
+    t / (2 - t) of each other. Prefix filtering (set-similarity joins): with all tokens in one global order, two
+    multisets that share k elements share one among the first n - k + 1 of each (a smaller k, a longer prefix, stays
+    true). A new query a meets an entry b in one of two indexes:
+    - `shorter` (|b| <= |a|, so k >= t |b|): b is indexed by its first |b| - ceil(t |b|) + 1 elements, about half at
+      t = 0.5; a looks up its first |a| - k_a + 1, k_a the least k over the lengths b can have;
+    - `longer` (|b| > |a|, so k >= t |a|): a looks up only its first |a| - ceil(t |a|) + 1; b is indexed by the
+      first |b| - k_b + 1, k_b the least k over the lengths a can have.
+    The order puts rare tokens first (by document frequency, fixed between re-indexings, which happen as the pool
+    doubles), so in each lookup one side's prefix is short and made of rare words: function words ("the", "what")
+    are neither indexed by most entries nor looked up by most queries."""
 
     def __init__(self, threshold=0.5):
-        self.threshold, self.entries, self.df = threshold, [], Counter()
-        self.rank, self.postings, self.indexed = {}, {}, 0
+        self.threshold, self.entries, self.counts, self.df = threshold, [], [], Counter()
+        self.rank, self.indexed = {}, 0
+        self.shorter, self.longer = {}, {}      # element -> {length: [entry ids]}
 
     def elements(self, tokens):
         """A token multiset as distinct (token, occurrence) elements, in the global order."""
@@ -370,30 +376,59 @@ class NoveltyPool:
             seen[t] += 1
         return sorted(out, key=lambda e: (self.rank.get(e[0], -1), e))   # tokens not yet ranked: rarest
 
-    def prefix(self, tokens):
-        n = len(tokens)
-        k = max(1, math.ceil(self.threshold * n / (2 - self.threshold) - 1e-9))
-        return self.elements(tokens)[:n - k + 1]
+    def least_partner(self, n):
+        """The shortest length a partner of an n-token text can have and still reach the threshold."""
+        return math.ceil(self.threshold * n / (2 - self.threshold) - 1e-9)
+
+    def least_shared(self, n, m):
+        return max(1, math.ceil(self.threshold * (n + m) / 2 - 1e-9))
+
+    def index(self, i):
+        tokens = self.entries[i]
+        n, els = len(tokens), self.elements(tokens)
+        for table, k in ((self.shorter, self.least_shared(n, n)),                     # k >= t |b|
+                         (self.longer, self.least_shared(n, self.least_partner(n)))):
+            ell = min(2, k)
+            for e in els[:n - k + ell]:
+                table.setdefault(e, {}).setdefault(n, []).append((i, ell))
 
     def add(self, tokens):
         self.entries.append(tokens)
+        self.counts.append(Counter(tokens))
         self.df.update(set(tokens))
         if len(self.entries) > 2 * self.indexed:
-            self.reindex()
+            self.rank = {t: r for r, t in enumerate(sorted(self.df, key=lambda t: (self.df[t], t)))}
+            self.shorter, self.longer, self.indexed = {}, {}, len(self.entries)
+            for i in range(len(self.entries)):
+                self.index(i)
         else:
-            for e in self.prefix(tokens):
-                self.postings.setdefault(e, []).append(len(self.entries) - 1)
+            self.index(len(self.entries) - 1)
 
-    def reindex(self):
-        self.rank = {t: r for r, t in enumerate(sorted(self.df, key=lambda t: (self.df[t], t)))}
-        self.postings, self.indexed = {}, len(self.entries)
-        for i, tokens in enumerate(self.entries):
-            for e in self.prefix(tokens):
-                self.postings.setdefault(e, []).append(i)
+    def candidates(self, tokens):
+        """The entries whose prefix shares at least min(l_a, l_b) elements with the query's (l = 2 where k >= 2): the
+        first l elements of the shared ones in the global order lie in both prefixes."""
+        m, els = len(tokens), self.elements(tokens)
+        lo, hi = self.least_partner(m), math.floor(m * (2 - self.threshold) / self.threshold + 1e-9)
+        found = set()
+        for table, k, lengths in ((self.shorter, self.least_shared(m, lo), range(lo, m + 1)),
+                                  (self.longer, self.least_shared(m, m), range(m + 1, hi + 1))):
+            ell, count = min(2, k), Counter()
+            for e in els[:m - k + ell]:
+                by_length = table.get(e)
+                if by_length:
+                    for n in lengths:
+                        count.update(by_length.get(n, ()))
+            found.update(i for (i, ell_b), c in count.items() if c >= min(ell, ell_b))
+        return sorted(found)
 
     def is_novel(self, tokens):
-        candidates = sorted({i for e in self.prefix(tokens) for i in self.postings.get(e, ())})
-        return is_novel(tokens, [self.entries[i] for i in candidates], self.threshold)
+        cq, m = Counter(tokens), len(tokens)
+        for i in self.candidates(tokens):
+            t = self.entries[i]
+            if 2 * sum((cq & self.counts[i]).values()) / (m + len(t)) >= self.threshold and \
+                    2 * lcs_length(tokens, t) / (m + len(t)) >= self.threshold:       # is_novel's test, as written
+                return False
+        return True
 
 
 def stage_queries(cfg):

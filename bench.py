@@ -18,8 +18,9 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
              batch when they do) and after (stop strings end a row where its kept text ends; finished rows leave
              the batch): the bundled story generators, and with --model (an HF folder of SmolLM2 or another chat
              model) the HHH prompt's dialogue format; tokens generated per kept response, wall time, equal texts
-  novelty    the ROUGE-L novelty filter's time per new query against pools of 1,000 and 10,000 accepted queries:
-             every entry checked, against the index (almost.NoveltyPool); equal decisions
+  novelty    the ROUGE-L novelty filter's time per new query: every entry checked, against the index
+             (almost.NoveltyPool); equal decisions. Synthetic queries (pools of 1,000 and 10,000) and the first
+             human turns of the Anthropic HH test dialogues (pools of 500 and 2,000 novel ones)
   tok_bpe    tokenizer.py's byte-level BPE against transformers' tokenizer (Rust) on the Anthropic HH test dialogues,
              encode tokens/s, with --tokenizer (a folder with tokenizer.json, e.g. SmolLM2's); checks equal ids
 
@@ -162,22 +163,33 @@ def run_novelty_case(cfg):
     def query():   # query-like: 40% function words, the rest content words of a Zipf(1) vocabulary of 20,000
         return rouge_tokens(" ".join(rng.choice(common) if rng.random() < 0.4 else f"w{int(math.exp(rng.random() * math.log(20000)))}"
                                      for _ in range(rng.randint(4, 16))))
-    pool, plain = NoveltyPool(), []
-    for size in (1000, 10000):
-        while len(plain) < size:
-            q = query()
-            if pool.is_novel(q):
-                pool.add(q)
-                plain.append(q)
-        new = [query() for _ in range(200)]
-        t0 = time.perf_counter()
-        slow = [is_novel(q, plain) for q in new]
-        t1 = time.perf_counter()
-        fast = [pool.is_novel(q) for q in new]
-        t2 = time.perf_counter()
-        print(f"novelty   pool {size:6d}: every entry {1e3 * (t1 - t0) / len(new):7.2f} ms/query  indexed "
-              f"{1e3 * (t2 - t1) / len(new):6.3f} ms/query  ({(t1 - t0) / (t2 - t1):.0f}x); equal decisions: "
-              f"{slow == fast}", flush=True)
+    def measure(label, sizes, stream, new):
+        pool, plain = NoveltyPool(), []
+        for size in sizes:
+            while len(plain) < size:
+                q = next(stream)
+                if q and pool.is_novel(q):
+                    pool.add(q)
+                    plain.append(q)
+            t0 = time.perf_counter()
+            slow = [is_novel(q, plain) for q in new]
+            t1 = time.perf_counter()
+            fast = [pool.is_novel(q) for q in new]
+            t2 = time.perf_counter()
+            cands = statistics.fmean(len(pool.candidates(q)) for q in new)
+            print(f"novelty   {label} pool {size:6d}: every entry {1e3 * (t1 - t0) / len(new):7.2f} ms/query  indexed "
+                  f"{1e3 * (t2 - t1) / len(new):6.3f} ms/query  ({(t1 - t0) / (t2 - t1):.0f}x), {cands:.0f} "
+                  f"candidates checked; equal decisions: {slow == fast}", flush=True)
+    measure("synthetic", (1000, 10000), iter(query, None), [query() for _ in range(200)])
+    # real user queries: the first human turn of each Anthropic HH test dialogue (text for timing only)
+    import gzip
+    import json
+    texts = []
+    for split in ("harmless-base", "helpful-base"):
+        with gzip.open(os.path.join(HERE, "data", "hh-rlhf", split, "test.jsonl.gz"), "rt", encoding="utf-8") as f:
+            texts += [json.loads(line)["chosen"].split("\n\nHuman:")[1].split("\n\nAssistant:")[0] for line in f]
+    random.Random(0).shuffle(texts)
+    measure("HH queries", (500, 2000), map(rouge_tokens, texts[:-300]), [rouge_tokens(t) for t in texts[-300:]])
 
 
 def run_tokenizer_case(cfg):
