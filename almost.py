@@ -103,7 +103,7 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     # step 2
     turns: int = 2                  # self-play: assistant turns per dialogue
     n: int = 4                      # self-play: candidates per assistant turn (best of n by the reward model)
-    later_shots: int = -1           # self-play: demonstrations in the assistant's prompt after its first turn (-1: same)
+    later_shots: int = -1           # self-play: shots in the assistant's prompt after its first turn (-1: the same)
     selfplay_baseline: bool = True  # also the plain self-play baseline (n = 1)
     assistant: str = ""             # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] ("" = the profile's)
     user: str = ""                  # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] that plays the human ("" = the profile's)
@@ -462,7 +462,8 @@ def stage_queries(cfg):
                                 f"in the context window ({model.config.max_position_embeddings}) of "
                                 f"{cfg.query_model}: use shorter seeds or a model with a longer context.")
             outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31),
-                               stop_strings=[QUERY_STOPS[cfg.query_line]] if cfg.format == "dialogue" else None, tokenizer=tok)
+                               stop_strings=[QUERY_STOPS[cfg.query_line]] if cfg.format == "dialogue" else None,
+                               tokenizer=tok)
             for o in outs:
                 tries += 1
                 q = extract_query(tok.decode(o), cfg.format, cfg.query_line)
