@@ -42,7 +42,8 @@ from tqdm import tqdm
 import ppo as ppolib
 import rm as rmlib
 import sft as sftlib
-from common import (RecordWriter, UserError, derive_seed, parse_args, rank, read_json, read_records, run_cli,
+from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, rank, read_json, read_records, read_text,
+                    run_cli,
                     world_size, write_json, write_jsonl, write_text)
 from eval import Config as EvalConfig, evaluate, policy_answers, results_markdown
 from model import load
@@ -79,9 +80,11 @@ PROFILES = {
                     user=f"{DATA}/stories260K::0:40",
                     sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10),
                     # PPO: the SFT policy almost never ends a story within the budget, so a missing-EOS penalty
-                    # would give every response the same score; truncated responses keep their RM score instead
-                    ppo=dict(steps=40, lr=3e-4, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=64,
-                             penalize_missing_eos=False)),
+                    # would give every response the same score; truncated responses keep their RM score instead.
+                    # A small policy lr and a KL coefficient that adapts within the run (target 4 nats) keep the
+                    # policy near the SFT policy: at lr 3e-4 it collapsed onto one story (distinct-2 6% of SFT's)
+                    ppo=dict(steps=40, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=64,
+                             beta=0.15, kl_target=4.0, kl_horizon=640, penalize_missing_eos=False)),
 }
 
 
@@ -206,7 +209,7 @@ def read_seeds(path):
     """Seed pool file: an instruction line, then one query (or story opening) per line."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such seed file. Give --seeds a file: an instruction line, then one query a line.")
-    lines = [l.strip() for l in open(path, encoding="utf-8").read().splitlines()]
+    lines = [l.strip() for l in read_text(path, "seed file").splitlines()]
     seeds = [l for l in lines[1:] if l]
     if len(seeds) < 2:
         raise UserError(f"{path}: needs an instruction line and at least two seed lines.")
@@ -217,7 +220,9 @@ def read_demos(path):
     """A prompt file: a preamble, then demonstrations separated by lines "-----" -> (preamble, [demos])."""
     if not path:
         return "", []
-    parts = [p for p in open(path, encoding="utf-8").read().split("\n\n-----") if p.strip("\n ")]
+    parts = [p for p in read_text(path, "prompt file").split("\n\n-----") if p.strip("\n ")]
+    if not parts:
+        raise UserError(f"{path}: an empty prompt file. It holds a preamble, then dialogues, each after a line \"-----\".")
     return parts[0], parts[1:]
 
 
@@ -833,7 +838,8 @@ def selfplay(cfg, n, path, assistant, user, reward_model):
 def stage_selfplay(cfg):
     assistant = parse_generator("--assistant", cfg.assistant, cfg.format)
     user = parse_generator("--user", cfg.user, cfg.format)
-    reward_model = rmlib.RewardModel.from_pretrained(cfg.reward_model, device=cfg.device)
+    reward_model = rmlib.RewardModel.from_pretrained(rmlib.RewardModel.check(cfg.reward_model, "--reward_model"),
+                                                     device=cfg.device)
     for n in [cfg.n] + ([1] if cfg.selfplay_baseline and cfg.n != 1 else []):
         selfplay(cfg, n, os.path.join(cfg.out, f"selfplay_n{n}.jsonl"), assistant, user, reward_model)
     stats = selfplay_stats(read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl")))
@@ -886,13 +892,15 @@ def stage_sft(cfg):
     barrier()
     if rank() != 0:   # under torchrun the comparison below runs in process 0 alone
         return
-    reward_model = rmlib.RewardModel.from_pretrained(cfg.reward_model, device=cfg.device)
+    reward_model = rmlib.RewardModel.from_pretrained(rmlib.RewardModel.check(cfg.reward_model, "--reward_model"),
+                                                     device=cfg.device)
     _, held = split_queries(cfg)
     for name in ["base"] + list(runs):
         model, tok = load(base if name == "base" else os.path.join(cfg.out, name, "best"), device=cfg.device)
         answers = policy_answers(model, tok, [q["query"] for q in held], assistant.max_new_tokens, cfg.seed)
         scores = reward_model.score([q["query"] for q in held], answers)
         stats.setdefault(name, {}).update({"held_out_queries": len(held), "mean_rm_score": scores.mean().item(),
+                                           "scores": scores.tolist(),
                                            "bad_rate": statistics.fmean(is_bad_response(a) for a in answers),
                                            "example": answers[0]})
     write_json(os.path.join(cfg.out, "sft_stats.json"), stats)
@@ -954,9 +962,127 @@ def stage_eval(cfg):
                         out=os.path.join(cfg.out, "eval"), seed=cfg.seed, device=cfg.device))
 
 
+def wilson(k, n):
+    from eval import wilson as w
+    return w(k, n)
+
+
+def mean_ci(xs):
+    """Mean and its 95% interval (normal approximation) of a sample."""
+    m = statistics.fmean(xs)
+    half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    return m, (m - half, m + half)
+
+
+def diversity(texts, n=4):
+    """Distinct-1 and distinct-2 (unique word n-grams / all word n-grams over the texts), and the word n-gram found
+    in the most texts with the share of texts that hold it: collapse onto one template shows in all three."""
+    words = [t.lower().split() for t in texts]
+    grams = lambda k: [tuple(w[i:i + k]) for w in words for i in range(len(w) - k + 1)]
+    d = {f"distinct_{k}": len(set(grams(k))) / max(1, len(grams(k))) for k in (1, 2)}
+    per_text = Counter(g for w in words for g in {tuple(w[i:i + n]) for i in range(len(w) - n + 1)})
+    phrase, count = per_text.most_common(1)[0] if per_text else ((), 0)
+    return {**d, "top_phrase": " ".join(phrase), "top_phrase_share": count / max(1, len(texts))}
+
+
+def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
+    """A small SVG chart, no plotting library: series {name: [(x, y), ...]} as lines (or, bars=True, one bar per
+    point, labelled by x), dashed horizontal reference lines {label: y}, titled and labelled axes."""
+    W, H, L, R, T, B = 700, 320, 64, 220, 36, 48
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    pts = [p for ps in series.values() for p in ps]
+    ys = [y for _, y in pts] + list((hlines or {}).values()) + ([0.0] if bars else [])
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = (0.0 if bars and y0 >= 0 else y0 - 0.05 * (y1 - y0 or 1)), y1 + 0.08 * (y1 - y0 or 1)
+    xs = [x for x, _ in pts]
+    fx = (lambda i: L + (i + 0.5) * (W - L - R) / len(pts)) if bars else \
+        (lambda x: L + (x - min(xs)) / ((max(xs) - min(xs)) or 1) * (W - L - R))
+    fy = lambda y: T + (y1 - y) / (y1 - y0) * (H - T - B)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<text x="{(L + W - R) / 2}" y="{H - 10}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="16" y="{(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 16 {(T + H - B) / 2})">'
+           f'{ylabel}</text>']
+    for k in range(5):                                                   # y ticks
+        y = y0 + k * (y1 - y0) / 4
+        out.append(f'<text x="{L - 6}" y="{fy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+    if not bars:
+        for x in sorted({min(xs), max(xs), (min(xs) + max(xs)) // 2}):
+            out.append(f'<text x="{fx(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:g}</text>')
+    i = 0
+    for c, (name, ps) in enumerate(series.items()):
+        color = colors[c % len(colors)]
+        if bars:
+            for x, y in ps:
+                w = 0.7 * (W - L - R) / len(pts)
+                out.append(f'<rect x="{fx(i) - w / 2:.1f}" y="{min(fy(y), fy(0)):.1f}" width="{w:.1f}" '
+                           f'height="{abs(fy(y) - fy(0)):.1f}" fill="{color}"/>')
+                out.append(f'<text x="{fx(i):.1f}" y="{H - B + 16}" text-anchor="middle" font-size="10">{x}</text>')
+                out.append(f'<text x="{fx(i):.1f}" y="{fy(y) - 4:.1f}" text-anchor="middle" font-size="10">{y:.3f}</text>')
+                i += 1
+        else:
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="' +
+                       " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in ps) + '"/>')
+        out.append(f'<text x="{W - R + 8}" y="{T + 16 * c + 10}" fill="{color}">{name}</text>')
+    for k, (label, y) in enumerate((hlines or {}).items()):
+        out.append(f'<line x1="{L}" y1="{fy(y):.1f}" x2="{W - R}" y2="{fy(y):.1f}" stroke="gray" stroke-dasharray="5,4"/>')
+        out.append(f'<text x="{W - R + 8}" y="{fy(y) + 4:.1f}" fill="gray">{label}</text>')
+    write_text(path, "\n".join(out + ["</svg>"]) + "\n")
+
+
+def verdicts(cfg, rs, sft, ev):
+    """"Did it work?": one line per step against a baseline measured on the same items, with 95% intervals."""
+    lines, pct = [], lambda p: f"{100 * p:.1f}%"
+    if rs:
+        hhh = rmlib.read_pairs(os.path.join(DATA, "almost", "hhh_eval.json"))
+        val = rmlib.read_pairs(os.path.join(cfg.out, "rm_data", "val_filter.jsonl"))
+        longer = lambda ps: sum(len(p["chosen"]) > len(p["rejected"]) for p in ps) / len(ps)
+        for split, pairs, name in (("held_out", val, "held-out synthetic pairs"), ("static_hhh", hhh, "static HHH")):
+            m, n = rs["filter"][split]["accuracy"], len(pairs)
+            lo, hi = wilson(round(m * n), n)
+            base = longer(pairs)
+            others = f", without the length rule {pct(rs['nofilter'][split]['accuracy'])}" if "nofilter" in rs else ""
+            verdict = ("beats chance and the longer-answer baseline" if lo > max(0.5, base) else
+                       "beats chance, not the longer-answer baseline" if lo > 0.5 else "does not beat chance")
+            lines.append(f"- Step 1, reward model on {name} ({n} pairs): {pct(m)} [{pct(lo)}, {pct(hi)}] against "
+                         f"chance 50% and \"prefer the longer answer\" {pct(base)}{others}: **{verdict}**.")
+    sp = read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl"))
+    gains = [max(s) - statistics.fmean(s) for r in sp for cs in r["candidates"]
+             for s in [[c["score"] for c in cs if not c["bad"]]] if len(s) > 1]
+    if gains:
+        g, (lo, hi) = mean_ci(gains)
+        lines.append(f"- Step 2, RM-guided self-play: the chosen candidate scores {g:.3f} [{lo:.3f}, {hi:.3f}] above the "
+                     f"mean candidate of its turn ({len(gains)} turns): **{'raised' if lo > 0 else 'did not raise'} "
+                     f"the demonstrations' reward** (judged by the reward model that chose them).")
+    if sft and "scores" in sft.get("sft", {}) and "scores" in sft.get("sft_plain", {}):
+        d = [a - b for a, b in zip(sft["sft"]["scores"], sft["sft_plain"]["scores"])]
+        g, (lo, hi) = mean_ci(d)
+        lines.append(f"- Step 2, SFT on RM-guided against plain self-play, {len(d)} held-out queries: RM score "
+                     f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]: **{'better' if lo > 0 else 'worse' if hi < 0 else 'no clear difference'}**"
+                     f" (the same reward model judges).")
+    if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
+        v = ev["vicuna"]["ppo"]["rm"]
+        lines.append(f"- Step 3, PPO against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
+                     f"{v['tie']} / {v['loss']} (mean score {v['mean_score']:.2f} vs {v['mean_score_baseline']:.2f}). "
+                     f"**Caveat: this judge is the reward model PPO optimised**; it shows the reward went up, not that "
+                     f"the answers are better.")
+    if ev and ev.get("models"):
+        for name, m in ev["models"].items():
+            a = m["static_hhh"]["all"]
+            lo, hi = a["ci95"]
+            lines.append(f"- Evaluation, {name} as judge on static HHH: {pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}]: "
+                         f"**{'above chance' if lo > 0.5 else 'not distinguishable from chance'}**; TruthfulQA MC1 "
+                         f"{pct(m['truthfulqa_mc1']['accuracy'])}.")
+    return lines
+
+
 def stage_report(cfg):
-    """out/report.md: the figures of every stage that ran, a summary table (also printed), and PNG plots of the
-    reward models' accuracy and the PPO curves when matplotlib is installed."""
+    """out/report.md: does each step work (a verdict against a baseline, with intervals), samples before and after
+    self-play and PPO, the diversity of the policies' answers, the figures of every stage (a table, also printed),
+    and SVG charts of the PPO curves and the reward models' accuracy."""
     j = lambda f: read_json(os.path.join(cfg.out, f)) if os.path.isfile(os.path.join(cfg.out, f)) else None
     rows = []
     cs, rs, sp, sft, ev, tm = (j("compare_stats.json"), j("rm_stats.json"), j("selfplay_stats.json"),
@@ -982,44 +1108,64 @@ def stage_report(cfg):
         m = lambda rr, k: sum(r[k] for r in rr) / len(rr)
         rows.append(("PPO: RM score first 5 -> last 5 steps", f"{m(a, 'rm_score_mean'):.3f} -> {m(b, 'rm_score_mean'):.3f}"))
         rows.append(("PPO: KL (last 5 steps), generation share of a step", f"{m(b, 'kl'):.1f} nats, {m(ppo_rows, 'gen_time_share'):.0%}"))
-    if ev:
-        rows.append(("evaluation", "see below"))
+    answers = {n: [r["text"] for r in read_records(os.path.join(cfg.out, "eval", "vicuna", f"{n}.jsonl"))]
+               for n in ("base", "sft", "ppo")}
+    answers = {n: a for n, a in answers.items() if a}
+    div = {n: diversity(a) for n, a in answers.items()}
+    for n, d in div.items():
+        rows.append((f"diversity of {n}'s Vicuna-80 answers: distinct-1 / distinct-2 / most shared 4-gram",
+                     f"{d['distinct_1']:.3f} / {d['distinct_2']:.3f} / \"{d['top_phrase']}\" in "
+                     f"{d['top_phrase_share']:.0%} of answers"))
     if tm:
         rows.append(("wall time", ", ".join(f"{k} {v:.0f}s" for k, v in tm.items())))
     table = "| figure | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
-    md = ["# ALMoST run report", "", f"Output folder `{cfg.out}`, profile `{cfg.profile}`.", "", table]
+    md = ["# ALMoST run report", "", f"Output folder `{cfg.out}`, profile `{cfg.profile}`.", "", "## Did it work?", ""]
+    md += verdicts(cfg, rs, sft, ev) or ["(no stage has run yet)"]
+    if "sft" in div and "ppo" in div:
+        r = div["ppo"]["distinct_2"] / max(div["sft"]["distinct_2"], 1e-9)
+        md.append(f"- Step 3, diversity: PPO's distinct-2 is {r:.0%} of the SFT policy's "
+                  f"({div['ppo']['distinct_2']:.3f} vs {div['sft']['distinct_2']:.3f}); its most shared 4-gram, "
+                  f"\"{div['ppo']['top_phrase']}\", is in {div['ppo']['top_phrase_share']:.0%} of its answers: "
+                  f"**{'kept its diversity' if r >= 0.8 else 'collapsed onto what the reward model likes'}** "
+                  f"(80% of SFT's is the bar).")
+    md += ["", "## Figures", "", table]
+    if answers:
+        qs = read_records(os.path.join(DATA, "vicuna_bench", "question.jsonl"))
+        md += ["## Samples: the same questions before and after self-play and PPO", ""]
+        for i in range(min(2, min(map(len, answers.values())))):
+            md.append(f"**{qs[i]['turns'][0]}**\n")
+            md += [f"- {n}: {a[i][:400]!r}" for n, a in answers.items()] + [""]
+    spr = read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl"))
+    turn = next(((r, cs) for r in spr for cs in r["candidates"] if sum(not c["bad"] for c in cs) > 1), None)
+    if turn:
+        r, cs = turn
+        md += ["## Self-play: the candidates of one assistant turn, with their RM scores", "", f"Query: {r['query']!r}", ""]
+        md += [f"- {'**chosen** ' if c.get('chosen') else ''}{c['score']:.3f}{' BAD' if c['bad'] else ''}: "
+               f"{c['text'][:300]!r}" for c in cs] + [""]
     if ev:
         md += ["## Evaluation", "", results_markdown(ev)]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        if ppo_rows:
-            fig, ax = plt.subplots(1, 3, figsize=(12, 3))
-            for a_, k in zip(ax, ("rm_score_mean", "kl", "response_length")):
-                a_.plot([r["step"] for r in ppo_rows], [r[k] for r in ppo_rows])
-                a_.set_title(k)
-                a_.set_xlabel("PPO step")
-            fig.tight_layout()
-            fig.savefig(os.path.join(cfg.out, "report_ppo.png"))
-            md += ["## PPO curves", "", "![PPO](report_ppo.png)", ""]
-        if rs:
-            fig, ax = plt.subplots(figsize=(5, 3))
-            names = list(rs)
-            for i, split in enumerate(("held_out", "static_hhh")):
-                ax.bar([x + 0.35 * i for x in range(len(names))], [rs[n][split]["accuracy"] for n in names], 0.35,
-                       label=split)
-            ax.set_xticks([x + 0.17 for x in range(len(names))], names)
-            ax.set_ylabel("accuracy")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(cfg.out, "report_rm.png"))
-            md += ["## Reward model accuracy", "", "![RM](report_rm.png)", ""]
-    except ImportError:
-        md += ["Plots: matplotlib is not installed. `pip install matplotlib`, then `python almost.py "
-               "--stages=report` draws report_ppo.png and report_rm.png.", ""]
+    if ppo_rows:
+        steps = [r["step"] for r in ppo_rows]
+        for key, title, ylabel, ref in (("rm_score_mean", "PPO: reward-model score", "mean RM score (normalised)", None),
+                                        ("kl", "PPO: KL to the SFT policy", "KL (nats per response)", None),
+                                        ("entropy", "PPO: policy entropy", "entropy (nats per token)", None)):
+            if key in ppo_rows[0]:
+                svg_chart(os.path.join(cfg.out, f"report_ppo_{key}.svg"), title, "PPO step", ylabel,
+                          {"PPO policy": list(zip(steps, [r[key] for r in ppo_rows]))})
+                md += [f"![{title}](report_ppo_{key}.svg)", ""]
+    if rs:
+        sets = {"held_out": ("held out", os.path.join(cfg.out, "rm_data", "val_filter.jsonl")),
+                "static_hhh": ("static HHH", os.path.join(DATA, "almost", "hhh_eval.json"))}
+        series = {f"RM {'with' if k == 'filter' else 'without'} the length rule": [(sets[s][0], v[s]["accuracy"])
+                                                                                   for s in sets] for k, v in rs.items()}
+        longer = lambda ps: sum(len(p["chosen"]) > len(p["rejected"]) for p in ps) / len(ps)
+        series["prefer the longer answer"] = [(label, longer(rmlib.read_pairs(f))) for label, f in sets.values()]
+        svg_chart(os.path.join(cfg.out, "report_rm.svg"), "Reward models against baselines, same pairs",
+                  "evaluation set", "accuracy", series, hlines={"chance": 0.5}, bars=True)
+        md += ["![Reward models' accuracy](report_rm.svg)", ""]
     write_text(os.path.join(cfg.out, "report.md"), "\n".join(md))
     print(table, end="")
+    print("\n".join(verdicts(cfg, rs, sft, ev)))
     print(f"report -> {os.path.join(cfg.out, 'report.md')}")
 
 
@@ -1120,10 +1266,14 @@ def main(argv):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) - set(TRAINER_STAGES):
         raise UserError(f"under torchrun, run only the trainer stages ({', '.join(TRAINER_STAGES)}), e.g. "
                         f"--stages=sft; the sampling stages run in one process (python almost.py --stages=...).")
+    with out_lock(cfg.out):        # one run per output folder; --out checked before any model loads
+        run_stages(cfg, stages)
+
+
+def run_stages(cfg, stages):
     _, _, dev = setup_distributed(cfg.device)
     cfg.device = str(dev)
     if rank() == 0:
-        os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "almost_config.json"), asdict(cfg))
     tpath = os.path.join(cfg.out, "timings.json")
     timings = read_json(tpath) if os.path.isfile(tpath) else {}

@@ -6,12 +6,16 @@ metrics from the master process only.
     cfg = parse_args(Config, sys.argv[1:])   # --key=value flags onto a dataclass; --help lists them with comments
     run_cli(main)                            # a UserError ends in one line on stderr and exit status 2
 """
+import atexit
+import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import sys
 
 import torch
@@ -70,6 +74,8 @@ def parse_args(cls, argv):
                 setattr(cfg, key, typ(val))
         except ValueError:
             raise UserError(f"--{key}={val!r}: expected a {typ.__name__}.") from None
+        if typ is float and not math.isfinite(getattr(cfg, key)):
+            raise UserError(f"--{key}={val}: not a finite number. Give a number such as --{key}={getattr(cls(), key)}.")
         i += 1
     return cfg
 
@@ -87,10 +93,33 @@ def run_cli(main):
 # files. Whatever a stage produces is written to a temporary name and renamed, so a crash never leaves half a file;
 # jsonl records are appended one flushed line at a time, so a kill loses at most the record being written.
 
+def decode_text(data, path):
+    """A file's bytes -> str. Parquet, binary and non-UTF-8 files end in one message that names the file (and the
+    line of a bad byte)."""
+    if data[:4] == b"PAR1":
+        raise UserError(f"{path}: a Parquet file. Convert it to jsonl first, e.g. python -c \"import pandas; "
+                        f"pandas.read_parquet('{path}').to_json('data.jsonl', orient='records', lines=True)\".")
+    if b"\x00" in data:
+        raise UserError(f"{path}: a binary file, not text. Give a UTF-8 text file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = data[:e.start].count(b"\n") + 1, e.start - data.rfind(b"\n", 0, e.start) - 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {col} of the line). Save the file as "
+                        f"UTF-8.") from None
+
+
+def read_text(path, what="file"):
+    """THE text reader: a UTF-8 file's contents; a missing file or a folder is one clear message."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such {what}." if not os.path.isdir(path) else f"{path}: a folder, not a {what}.")
+    with open(path, "rb") as f:
+        return decode_text(f.read(), path)
+
+
 def read_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_text(path, "JSON file"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e}). Restore or delete the file.") from None
 
@@ -124,7 +153,7 @@ def read_records(path):
         with open(path, "r+b") as f:
             f.truncate(end)
     records = []
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(decode_text(data[:end], path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -203,6 +232,90 @@ def derive_seed(seed, stream, *keys, bits=63):
 
 # -----------------------------------------------------------------------------
 # processes: under torchrun only the master process (rank 0) prints, logs and writes
+
+# -----------------------------------------------------------------------------
+# one run per output folder
+
+HELD = {}   # output folders this process has claimed -> their lock file
+
+
+@contextlib.contextmanager
+def out_lock(path, flag="--out"):
+    """`with out_lock(cfg.out):` around a script's run, before any model loads: makes the output folder (a file in
+    its place, or a place this process cannot write, is one clear message) and takes its lock, out/.lock, holding
+    this process's pid and host. A second run into the same folder ends with a message naming the first; a lock
+    left by a run that was killed (its pid is gone from this host) is taken over. Under torchrun only process 0
+    (RANK) takes it. Released when the block ends (or, at the latest, when the process exits)."""
+    mine = claim_out(path, flag)
+    try:
+        yield
+    finally:
+        if mine:
+            release_out(mine)
+
+
+def claim_out(path, flag):
+    """out_lock's work: the folder checked and made, the lock taken. Returns the lock file, or None when this
+    process holds it already or is not process 0."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag}={path}: a file is in the way. Give a folder (it is created if missing).")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag}={path}: cannot create this folder ({e.strerror}). Give one you can write to.") \
+            from None
+    if os.path.abspath(path) in HELD or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock, me = os.path.join(path, ".lock"), {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = json.loads(open(lock, encoding="utf-8").read())
+            except (OSError, ValueError):
+                other = {}                                            # empty or torn: its writer died mid-write
+            if other.get("host") == me["host"] and other.get("pid") not in (None, me["pid"]) and \
+                    not pid_alive(other["pid"]):
+                other = {}
+            if other:
+                raise UserError(f"{flag}={path} is in use by another run (pid {other.get('pid')} on "
+                                f"{other.get('host')}, {lock}). Wait for it to end, or give another {flag}. If no "
+                                f"such run is alive, delete {lock}.")
+            os.remove(lock)                                           # stale: taken over
+            continue
+        except OSError as e:
+            raise UserError(f"{flag}={path}: cannot write in this folder ({e.strerror}). Give one you can write to.") \
+                from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        HELD[os.path.abspath(path)] = lock
+        return lock
+    raise UserError(f"{flag}={path}: another run took {lock} at the same moment. Give another {flag}.")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                           # alive, another user's
+        return True
+    return True
+
+
+@atexit.register
+def release_out(lock=None):
+    """Remove a lock of this process (every one it holds when lock is None)."""
+    for key, held in list(HELD.items()):
+        if lock in (None, held):
+            try:
+                if json.loads(open(held, encoding="utf-8").read()).get("pid") == os.getpid():
+                    os.remove(held)
+            except (OSError, ValueError):
+                pass
+            del HELD[key]
+
 
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

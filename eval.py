@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import UserError, parse_args, read_json, read_records, run_cli, write_json, write_jsonl, write_text
+from common import (UserError, out_lock, parse_args, read_json, read_records, run_cli, write_json, write_jsonl,
+                    write_text)
 from model import DTYPES, load, pad_batch
 from rm import RewardModel, evaluate_pairs, read_pairs, tokenize_pairs
 from sample import generate
@@ -65,7 +66,7 @@ class Config:
     models: str = ""        # NAME=FOLDER,... (or FOLDER,...): the policies to evaluate, a row each
     rm: str = ""            # a reward model: accuracy on static HHH and the HH test splits; a Vicuna-80 judge
     judge: str = ""         # a causal LM folder that reviews the Vicuna-80 pairs (an LLM judge you bring)
-    review_prompts: str = ""    # the judge's prompts: the authors' eval/data/vicuna/prompt.jsonl if you have it; "" = ours
+    review_prompts: str = ""    # the judge's prompts: the authors' vicuna prompt.jsonl if you have it; "" = ours
     protocol: str = "authors"   # "authors" (their prompts and scoring) or "ours" (see the docstring)
     data: str = ""          # a pairs file to score the reward model on, instead of the bundled sets
     vicuna: bool = True     # Vicuna-80 answers and pairs, when there are 2+ models and a judge (--rm or --judge)
@@ -245,7 +246,8 @@ def read_review_prompts(path):
     if not path:
         return OUR_REVIEW
     if not os.path.isfile(path):
-        raise UserError(f"--review_prompts={path}: no such file. Give a prompt.jsonl of review prompts, or leave it out.")
+        raise UserError(f"--review_prompts={path}: no such file. Give a prompt.jsonl of review prompts, or leave it "
+                        f"out.")
     prompts = read_records(path)
     for i, p in enumerate(prompts, 1):
         if not isinstance(p, dict) or not all(isinstance(p.get(k), str) for k in ("system_prompt", "prompt_template")) \
@@ -268,8 +270,8 @@ def review_prompt(prompts, question, category, answer_1, answer_2):
 @torch.no_grad()
 def llm_reviews(judge, judge_tok, prompts_file, questions, pairs, batch_size=16):
     """An LLM judge's first review lines (greedy; only the first line is read, so sampling stops there) for each
-    (question record, answer_1, answer_2), with the review prompts of prompts_file ("" = ours). The judge speaks in its chat template (system + user), else the paper's
-    dialogue format."""
+    (question record, answer_1, answer_2), with the review prompts of prompts_file ("" = ours). The judge speaks in
+    its chat template (system + user), else the paper's dialogue format."""
     prompts, review = [], read_review_prompts(prompts_file)
     for q, (a1, a2) in zip(questions, pairs):
         system, user = review_prompt(review, q["turns"][0], q.get("category"), a1, a2)
@@ -357,6 +359,8 @@ def check(cfg):
         raise UserError("--on_error must be 'stop' or 'skip'.")
     if cfg.data and not cfg.rm:
         raise UserError("--data is a pairs file for the reward model: give --rm too.")
+    if cfg.rm:
+        RewardModel.check(cfg.rm, "--rm")
     if cfg.dtype and cfg.dtype not in DTYPES:
         raise UserError(f"--dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
     if cfg.judge and not os.path.isfile(os.path.join(cfg.judge, "config.json")):
@@ -455,7 +459,9 @@ def results_markdown(res):
 
 
 def main(argv):
-    return evaluate(parse_args(Config, argv))
+    cfg = parse_args(Config, argv)
+    with out_lock(cfg.out):        # one run per output folder; --out checked before any model loads
+        return evaluate(cfg)
 
 
 if __name__ == "__main__":

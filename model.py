@@ -558,6 +558,22 @@ def generation_eos_ids(path):
     return None if e is None else [e] if isinstance(e, int) else list(e)
 
 
+def tensor_names(path):
+    """The names of the tensors in a folder's safetensors checkpoint (headers only; no weight is read)."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return set((read_json(index).get("weight_map") or {}).keys())
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        return set()
+    try:
+        with safe_open(single, framework="pt", device="cpu") as f:
+            return set(f.keys())
+    except Exception as e:
+        raise UserError(f"{single}: not a readable safetensors file ({e}). Re-download it.") from None
+
+
 def load_safetensors(path, expected, device, dtype, optional=None):
     """Read the checkpoint's tensors, one file at a time, checking names and shapes against `expected`
     (all required) and `optional` (taken when present). Floating tensors are cast to `dtype`."""

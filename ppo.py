@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import UserError, commit_dir, derive_seed, parse_args, rank, run_cli, world_size
+from common import UserError, commit_dir, derive_seed, out_lock, parse_args, rank, run_cli, world_size
 from model import Llama, PAD_ID, last_token_index, load_config, lora_disabled
 from rm import RewardModel, read_lines
 from sample import generate
@@ -406,6 +406,8 @@ def check_config(cfg):
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --minibatch={cfg.minibatch}.")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0: PPO needs a sampling distribution.")
+    if not cfg.dry_run:
+        RewardModel.check(cfg.rm, "--rm")      # the reward, and the value model's start
 
 
 def train(cfg):
@@ -481,7 +483,11 @@ def train(cfg):
 
 
 def main(argv):
-    train(parse_args(Config, argv))
+    cfg = parse_args(Config, argv)
+    if cfg.dry_run:
+        return train(cfg)
+    with out_lock(cfg.out):        # one run per output folder; --out checked before any model loads
+        train(cfg)
     end_distributed()
 
 

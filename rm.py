@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, parse_args, run_cli
-from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, reshard
+from common import UserError, decode_text, out_lock, parse_args, run_cli
+from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, reshard, tensor_names
 from tokenizer import dialogue_ids, messages_text, split_dialogue
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
                      load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,
@@ -42,23 +42,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def read_lines(path):
     """[(line number, line)] of a .jsonl / .jsonl.gz file, or [(item number, item)] of a .json list. A file that is
     not UTF-8 JSON text (Parquet, binary, a bad byte) ends in one message that names it."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PAR1":
-        raise UserError(f"{path}: a Parquet file. Convert it to jsonl first, e.g. python -c \"import pandas; "
-                        f"pandas.read_parquet('{path}').to_json('data.jsonl', orient='records', lines=True)\".")
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:   # a .gz that is not gzip
         raise UserError(f"{path}: cannot be read ({e}).") from None
-    lines = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            lines.append(raw.decode("utf-8").removesuffix("\r"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line). Data "
-                            f"files are UTF-8 JSON lines.") from None
+    lines = [line.removesuffix("\r") for line in decode_text(data, path).split("\n")]
     if path.endswith(".json"):
         try:
             items = json.loads("\n".join(lines))
@@ -154,6 +143,21 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(C, 1, bias=False, device=p.device, dtype=p.dtype)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(C + 1))
         self.normalizer = {"mean": 0.0, "std": 1.0}   # of raw scores on a reference set; see normalize()
+
+    @staticmethod
+    def check(path, flag="--rm"):
+        """A folder used as a reward model (PPO's reward and value start, the evaluation, self-play) must hold a
+        trained scalar head, score.weight (HF's LlamaForSequenceClassification layout); a causal LM would get a fresh,
+        random head and its scores would be noise. One message names the folder and what it holds."""
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{flag}={path}: not a model folder (no config.json). Give a reward model that rm.py "
+                            f"trained (its out/rm/last).")
+        if "score.weight" not in tensor_names(path):
+            arch = ", ".join(load_config(path).extra.get("architectures") or []) or "no scalar head"
+            raise UserError(f"{flag}={path}: not a reward model: it holds {arch} and no trained head (score.weight). "
+                            f"Train one first, python rm.py --model={path} --data=PAIRS.jsonl, and pass its "
+                            f"out/rm/last.")
+        return path
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, max_length=1024, seed=0):
@@ -479,7 +483,10 @@ def main(argv):
         if cfg.out == TrainConfig().out:
             cfg.out = "out/rm_bundled"
         print(f"no --data/--model: training on the bundled synthetic comparisons {cfg.data} with --preset=tiny")
-    state = train(cfg)
+    if cfg.dry_run:
+        return train(cfg)
+    with out_lock(cfg.out):        # one run per output folder; --out checked before any model loads
+        state = train(cfg)
     end_distributed()
     return state
 

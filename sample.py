@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, parse_args, run_cli
+from common import UserError, parse_args, read_text, run_cli
 from model import DTYPES, load, pad_batch
 
 
@@ -187,14 +187,14 @@ def main(argv):
         raise UserError(f"--device={cfg.device}: no CUDA GPU is visible here. Use --device=cpu.")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
         raise UserError("--num_samples and --max_new_tokens must be at least 1.")
-    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise UserError("need --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0.")
+    for bad, message in ((cfg.temperature < 0, f"--temperature={cfg.temperature}: use 0 (greedy) or more."),
+                         (not 0 < cfg.top_p <= 1, f"--top_p={cfg.top_p}: use a number in (0, 1]; 1 keeps every token."),
+                         (cfg.top_k < 0, f"--top_k={cfg.top_k}: use 0 (no cut) or more.")):
+        if bad:
+            raise UserError(message)
     model, tok = load(cfg.model, device=cfg.device, dtype=DTYPES.get(cfg.dtype))
     if cfg.prompt_file:
-        if not os.path.isfile(cfg.prompt_file):
-            raise UserError(f"{cfg.prompt_file}: no such prompt file. Give a text file with one prompt per line.")
-        with open(cfg.prompt_file) as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
+        texts = [line for line in read_text(cfg.prompt_file, "prompt file").split("\n") if line.strip()]
         if not texts:
             raise UserError(f"{cfg.prompt_file}: has no non-empty line. Put one prompt per line.")
     else:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import UserError, parse_args, read_records, run_cli
+from common import UserError, out_lock, parse_args, read_records, run_cli
 from model import Llama
 from tokenizer import Tokenizer, dialogue_text
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
@@ -50,10 +50,11 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
 
 def encode_dialogue(tok, turns, max_length, chat=False, loss_on="final"):
     """A dialogue [(role, text)] as the policy sees it -> (ids, mask) with mask True exactly on the assistant's tokens
-    of its final turn (loss_on="final") or of every turn ("all"): the loss is on what the assistant says. The paper's format: BOS + dialogue_text(turns) + EOS (the
-    EOS in the mask); chat=True: the model's chat template (its end-of-turn tokens in the mask). Each assistant
-    turn's span comes from rendering the dialogue up to it, and tokenizing prefixes of the text (checked to be prefixes
-    of the whole), so it matches prompt-then-generate tokenization. None if the dialogue is longer than max_length."""
+    of its final turn (loss_on="final") or of every turn ("all"): the loss is on what the assistant says. The
+    paper's format: BOS + dialogue_text(turns) + EOS (the EOS in the mask); chat=True: the model's chat template (its
+    end-of-turn tokens in the mask). Each assistant turn's span comes from rendering the dialogue up to it, and
+    tokenizing prefixes of the text (checked to be prefixes of the whole), so it matches prompt-then-generate
+    tokenization. None if the dialogue is longer than max_length."""
     def render(k, generation_prompt):   # the text of turns[:k], and the assistant's tag when it is to speak
         if chat:
             return tok.apply_chat_template([{"role": r, "content": t.strip()} for r, t in turns[:k]], generation_prompt)
@@ -188,7 +189,11 @@ def train(cfg):
 
 
 def main(argv):
-    train(parse_args(Config, argv))
+    cfg = parse_args(Config, argv)
+    if cfg.dry_run:
+        return train(cfg)
+    with out_lock(cfg.out):        # one run per output folder; --out checked before any model loads
+        train(cfg)
     end_distributed()
 
 

@@ -25,7 +25,7 @@ import shutil
 import sys
 import unicodedata
 
-from common import UserError, read_json, write_json
+from common import UserError, read_json, read_text, write_json
 
 
 class Tokenizer:
@@ -49,7 +49,7 @@ class Tokenizer:
         pad = token_text(self.config.get("pad_token"))
         self.pad_id = self.token_id(pad) if pad else None
         template = os.path.join(folder, "chat_template.jinja")
-        self.chat_template = open(template, encoding="utf-8").read() if os.path.isfile(template) else \
+        self.chat_template = read_text(template) if os.path.isfile(template) else \
             self.config.get("chat_template")
         if isinstance(self.chat_template, list):   # named templates: the default one
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)

@@ -215,7 +215,10 @@ def test_whole_pipeline_tiny(tmp_path):
     assert (out / "eval" / "vicuna" / "ppo.jsonl").exists()
     report = open(out / "report.md").read()
     assert "| comparisons" in report and "## Evaluation" in report and "PPO: RM score" in report
-    assert "report_ppo.png" in report                    # drawn, or the line that says how to get it
+    assert "## Did it work?" in report and "prefer the longer answer" in report and "distinct-2" in report
+    assert "Caveat: this judge is the reward model PPO optimised" in report and "## Samples" in report
+    for f in ("report_rm.svg", "report_ppo_rm_score_mean.svg", "report_ppo_kl.svg"):
+        assert f"]({f})" in report and (out / f).read_text().startswith("<svg")
     assert "| figure | value |" in r.stdout
     assert len(read_records(str(out / "ppo" / "metrics.jsonl"))) == 2 and (out / "ppo" / "last" / "policy").is_dir()
     for f in ["selfplay_n4.jsonl", "selfplay_n1.jsonl", "selfplay_stats.json", "sft/best/config.json",
@@ -565,9 +568,11 @@ def test_eval_cli_writes_the_paper_table_and_reuses_answers(tmp_path, monkeypatc
     import subprocess
     import sys
     import eval as ev
+    from rm import RewardModel
     s = os.path.join(ROOT, "data", "stories260K")
+    RewardModel.from_pretrained(s).save_pretrained(str(tmp_path / "rm"))   # a reward model (random head)
     args = [sys.executable, os.path.join(ROOT, "eval.py"), f"--models=a={s},{os.path.join(ROOT, 'data', 'stories50K')}",
-            f"--rm={s}", "--max_items=4", "--max_new_tokens=16", f"--out={tmp_path}"]
+            f"--rm={tmp_path / 'rm'}", "--max_items=4", "--max_new_tokens=16", f"--out={tmp_path}"]
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| model | Harmless | Helpful | Honest | Other | All | TruthfulQA MC1 |" in r.stdout
@@ -776,3 +781,27 @@ def test_selfplay_says_when_a_turn_has_no_room_and_later_shots_fixes_it(tmp_path
     records, printed = results[0]
     assert not any(r.get("no_room") for r in records) and "ended early" not in printed
     assert any(len(r["candidates"]) == 2 for r in records)                 # the second turn was sampled
+
+
+def test_diversity_sees_a_collapse():
+    from almost import diversity
+    varied = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light"]
+    same = ["a boy named tim was sad"] * 3
+    v, c = diversity(varied), diversity(same)
+    assert v["distinct_2"] > 0.9 and c["distinct_2"] == pytest.approx(4 / 12)
+    assert c["top_phrase"] == "a boy named tim" and c["top_phrase_share"] == 1.0 and v["top_phrase_share"] < 0.5
+
+
+def test_svg_chart_is_a_titled_labelled_picture(tmp_path):
+    import xml.etree.ElementTree as ET
+    from almost import svg_chart
+    svg_chart(str(tmp_path / "l.svg"), "PPO: KL", "PPO step", "KL (nats)", {"policy": [(1, 0.0), (2, 3.5), (3, 2.0)]})
+    svg_chart(str(tmp_path / "b.svg"), "RM accuracy", "set", "accuracy", {"rm": [("held out", 0.7), ("hhh", 0.6)]},
+              hlines={"chance": 0.5}, bars=True)
+    for f, want in (("l.svg", ["PPO: KL", "PPO step", "KL (nats)", "policy"]),
+                    ("b.svg", ["RM accuracy", "accuracy", "chance", "held out", "0.700"])):
+        root = ET.parse(tmp_path / f).getroot()                            # well-formed XML
+        texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+        assert all(w in texts for w in want), texts
+    bars = ET.parse(tmp_path / "b.svg").getroot().findall("{http://www.w3.org/2000/svg}rect")[1:]
+    assert len(bars) == 2 and float(bars[0].get("height")) > float(bars[1].get("height")) > 0

@@ -215,3 +215,102 @@ def test_seed_derivation_and_metrics_log(tmp_path):
         f.write('{"step": 4')                                           # a half-written line
     MetricsLog(str(tmp_path), 2)                                         # resuming from step 2
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
+# every CLI against a table of bad inputs: one message, exit status 2, no traceback
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Files a user might hand over by mistake, and a saved reward model (a random head) for the cases that need
+    one to get past the reward-model check."""
+    from rm import RewardModel
+    d = tmp_path_factory.mktemp("bad")
+    (d / "latin1.jsonl").write_bytes(b'{"prompt": "ok", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9"}\n')
+    (d / "latin1.txt").write_bytes(b"Once upon a time\nthere was a caf\xe9\n")
+    (d / "seeds.txt").write_bytes(b"An instruction line\nWhat is a cat?\nWhy is the sky \xff blue?\n")
+    (d / "pairs.parquet").write_bytes(b"PAR1\x15\x04\x15\x10\x15\x14L\x15\x02\x15\x00\x12\x00\x00PAR1")
+    (d / "binary.jsonl").write_bytes(b'{"a": 1}\n\x00\x01\x02\x03\n')
+    (d / "a_file").write_text("not a folder")
+    RewardModel.from_pretrained(STORIES).save_pretrained(str(d / "rm"))
+    (d / "prompts.jsonl").write_text('{"query": "Once upon a time"}\n')
+    return d
+
+
+def cli_of(script, *args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+BAD = [  # (script, args, words in the message); {d} is the fixture's folder
+    ("sample.py", ["--temperature=nan"], ["--temperature=nan", "not a finite number"]),
+    ("sample.py", ["--temperature=inf"], ["--temperature=inf", "not a finite number"]),
+    ("sample.py", ["--top_p=0"], ["--top_p=0.0"]),
+    ("sample.py", ["--top_k=-1"], ["--top_k=-1"]),
+    ("sample.py", ["--prompt_file={d}/latin1.txt"], ["latin1.txt:2", "not UTF-8"]),
+    ("sample.py", ["--prompt_file={d}"], ["a folder"]),
+    ("rm.py", ["--lr=nan", "--preset=tiny", "--data=x"], ["--lr=nan", "not a finite number"]),
+    ("rm.py", ["--preset=tiny", "--data={d}/latin1.jsonl", "--out={d}/o1"], ["latin1.jsonl:2", "not UTF-8"]),
+    ("rm.py", ["--preset=tiny", "--data={d}/pairs.parquet", "--out={d}/o2"], ["pairs.parquet", "Parquet"]),
+    ("rm.py", ["--preset=tiny", "--data={d}/binary.jsonl", "--out={d}/o3"], ["binary.jsonl", "binary"]),
+    ("rm.py", ["--preset=tiny", "--data=data/stories/comparisons.jsonl", "--out={d}/a_file"], ["a_file", "a file is in the way"]),
+    ("rm.py", ["--preset=tiny", "--data=data/stories/comparisons.jsonl", "--out=/sys/almost_out"], ["/sys/almost_out", "cannot create"]),
+    ("sft.py", ["--data={d}/latin1.jsonl", f"--model={STORIES}", "--out={d}/o4"], ["latin1.jsonl:2", "not UTF-8"]),
+    ("sft.py", ["--data={d}/latin1.jsonl", f"--model={STORIES}", "--out={d}/a_file"], ["a file is in the way"]),
+    ("ppo.py", [f"--policy={STORIES}", f"--rm={STORIES}", "--prompts={d}/prompts.jsonl"],
+     [f"--rm={STORIES}", "not a reward model", "LlamaForCausalLM", "score.weight"]),
+    ("ppo.py", [f"--policy={STORIES}", "--rm={d}/rm", "--prompts={d}/latin1.jsonl", "--out={d}/o5"], ["latin1.jsonl:2"]),
+    ("ppo.py", [f"--policy={STORIES}", "--rm={d}/rm", "--prompts={d}/prompts.jsonl", "--kl_target=inf"], ["--kl_target=inf"]),
+    ("ppo.py", [f"--policy={STORIES}", "--rm={d}/rm", "--prompts={d}/prompts.jsonl", "--out={d}/a_file"], ["a file is in the way"]),
+    ("eval.py", [f"--rm={STORIES}"], ["not a reward model", "python rm.py"]),
+    ("eval.py", ["--rm={d}/rm", "--data={d}/latin1.jsonl", "--out={d}/o6"], ["latin1.jsonl:2"]),
+    ("eval.py", ["--rm={d}/rm", "--out={d}/a_file"], ["a file is in the way"]),
+    ("almost.py", ["--seeds={d}/seeds.txt", "--out={d}/o7", "--stages=queries"], ["seeds.txt:3", "not UTF-8"]),
+    ("almost.py", ["--out={d}/a_file", "--stages=report"], ["a file is in the way"]),
+    ("almost.py", ["--reward_model=" + STORIES, "--out={d}/o8", "--stages=selfplay"], ["--reward_model=", "not a reward model"]),
+    ("almost.py", ["--ppo_lr=nan"], ["--ppo_lr=nan"]),
+]
+
+
+@pytest.mark.parametrize("script,args,words", BAD, ids=[f"{s}:{' '.join(a)[:40]}" for s, a, _ in BAD])
+def test_every_cli_refuses_bad_input_in_one_message(bad_inputs, script, args, words):
+    r = cli_of(script, *[a.replace("{d}", str(bad_inputs)) for a in args])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), r.stderr[-2000:]
+    for w in words:
+        assert w.replace("{d}", str(bad_inputs)) in last, last
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    """Two processes: while `python rm.py --out=X` runs, a second one into X ends at once with a message naming the
+    first; X/.lock holds the pid and host and is gone when the run ends. A lock left by a process that no longer
+    exists is taken over."""
+    import socket
+    import time
+    out = tmp_path / "rm"
+    args = [sys.executable, os.path.join(ROOT, "rm.py"), "--preset=tiny", "--data=data/stories/comparisons.jsonl",
+            f"--out={out}", "--epochs=1"]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = out / ".lock"
+        for _ in range(200):
+            if lock.exists() and lock.read_text():
+                break
+            time.sleep(0.05)
+        held = json.loads(lock.read_text())
+        assert held == {"pid": first.pid, "host": socket.gethostname()}
+        r = cli_of("rm.py", "--preset=tiny", "--data=data/stories/comparisons.jsonl", f"--out={out}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"in use by another run (pid {first.pid}" in r.stderr and ".lock" in r.stderr
+        assert first.poll() is None                                    # the first run goes on
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0 and not lock.exists()                 # released at the end
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))   # a killed run's lock
+    r = cli_of("rm.py", "--preset=tiny", "--data=data/stories/comparisons.jsonl", f"--out={out}", "--epochs=1",
+               timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not lock.exists()

@@ -156,11 +156,15 @@ def test_cli_errors(tmp_path):
     import subprocess
     import sys
     from conftest import ROOT
+    from rm import RewardModel
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"query": "ok"}\nnot json\n')
+    rm = tmp_path / "rm"
+    RewardModel.from_pretrained(STORIES).save_pretrained(str(rm))
     for args, words in [([], ["--policy is required"]),
-                        ([f"--policy={STORIES}", f"--rm={STORIES}", "--prompts=/nonexistent.jsonl"], ["/nonexistent.jsonl"]),
-                        ([f"--policy={STORIES}", f"--rm={STORIES}", f"--prompts={bad}"], [f"{bad}:2"]),
+                        ([f"--policy={STORIES}", f"--rm={rm}", "--prompts=/nonexistent.jsonl"], ["/nonexistent.jsonl"]),
+                        ([f"--policy={STORIES}", f"--rm={rm}", f"--prompts={bad}"], [f"{bad}:2"]),
+                        ([f"--policy={STORIES}", f"--rm={STORIES}", f"--prompts={bad}"], ["not a reward model"]),
                         (["--clip=wide"], ["--clip", "float"])]:
         r = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), *args], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
