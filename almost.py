@@ -1,7 +1,7 @@
 """
 The ALMoST pipeline: the paper's three steps as stages that talk through files in --out (default out/).
 
-    python almost.py                                   # the bundled story profile, about 11 minutes on 2 CPU cores
+    python almost.py                                   # the bundled story profile, about 9 minutes on 2 CPU cores
     python almost.py --stages=compare,rm               # rerun some stages; each skips work already on disk
     python almost.py --profile=paper --query_model=LLAMA --generators=NAME=LLAMA:PROMPT_FILE:SHOTS,... \
                      --rubric="A>B>C" ...              # the paper's setting on LLaMA folders you supply
@@ -42,10 +42,10 @@ from tqdm import tqdm
 import ppo as ppolib
 import rm as rmlib
 import sft as sftlib
-from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, rank, read_json, read_records, read_text,
-                    run_cli,
+from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, rank, read_json, read_records,
+                    read_text, run_cli,
                     world_size, write_json, write_jsonl, write_text)
-from eval import Config as EvalConfig, evaluate, policy_answers, results_markdown
+from eval import Config as EvalConfig, evaluate, policy_answers, results_markdown, wilson
 from model import load
 from sample import generate
 from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
@@ -222,7 +222,8 @@ def read_demos(path):
         return "", []
     parts = [p for p in read_text(path, "prompt file").split("\n\n-----") if p.strip("\n ")]
     if not parts:
-        raise UserError(f"{path}: an empty prompt file. It holds a preamble, then dialogues, each after a line \"-----\".")
+        raise UserError(f"{path}: an empty prompt file. It holds a preamble, then dialogues, each after a line "
+                        f"\"-----\".")
     return parts[0], parts[1:]
 
 
@@ -962,11 +963,6 @@ def stage_eval(cfg):
                         out=os.path.join(cfg.out, "eval"), seed=cfg.seed, device=cfg.device))
 
 
-def wilson(k, n):
-    from eval import wilson as w
-    return w(k, n)
-
-
 def mean_ci(xs):
     """Mean and its 95% interval (normal approximation) of a sample."""
     m = statistics.fmean(xs)
@@ -1021,14 +1017,16 @@ def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
                 out.append(f'<rect x="{fx(i) - w / 2:.1f}" y="{min(fy(y), fy(0)):.1f}" width="{w:.1f}" '
                            f'height="{abs(fy(y) - fy(0)):.1f}" fill="{color}"/>')
                 out.append(f'<text x="{fx(i):.1f}" y="{H - B + 16}" text-anchor="middle" font-size="10">{x}</text>')
-                out.append(f'<text x="{fx(i):.1f}" y="{fy(y) - 4:.1f}" text-anchor="middle" font-size="10">{y:.3f}</text>')
+                out.append(f'<text x="{fx(i):.1f}" y="{fy(y) - 4:.1f}" text-anchor="middle" font-size="10">'
+                           f'{y:.3f}</text>')
                 i += 1
         else:
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="' +
                        " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in ps) + '"/>')
         out.append(f'<text x="{W - R + 8}" y="{T + 16 * c + 10}" fill="{color}">{name}</text>')
     for k, (label, y) in enumerate((hlines or {}).items()):
-        out.append(f'<line x1="{L}" y1="{fy(y):.1f}" x2="{W - R}" y2="{fy(y):.1f}" stroke="gray" stroke-dasharray="5,4"/>')
+        out.append(f'<line x1="{L}" y1="{fy(y):.1f}" x2="{W - R}" y2="{fy(y):.1f}" stroke="gray" '
+                   f'stroke-dasharray="5,4"/>')
         out.append(f'<text x="{W - R + 8}" y="{fy(y) + 4:.1f}" fill="gray">{label}</text>')
     write_text(path, "\n".join(out + ["</svg>"]) + "\n")
 
@@ -1054,15 +1052,17 @@ def verdicts(cfg, rs, sft, ev):
              for s in [[c["score"] for c in cs if not c["bad"]]] if len(s) > 1]
     if gains:
         g, (lo, hi) = mean_ci(gains)
-        lines.append(f"- Step 2, RM-guided self-play: the chosen candidate scores {g:.3f} [{lo:.3f}, {hi:.3f}] above the "
-                     f"mean candidate of its turn ({len(gains)} turns): **{'raised' if lo > 0 else 'did not raise'} "
-                     f"the demonstrations' reward** (judged by the reward model that chose them).")
+        lines.append(f"- Step 2, RM-guided self-play: the chosen candidate scores {g:.3f} [{lo:.3f}, {hi:.3f}] "
+                     f"above the mean candidate of its turn ({len(gains)} turns): "
+                     f"**{'raised' if lo > 0 else 'did not raise'} the demonstrations' reward** (judged by the reward "
+                     f"model that chose them).")
     if sft and "scores" in sft.get("sft", {}) and "scores" in sft.get("sft_plain", {}):
         d = [a - b for a, b in zip(sft["sft"]["scores"], sft["sft_plain"]["scores"])]
         g, (lo, hi) = mean_ci(d)
         lines.append(f"- Step 2, SFT on RM-guided against plain self-play, {len(d)} held-out queries: RM score "
-                     f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]: **{'better' if lo > 0 else 'worse' if hi < 0 else 'no clear difference'}**"
-                     f" (the same reward model judges).")
+                     f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]: "
+                     f"**{'better' if lo > 0 else 'worse' if hi < 0 else 'no clear difference'}** (the same reward "
+                     f"model judges).")
     if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
         v = ev["vicuna"]["ppo"]["rm"]
         lines.append(f"- Step 3, PPO against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
@@ -1139,16 +1139,17 @@ def stage_report(cfg):
     turn = next(((r, cs) for r in spr for cs in r["candidates"] if sum(not c["bad"] for c in cs) > 1), None)
     if turn:
         r, cs = turn
-        md += ["## Self-play: the candidates of one assistant turn, with their RM scores", "", f"Query: {r['query']!r}", ""]
+        md += ["## Self-play: the candidates of one assistant turn, with their RM scores", "",
+               f"Query: {r['query']!r}", ""]
         md += [f"- {'**chosen** ' if c.get('chosen') else ''}{c['score']:.3f}{' BAD' if c['bad'] else ''}: "
                f"{c['text'][:300]!r}" for c in cs] + [""]
     if ev:
         md += ["## Evaluation", "", results_markdown(ev)]
     if ppo_rows:
         steps = [r["step"] for r in ppo_rows]
-        for key, title, ylabel, ref in (("rm_score_mean", "PPO: reward-model score", "mean RM score (normalised)", None),
-                                        ("kl", "PPO: KL to the SFT policy", "KL (nats per response)", None),
-                                        ("entropy", "PPO: policy entropy", "entropy (nats per token)", None)):
+        for key, title, ylabel in (("rm_score_mean", "PPO: reward-model score", "mean RM score (normalised)"),
+                                   ("kl", "PPO: KL to the SFT policy", "KL (nats per response)"),
+                                   ("entropy", "PPO: policy entropy", "entropy (nats per token)")):
             if key in ppo_rows[0]:
                 svg_chart(os.path.join(cfg.out, f"report_ppo_{key}.svg"), title, "PPO step", ylabel,
                           {"PPO policy": list(zip(steps, [r[key] for r in ppo_rows]))})
@@ -1156,8 +1157,8 @@ def stage_report(cfg):
     if rs:
         sets = {"held_out": ("held out", os.path.join(cfg.out, "rm_data", "val_filter.jsonl")),
                 "static_hhh": ("static HHH", os.path.join(DATA, "almost", "hhh_eval.json"))}
-        series = {f"RM {'with' if k == 'filter' else 'without'} the length rule": [(sets[s][0], v[s]["accuracy"])
-                                                                                   for s in sets] for k, v in rs.items()}
+        series = {f"RM {'with' if k == 'filter' else 'without'} the length rule":
+                  [(sets[s][0], v[s]["accuracy"]) for s in sets] for k, v in rs.items()}
         longer = lambda ps: sum(len(p["chosen"]) > len(p["rejected"]) for p in ps) / len(ps)
         series["prefer the longer answer"] = [(label, longer(rmlib.read_pairs(f))) for label, f in sets.values()]
         svg_chart(os.path.join(cfg.out, "report_rm.svg"), "Reward models against baselines, same pairs",
@@ -1191,14 +1192,15 @@ def print_plan(cfg, stages):
         elif s == "ppo":
             p = dict(PROFILES[cfg.profile]["ppo"], **({"steps": cfg.ppo_steps} if cfg.ppo_steps else {}))
             t = p["steps"] * p["batch_size"] * p["max_new_tokens"]
-            line = f"{p['steps']} steps x {p['batch_size']} rollouts from out/sft/best, <= {t:,} tokens"
+            line = (f"{p['steps']} steps x {p['batch_size']} rollouts from {os.path.join(cfg.out, 'sft', 'best')}, "
+                    f"<= {t:,} tokens")
         elif s == "eval":
             t = 3 * 80 * (120 if cfg.format == "story" else 1024)
             line = f"static HHH, HH, TruthfulQA MC1, Vicuna-80 (base, SFT, PPO), <= {t:,} tokens"
         else:
             t, line = 0, {"compare": "the comparison rule (no sampling)", "check": "judge NLL of every answer",
                           "rm": f"reward model(s) from {cfg.rm_model}", "sft": "SFT of the assistant model, 2 runs",
-                          "report": "out/report.md"}[s]
+                          "report": os.path.join(cfg.out, "report.md")}[s]
         total += t
         print(f"  {s:9s} {line}")
     print(f"  about {total:,} tokens to generate in all")

@@ -199,6 +199,11 @@ def commit_dir(tmp, path):
     """Swap a finished temporary folder in place of `path`, keeping files of `path` that tmp does not have
     (a chat template, say). The old folder is moved aside first, so `path` is never half written."""
     path = os.path.abspath(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in os.listdir(tmp):                  # safetensors writes 0600; every file of a checkpoint reads alike
+        if os.path.isfile(os.path.join(tmp, f)):
+            os.chmod(os.path.join(tmp, f), 0o666 & ~umask)
     if os.path.isdir(path):
         stale = ("model.safetensors", "model.safetensors.index.json")
         for f in os.listdir(path):

@@ -434,16 +434,16 @@ def train(cfg):
               f"{dev} {str(dtype).removeprefix('torch.')}; {describe(params, reward_model, cfg)}")
 
     reward_model.train()
-    bar = tqdm(range(state["step"], total), initial=state["step"], total=total, desc="rm", dynamic_ncols=True,
-               disable=not master_process)
+    bar = tqdm(initial=state["step"], total=total, desc="rm", dynamic_ncols=True, disable=not master_process)
     t0, pairs_done, sums, first = time.time(), 0, [0.0] * 4, state["step"]
-    for step in bar:
+    for step in range(state["step"], total):
         set_lr(opt, lr_at(step, total, cfg.lr, cfg.warmup))
         batch = epoch_batch(train_set, step, cfg.batch_size, cfg.seed)
         sums = train_step(reward_model, batch, cfg, dev, dtype, sums)
         grad_norm = optimizer_step(params, opt, cfg, cfg.grad_clip)
         pairs_done += len(batch)
         state["step"] = step + 1
+        bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == total:
             loss_sum, acc_sum, margin_sum, n = all_sum(sums)
             sums = [0.0] * 4

@@ -786,9 +786,9 @@ def test_selfplay_says_when_a_turn_has_no_room_and_later_shots_fixes_it(tmp_path
 def test_diversity_sees_a_collapse():
     from almost import diversity
     varied = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light"]
-    same = ["a boy named tim was sad"] * 3
+    same = ["a boy named tim"] * 3
     v, c = diversity(varied), diversity(same)
-    assert v["distinct_2"] > 0.9 and c["distinct_2"] == pytest.approx(4 / 12)
+    assert v["distinct_2"] > 0.9 and c["distinct_2"] == pytest.approx(3 / 9)
     assert c["top_phrase"] == "a boy named tim" and c["top_phrase_share"] == 1.0 and v["top_phrase_share"] < 0.5
 
 

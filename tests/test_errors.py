@@ -269,6 +269,9 @@ BAD = [  # (script, args, words in the message); {d} is the fixture's folder
     ("almost.py", ["--out={d}/a_file", "--stages=report"], ["a file is in the way"]),
     ("almost.py", ["--reward_model=" + STORIES, "--out={d}/o8", "--stages=selfplay"], ["--reward_model=", "not a reward model"]),
     ("almost.py", ["--ppo_lr=nan"], ["--ppo_lr=nan"]),
+    ("almost.py", ["--reward_model=/nonexistent/rm", "--out={d}/o9", "--stages=selfplay"],
+     ["--reward_model=/nonexistent/rm", "not a model folder", "out/rm/last"]),
+    ("almost.py", ["--dry_run=true", "--out={d}/o10", "--stages=ppo,report", "--query_line=second"], ["--query_line"]),
 ]
 
 
@@ -314,3 +317,16 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_dead_runs_lock_is_ta
                timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not lock.exists()
+
+
+def test_checkpoint_files_share_one_mode_and_a_stopped_bar_shows_its_steps(tmp_path):
+    """Every file of a checkpoint folder is written with the same mode (safetensors alone would leave 0600 beside
+    0644), and `--stop_after=2` ends with a progress bar at 2, not 1."""
+    import stat
+    r = cli_of("rm.py", "--preset=tiny", "--data=data/stories/comparisons.jsonl", f"--out={tmp_path}",
+               "--stop_after=2", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "last").iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes
+    bar = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("rm:")][-1]
+    assert " 2/" in bar, bar

@@ -293,7 +293,7 @@ def test_trl_and_conversational_pair_formats(tmp_path):
 @pytest.mark.parametrize("content,words", [(b"PAR1\x00\x01binary", "Parquet"),
                                            (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff"}\n',
                                             "p.jsonl:2: not UTF-8"),
-                                           (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8")])
+                                           (b"\x89PNG\r\n\x1a\n\x00\x00", "a binary file")])
 def test_binary_and_parquet_files_end_in_one_message(tmp_path, content, words):
     f = tmp_path / "p.jsonl"
     f.write_bytes(content)
