@@ -149,9 +149,12 @@ def run_stops_case(cfg):
         before, work_b, t_b = sampling_work(model, prompts, budget, compact=False)
         after, work_a, t_a = sampling_work(model, prompts, budget, stop_strings=stops, tokenizer=tok)
         same = [kept(a) for a in after] == [kept(b) for b in before]
+        # tokens generated past the end of the kept text: those after the shortest prefix that already gives it
+        past = [len(a) - next(k for k in range(len(a) + 1) if kept(a[:k]) == kept(a)) for a in after]
         print(f"stops     {name}: {len(prompts)} responses, tokens generated per response {work_b / len(prompts):.1f} "
               f"-> {work_a / len(prompts):.1f}, kept {sum(map(len, after)) / len(prompts):.1f}; {t_b:.2f} s -> "
-              f"{t_a:.2f} s ({t_b / t_a:.2f}x); kept texts equal: {same}", flush=True)
+              f"{t_a:.2f} s ({t_b / t_a:.2f}x); kept texts equal: {same}; tokens past the kept text: median "
+              f"{statistics.median(past):.0f}, max {max(past)}", flush=True)
 
 
 def run_novelty_case(cfg):
