@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 
 import torch
 
@@ -236,9 +237,6 @@ def derive_seed(seed, stream, *keys, bits=63):
 
 
 # -----------------------------------------------------------------------------
-# processes: under torchrun only the master process (rank 0) prints, logs and writes
-
-# -----------------------------------------------------------------------------
 # one run per output folder
 
 HELD = {}   # output folders this process has claimed -> their lock file
@@ -276,13 +274,7 @@ def claim_out(path, flag):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                other = json.loads(open(lock, encoding="utf-8").read())
-            except (OSError, ValueError):
-                other = {}                                            # empty or torn: its writer died mid-write
-            if other.get("host") == me["host"] and other.get("pid") not in (None, me["pid"]) and \
-                    not pid_alive(other["pid"]):
-                other = {}
+            other = lock_holder(lock, me)
             if other:
                 raise UserError(f"{flag}={path} is in use by another run (pid {other.get('pid')} on "
                                 f"{other.get('host')}, {lock}). Wait for it to end, or give another {flag}. If no "
@@ -297,6 +289,26 @@ def claim_out(path, flag):
         HELD[os.path.abspath(path)] = lock
         return lock
     raise UserError(f"{flag}={path}: another run took {lock} at the same moment. Give another {flag}.")
+
+
+def lock_holder(lock, me):
+    """The live run that holds a lock file ({"pid", "host"}), or None when the lock is stale: its pid is gone from
+    this host (or is this very process's, which can only be a lock that outlived a restart), or it is empty and
+    older than 5 seconds (its writer died between creating and writing it)."""
+    try:
+        other = json.loads(open(lock, encoding="utf-8").read())
+    except (OSError, ValueError):
+        try:
+            young = time.time() - os.path.getmtime(lock) < 5
+        except OSError:
+            young = False
+        return {"pid": "?", "host": "?"} if young else None
+    if not isinstance(other, dict):
+        return None
+    pid = other.get("pid")
+    if other.get("host") == me["host"] and (not isinstance(pid, int) or pid == me["pid"] or not pid_alive(pid)):
+        return None
+    return other
 
 
 def pid_alive(pid):
@@ -321,6 +333,9 @@ def release_out(lock=None):
                 pass
             del HELD[key]
 
+
+# -----------------------------------------------------------------------------
+# processes: under torchrun only the master process (rank 0) prints, logs and writes
 
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -330,3 +330,20 @@ def test_checkpoint_files_share_one_mode_and_a_stopped_bar_shows_its_steps(tmp_p
     assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes
     bar = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("rm:")][-1]
     assert " 2/" in bar, bar
+
+
+def test_lock_file_states(tmp_path):
+    """A lock being written (empty, fresh) counts as held; one left empty for long, one naming a dead or garbled pid
+    on this host, or this very process, is stale; one from another host is held (it cannot be checked)."""
+    import socket
+    import time
+    from common import lock_holder
+    me, lock = {"pid": os.getpid(), "host": socket.gethostname()}, tmp_path / ".lock"
+    lock.write_text("")
+    assert lock_holder(str(lock), me)                                   # being written by another run
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    assert lock_holder(str(lock), me) is None                           # its writer died mid-write
+    for held, stale in [({"pid": 1, "host": me["host"]}, False), ({"pid": me["pid"], "host": me["host"]}, True),
+                        ({"pid": "x", "host": me["host"]}, True), ({"pid": 1, "host": "elsewhere"}, False)]:
+        lock.write_text(json.dumps(held))
+        assert (lock_holder(str(lock), me) is None) == stale, held
