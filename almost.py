@@ -1031,17 +1031,21 @@ def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
     write_text(path, "\n".join(out + ["</svg>"]) + "\n")
 
 
+def prefer_longer(pairs):
+    """The length baseline: the accuracy of "the longer answer is the chosen one" on a set of pairs."""
+    return sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs) / len(pairs)
+
+
 def verdicts(cfg, rs, sft, ev):
     """"Did it work?": one line per step against a baseline measured on the same items, with 95% intervals."""
     lines, pct = [], lambda p: f"{100 * p:.1f}%"
     if rs:
         hhh = rmlib.read_pairs(os.path.join(DATA, "almost", "hhh_eval.json"))
         val = rmlib.read_pairs(os.path.join(cfg.out, "rm_data", "val_filter.jsonl"))
-        longer = lambda ps: sum(len(p["chosen"]) > len(p["rejected"]) for p in ps) / len(ps)
         for split, pairs, name in (("held_out", val, "held-out synthetic pairs"), ("static_hhh", hhh, "static HHH")):
             m, n = rs["filter"][split]["accuracy"], len(pairs)
             lo, hi = wilson(round(m * n), n)
-            base = longer(pairs)
+            base = prefer_longer(pairs)
             others = f", without the length rule {pct(rs['nofilter'][split]['accuracy'])}" if "nofilter" in rs else ""
             verdict = ("beats chance and the longer-answer baseline" if lo > max(0.5, base) else
                        "beats chance, not the longer-answer baseline" if lo > 0.5 else "does not beat chance")
@@ -1120,7 +1124,8 @@ def stage_report(cfg):
         rows.append(("wall time", ", ".join(f"{k} {v:.0f}s" for k, v in tm.items())))
     table = "| figure | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
     md = ["# ALMoST run report", "", f"Output folder `{cfg.out}`, profile `{cfg.profile}`.", "", "## Did it work?", ""]
-    md += verdicts(cfg, rs, sft, ev) or ["(no stage has run yet)"]
+    verdict_lines = verdicts(cfg, rs, sft, ev)
+    md += verdict_lines or ["(no stage has run yet)"]
     if "sft" in div and "ppo" in div:
         r = div["ppo"]["distinct_2"] / max(div["sft"]["distinct_2"], 1e-9)
         md.append(f"- Step 3, diversity: PPO's distinct-2 is {r:.0%} of the SFT policy's "
@@ -1159,14 +1164,13 @@ def stage_report(cfg):
                 "static_hhh": ("static HHH", os.path.join(DATA, "almost", "hhh_eval.json"))}
         series = {f"RM {'with' if k == 'filter' else 'without'} the length rule":
                   [(sets[s][0], v[s]["accuracy"]) for s in sets] for k, v in rs.items()}
-        longer = lambda ps: sum(len(p["chosen"]) > len(p["rejected"]) for p in ps) / len(ps)
-        series["prefer the longer answer"] = [(label, longer(rmlib.read_pairs(f))) for label, f in sets.values()]
+        series["prefer the longer answer"] = [(label, prefer_longer(rmlib.read_pairs(f))) for label, f in sets.values()]
         svg_chart(os.path.join(cfg.out, "report_rm.svg"), "Reward models against baselines, same pairs",
                   "evaluation set", "accuracy", series, hlines={"chance": 0.5}, bars=True)
         md += ["![Reward models' accuracy](report_rm.svg)", ""]
     write_text(os.path.join(cfg.out, "report.md"), "\n".join(md))
     print(table, end="")
-    print("\n".join(verdicts(cfg, rs, sft, ev)))
+    print("\n".join(verdict_lines))
     print(f"report -> {os.path.join(cfg.out, 'report.md')}")
 
 

@@ -224,7 +224,7 @@ def policy_answers(model, tok, questions, max_new_tokens, seed, protocol="author
     prompts = [answer_prompt(tok, q, protocol)[-(ctx // 2):] for q in questions]
     budget = min(max_new_tokens, ctx - max(map(len, prompts)))
     outs = []
-    for b in range(0, len(prompts), batch_size):
+    for b in tqdm(range(0, len(prompts), batch_size), desc="answers", leave=False):
         o, _ = generate(model, prompts[b:b + batch_size], budget, temperature=0.7, top_p=1.0, seed=seed + b,
                         stop_strings=TURN_ENDS, tokenizer=tok)
         outs += o

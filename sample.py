@@ -194,7 +194,7 @@ def main(argv):
             raise UserError(message)
     model, tok = load(cfg.model, device=cfg.device, dtype=DTYPES.get(cfg.dtype))
     if cfg.prompt_file:
-        texts = [line for line in read_text(cfg.prompt_file, "prompt file").split("\n") if line.strip()]
+        texts = [line for line in read_text(cfg.prompt_file, "prompt file").splitlines() if line.strip()]
         if not texts:
             raise UserError(f"{cfg.prompt_file}: has no non-empty line. Put one prompt per line.")
     else:
