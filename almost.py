@@ -85,12 +85,29 @@ PROFILES = {
                     # policy near the SFT policy: at lr 3e-4 it collapsed onto one story (distinct-2 6% of SFT's)
                     ppo=dict(steps=40, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=64,
                              beta=0.15, kl_target=4.0, kl_horizon=640, penalize_missing_eos=False)),
+    # the paper's method on one real chat model (--model, e.g. SmolLM2-135M-Instruct) sized for 2 CPU cores: the
+    # paper's prompt files and seed queries; generators differ in prompt quality (the long, well-formatted Faithful
+    # dialogues vs the HHH ones) and shots. One model offers no size axis. {model} stands for --model.
+    "chat": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=60,
+                 query_model="{model}",
+                 generators=",".join([f"faithful-3shot={{model}}:{DATA}/almost/Faithful_prompt.txt:3:128",
+                                      f"hhh-3shot={{model}}:{DATA}/almost/HHH_prompt.txt:3:128",
+                                      f"hhh-0shot={{model}}:{DATA}/almost/HHH_prompt.txt:0:128"]),
+                 rubric="faithful-3shot>hhh-3shot>hhh-0shot", rm_model="{model}", rm_preset="chat",
+                 assistant=f"{{model}}:{DATA}/almost/Faithful_prompt.txt:3:128",
+                 user=f"{{model}}:{DATA}/almost/HHH_prompt.txt:1:40",
+                 run=dict(turns=1, eval_max_items=100),
+                 sft=dict(sft_lr=2e-5, sft_batch=8, sft_micro_batch=4, sft_epochs=2.0, sft_eval_every=5,
+                          sft_max_length=384),
+                 ppo=dict(steps=12, lr=2e-6, value_lr=2e-5, batch_size=8, minibatch=4, max_new_tokens=64,
+                          beta=0.1, kl_target=4.0, kl_horizon=96)),
 }
 
 
 @dataclass
 class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP (trainer.py), for every trainer stage
-    profile: str = "stories"        # "stories" (bundled) or "paper"
+    profile: str = "stories"        # "stories" (bundled), "chat" (one chat model: --model) or "paper"
+    model: str = ""                 # the chat profile's model folder: it plays every role (SmolLM2-135M-Instruct, say)
     out: str = "out"                # the folder every stage reads and writes
     stages: str = "queries,responses,compare,check,rm,selfplay,sft,ppo,eval,report"  # stages to run, in this order
     n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000)
@@ -137,12 +154,22 @@ def resolve(cfg):
     if cfg.profile not in PROFILES:
         raise UserError(f"--profile={cfg.profile!r}: use one of {', '.join(PROFILES)}.")
     prof = PROFILES[cfg.profile]
+    if cfg.profile == "chat":
+        if not cfg.model:
+            raise UserError("--profile=chat needs --model: a chat model folder (a LLaMA-family HF folder, "
+                            "SmolLM2-135M-Instruct say); it plays every role.")
+        if not os.path.isfile(os.path.join(cfg.model, "config.json")):
+            raise UserError(f"--model={cfg.model}: no config.json there. Point it at a model folder.")
+        if ":" in cfg.model or "," in cfg.model:
+            raise UserError(f"--model={cfg.model}: a path with ':' or ',' cannot stand in a generator spec; "
+                            f"move or link the folder.")
     for k in ("seeds", "query_model", "generators", "rubric", "rm_model", "rm_preset", "n_queries", "assistant",
               "user"):
         if not getattr(cfg, k):
-            setattr(cfg, k, prof[k])
+            v = prof[k]
+            setattr(cfg, k, v.replace("{model}", cfg.model) if isinstance(v, str) else v)
     defaults = Config()
-    for k, v in prof["sft"].items():
+    for k, v in {**prof.get("run", {}), **prof["sft"]}.items():
         if getattr(cfg, k) == getattr(defaults, k):   # flags given on the command line win
             setattr(cfg, k, v)
     if cfg.rm_checkpoint not in ("last", "best"):

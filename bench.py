@@ -18,6 +18,9 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
              batch when they do) and after (stop strings end a row where its kept text ends; finished rows leave
              the batch): the bundled story generators, and with --model (an HF folder of SmolLM2 or another chat
              model) the HHH prompt's dialogue format; tokens generated per kept response, wall time, equal texts
+  prefix     prefix sharing in the sampler, with --model (SmolLM2 or another chat model): the responses stage's
+             generation with the 5-shot HHH prompt against the 0-shot prompt (same queries, --new_tokens each, no
+             early stop), and against every row computed in full (share_prefix=0); equal tokens, wall time ratios
   novelty    the ROUGE-L novelty filter's time per new query: every entry checked, against the index
              (almost.NoveltyPool); equal decisions. Synthetic queries (pools of 1,000 and 10,000) and the first
              human turns of the Anthropic HH test dialogues (pools of 500 and 2,000 novel ones)
@@ -59,8 +62,8 @@ class Config:
     device: str = "cpu"            # cpu or cuda
     shape: str = "llama-2-7b"      # the GPU cases' model shape: a memory.py shape name, or "tiny"
     tokenizer: str = ""            # tok_bpe: a model folder with a tokenizer.json (SmolLM2's, Llama-3's, ...)
-    model: str = ""                # stops: a chat model folder (SmolLM2-135M-Instruct) for the dialogue-format run
-    queries: int = 16              # stops: queries per generator
+    model: str = ""                # stops, prefix: a chat model folder (SmolLM2-135M-Instruct) for the dialogue-format run
+    queries: int = 16              # stops, prefix: queries per generator (prefix: the batch)
 
 
 def timed(fn, repeats):
@@ -155,6 +158,40 @@ def run_stops_case(cfg):
               f"-> {work_a / len(prompts):.1f}, kept {sum(map(len, after)) / len(prompts):.1f}; {t_b:.2f} s -> "
               f"{t_a:.2f} s ({t_b / t_a:.2f}x); kept texts equal: {same}; tokens past the kept text: median "
               f"{statistics.median(past):.0f}, max {max(past)}", flush=True)
+
+
+def run_prefix_case(cfg):
+    """The responses stage's generation with the 5-shot HHH prompt (a long prefix every row shares) against the
+    0-shot prompt on the same queries and lengths, and against the sampler without prefix sharing."""
+    import almost
+    from model import load
+    if not cfg.model:
+        raise UserError("--cases=prefix needs --model: a chat model folder (SmolLM2-135M-Instruct, say).")
+    model, tok = load(cfg.model)
+    preamble, demos = almost.read_demos(os.path.join(HERE, "data", "almost", "HHH_prompt.txt"))
+    queries = almost.read_seeds(os.path.join(HERE, "data", "almost", "seed_prompts.txt"))[1][:cfg.queries]
+    prompts = {s: [almost.turn_prompt(tok, "dialogue", preamble, demos, s, [("user", q)]) for q in queries]
+               for s in (0, 5)}
+    kw = dict(temperature=1.0, top_p=0.9, seed=0, stop_ids=[])   # no early stop: every row makes new_tokens
+    runs = [("0-shot", prompts[0], {}), ("5-shot, prefix shared", prompts[5], {}),
+            ("5-shot, every row in full", prompts[5], dict(share_prefix=0))]
+    times, outs = {}, {}
+    for name, ps, extra in runs:
+        def run(ps=ps, extra=extra, name=name):
+            outs[name] = generate(model, ps, cfg.new_tokens, **kw, **extra)
+        times[name] = timed(run, cfg.repeats)
+    from sample import shared_prefix_length
+    P = {s: shared_prefix_length(prompts[s]) for s in (0, 5)}
+    for s in (0, 5):
+        print(f"prefix    {s}-shot prompts: {min(map(len, prompts[s]))}..{max(map(len, prompts[s]))} tokens, "
+              f"{P[s]} shared")
+    base = times["0-shot"]
+    for name, _, _ in runs:
+        print(f"prefix    {name}: {len(queries)} rows x {cfg.new_tokens} new tokens, {times[name]:.2f} s, "
+              f"{times[name] / base:.2f}x the 0-shot run", flush=True)
+    a, b = outs["5-shot, prefix shared"], outs["5-shot, every row in full"]
+    print(f"prefix    shared vs in full: equal tokens {a[0] == b[0]}, largest logprob difference "
+          f"{max(abs(x - y) for r, s in zip(a[1], b[1]) for x, y in zip(r, s)):.1e}", flush=True)
 
 
 def run_novelty_case(cfg):
@@ -436,8 +473,9 @@ def main(argv):
         if name in GPU_CASES:
             GPU_CASES[name](cfg)
             continue
-        if name in ("tok_bpe", "stops", "novelty"):
-            {"tok_bpe": run_tokenizer_case, "stops": run_stops_case, "novelty": run_novelty_case}[name](cfg)
+        if name in ("tok_bpe", "stops", "novelty", "prefix"):
+            {"tok_bpe": run_tokenizer_case, "stops": run_stops_case, "novelty": run_novelty_case,
+             "prefix": run_prefix_case}[name](cfg)
             continue
         if name not in ("260k_b1", "134m_b1", "260k_b16", "134m_b16", "rm_260k", "rm_134m"):
             raise UserError(f"--cases: unknown case {name!r}.")

@@ -136,6 +136,40 @@ def rope_inv_freq(cfg):
     return inv_freq
 
 
+def attention_with_lse(q, k, v, mask=None):
+    """Softmax attention that also returns the log-sum-exp of each query's scores, so that attention over two key
+    sets can be merged. q (..., M, hd), k and v (..., S, hd), mask (bool, broadcast to (..., M, S)) or None
+    -> out (..., M, hd), lse (..., M) fp32. Scores and softmax in fp32."""
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5              # (..., M, S)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = s.logsumexp(-1)                                                     # (..., M)
+    return (s - lse[..., None]).exp().to(v.dtype) @ v, lse
+
+
+def cascade_attention(q, pk, pv, k, v, attn_mask):
+    """Attention over a prompt prefix that all B rows share, then each row's own keys, merged exactly (Hydragen,
+    Juravsky et al. 2024; FlashInfer's cascade attention). The prefix's keys are read once for the whole batch:
+    its part is one matmul whose rows are every query of every row, instead of B copies of the prefix in the cache.
+    q (B, nh, T, hd); pk, pv (1, nkv, P, hd), the prefix; k, v (B, nkv, S, hd), each row's own slots;
+    attn_mask: (B, 1, T, S) bool or None (every own key visible) -> (B, nh, T, hd)."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv                                              # GQA: query heads kv*g .. kv*g+g-1 read kv head kv
+    qg = q.reshape(B, nkv, g * T, hd)                                         # (B, nkv, g*T, hd)
+    # 1) the shared prefix: every query of the batch in one matmul a kv head (no mask: the prefix comes first)
+    op, lp = attention_with_lse(qg.transpose(0, 1).reshape(1, nkv, B * g * T, hd), pk, pv)
+    op = op.view(nkv, B, g * T, hd).transpose(0, 1)                           # (B, nkv, g*T, hd)
+    lp = lp.view(nkv, B, g * T).transpose(0, 1)                               # (B, nkv, g*T)
+    # 2) each row's own keys, under its mask (causal, padding)
+    mask = None if attn_mask is None else attn_mask[:, :, None].expand(B, 1, g, T, -1).reshape(B, 1, g * T, -1)
+    os_, ls = attention_with_lse(qg, k, v, mask)
+    # 3) softmax over the union = each part weighted by its share of the total exp-sum: sigmoid(lse_a - lse_b)
+    w = torch.sigmoid(lp - ls)[..., None]                                     # (B, nkv, g*T, 1)
+    y = op.float() * w + os_.float() * (1 - w)
+    return y.to(q.dtype).reshape(B, nh, T, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -155,9 +189,12 @@ class Attention(nn.Module):
         k = k * cos + k.roll(self.hd // 2, -1) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)                                 # (B, nkv, S, hd), S = slots so far
-        # GQA: query head h reads kv head h // (nh / nkv), as HF's repeat_kv does
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           is_causal=attn_mask is None and T > 1, enable_gqa=self.n_kv != self.n_head)
+        if cache is not None and cache.prefix_k is not None:                 # a prompt prefix the rows share
+            y = cascade_attention(q, cache.prefix_k[layer], cache.prefix_v[layer], k, v, attn_mask)
+        else:
+            # GQA: query head h reads kv head h // (nh / nkv), as HF's repeat_kv does
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                               enable_gqa=self.n_kv != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)           # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -212,9 +249,12 @@ def pad_batch(seqs, left=True, device="cpu"):
 class KVCache:
     """Preallocated keys and values for `max_len` slots. Slots fill left to right for every row at once;
     `mask` marks which slots hold real tokens (left padding does not), `lengths` counts them per row, so the
-    next token's RoPE position is lengths[b] whatever the padding."""
+    next token's RoPE position is lengths[b] whatever the padding.
+    prefix: a filled cache of one row whose tokens every row of this batch starts with. Its keys and values are
+    kept once (not copied into each row), attention reads them through cascade_attention, and each row's
+    positions continue after them."""
 
-    def __init__(self, cfg, batch_size, max_len, device, dtype):
+    def __init__(self, cfg, batch_size, max_len, device, dtype, prefix=None):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -222,6 +262,11 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len, self.pos = max_len, 0   # pos: slots filled so far
         self.padded = False                   # True once any slot is padding: attention then needs the mask
+        self.prefix_k = self.prefix_v = None
+        if prefix is not None:                # (1, nkv, P, hd) a layer, P = the shared prefix's length
+            self.prefix_k = [k[:, :, :prefix.pos] for k in prefix.k]
+            self.prefix_v = [v[:, :, :prefix.pos] for v in prefix.v]
+            self.lengths += prefix.pos
 
     def keep(self, rows):
         """Keep only the batch rows `rows` (a (b,) index): rows that finished leave the batch."""
@@ -267,15 +312,17 @@ class Llama(nn.Module):
                 nn.init.normal_(p, std=std)
         return self
 
-    def new_cache(self, batch_size, max_len):
-        if max_len > self.config.max_position_embeddings:
-            raise ValueError(f"a KV cache of {max_len} slots is past the context window "
+    def new_cache(self, batch_size, max_len, prefix=None):
+        """A KV cache of batch_size rows x max_len slots; prefix: a filled one-row cache every row continues."""
+        P = prefix.pos if prefix is not None else 0
+        if P + max_len > self.config.max_position_embeddings:
+            raise ValueError(f"a KV cache of {P} + {max_len} slots is past the context window "
                              f"({self.config.max_position_embeddings} tokens)")
         p = self.embed_tokens.weight
         dtype = p.dtype
         if torch.is_autocast_enabled(p.device.type):   # fp32 master weights computing in bf16: a bf16 cache
             dtype = torch.get_autocast_dtype(p.device.type)
-        return KVCache(self.config, batch_size, max_len, p.device, dtype)
+        return KVCache(self.config, batch_size, max_len, p.device, dtype, prefix)
 
     def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False, logits="all"):
         """
@@ -314,7 +361,7 @@ class Llama(nn.Module):
         attn_mask = None
         if padded and T == 1 and mask is None:
             attn_mask = key_mask[:, None, None, :]     # a decode step: the new token sees every real key
-        elif padded or (past > 0 and T > 1):
+        elif padded or (T > 1 and (past > 0 or (cache is not None and cache.prefix_k is not None))):
             S = past + T
             qi = torch.arange(past, S, device=dev)[:, None]
             kj = torch.arange(S, device=dev)[None, :]

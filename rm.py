@@ -319,7 +319,10 @@ class TrainConfig(ScaleConfig):
 
 
 PRESETS = {"tiny": dict(model=os.path.join(HERE, "data", "stories260K"), max_length=512, batch_size=32,
-                        micro_batch=16, lr=1e-3, weight_decay=0.0, epochs=3.0, eval_every=25, log_every=5)}
+                        micro_batch=16, lr=1e-3, weight_decay=0.0, epochs=3.0, eval_every=25, log_every=5),
+           # a ~135M chat model on CPU (almost.py --profile=chat): short texts, small batches, one pass
+           "chat": dict(max_length=320, batch_size=16, micro_batch=4, lr=2e-5, epochs=1.0, eval_every=5,
+                        log_every=2)}
 EVAL_FILES = ("hhh_eval.json", "test.jsonl.gz", "mc_task.json", "task.json", "question.jsonl")
 
 

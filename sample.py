@@ -27,12 +27,22 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        # sorting a 50k vocabulary costs more than a small model's step: rank the 256 most likely tokens; in a row
+        # where they reach top_p every token below them is dropped anyway (the set a full sort gives). Only the other
+        # rows (flat distributions) are sorted in full.
+        probs_all = logits.softmax(-1)
+        probs, order = torch.topk(probs_all, min(256, logits.size(-1)), dim=-1)   # (B, k), descending
         # drop a token when the tokens ranked above it already reach top_p
         drop = probs.cumsum(-1) - probs >= top_p
         drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, ~drop)
+        short = probs.sum(-1) < top_p                                         # (B,) rows the 256 do not cover
+        if bool(short.any()):
+            probs, order = torch.sort(probs_all[short], dim=-1, descending=True)
+            drop = probs.cumsum(-1) - probs >= top_p
+            drop[:, 0] = False
+            keep[short] = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, ~drop)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
 
 
@@ -46,16 +56,18 @@ def sample_next(logits, temperature, top_k, top_p, generator, rows=None, batch=N
         nxt = logits.argmax(-1)
     else:
         logp = filter_logits(logits / temperature, top_k, top_p).log_softmax(-1)
-        # argmax of p / Exp(1) noise is an exact draw from p (the exponential race), and needs no sync
-        # (clamped: a draw of exactly 0 would turn p / 0 into inf, or nan for a filtered token, and win)
+        # argmax of p / Exp(1) noise is an exact draw from p (the exponential race), and needs no sync. The noise
+        # is -log(U), U uniform in [0, 1) (a quarter of the cost of exponential_ on a CPU), clamped: a draw of
+        # exactly 0 would turn p / 0 into inf, or nan for a filtered token, and win
+        V, kw = logp.shape[-1], dict(device=logp.device, dtype=logp.dtype)
         if isinstance(generator, list):   # one generator per row: a row's draw does not depend on the batch
             gens = generator if rows is None else [generator[r] for r in rows.tolist()]
-            noise = torch.stack([torch.empty_like(logp[0]).exponential_(1, generator=g) for g in gens])
+            u = torch.stack([torch.rand(V, generator=g, **kw) for g in gens])
         elif rows is None:
-            noise = torch.empty_like(logp).exponential_(1, generator=generator)
+            u = torch.rand(logp.shape, generator=generator, **kw)
         else:
-            noise = logp.new_empty(batch, logp.shape[-1]).exponential_(1, generator=generator)[rows]
-        noise.clamp_(min=torch.finfo(logp.dtype).tiny)
+            u = torch.rand(batch, V, generator=generator, **kw)[rows]
+        noise = u.log_().neg_().clamp_(min=torch.finfo(logp.dtype).tiny)
         nxt = (logp.exp() / noise).argmax(-1)
     return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
 
@@ -78,12 +90,28 @@ def check_lengths(model, prompts, max_new_tokens):
                             f"context window of {ctx} tokens: lower --max_new_tokens to {ctx - len(p)} or less.")
 
 
+def shared_prefix_length(prompts):
+    """The number of leading tokens every prompt has in common, leaving each prompt at least one token of its own
+    (the first new token is predicted from a row's last prompt token)."""
+    first, n = prompts[0], min(map(len, prompts)) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return max(n, 0)
+
+
+SHARE_PREFIX = 32   # generate() computes a prompt prefix once when at least 2 rows share this many tokens
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=None, seed=None,
-             on_token=None, stop_strings=None, tokenizer=None, compact=True):
+             on_token=None, stop_strings=None, tokenizer=None, compact=True, share_prefix=SHARE_PREFIX):
     """
     prompts: list of B token-id lists (any lengths). They are left-padded into one batch that shares one
     KV cache; per-row positions keep each row exactly as it would be alone.
+    share_prefix: when the rows' prompts begin with the same P >= share_prefix tokens (a few-shot prompt, say), that
+    prefix is prefilled once, its keys and values are kept once for the whole batch, and attention reads them with
+    cascade_attention (model.py); the output is that of computing every row in full, up to float rounding
+    (tests/test_sample.py checks tokens and logprobs). 0 turns it off.
     stop_ids: a row ends at its first one (excluded from the output). None: the model's EOS ids
     (generation_config.json, else config.json); [] never stops early.
     stop_strings: a row also ends as soon as the decoded text of its new tokens (tokenizer.decode) contains one of
@@ -111,13 +139,20 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    idx, mask = pad_batch(prompts, left=True, device=device)                   # (B, T0), left padding
-    B, T0 = idx.shape
     was_training = model.training
     model.eval()
 
-    # 1) prefill every prompt at once
-    cache = model.new_cache(B, T0 + max_new_tokens)
+    # 1) prefill: the prefix every row shares once (batch of one), then every row's own tokens at once
+    P = shared_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
+    prefix = None
+    if P >= share_prefix > 0:
+        prefix = model.new_cache(1, P)
+        model(torch.tensor([prompts[0][:P]], device=device), cache=prefix, logits="none")
+    else:
+        P = 0
+    idx, mask = pad_batch([p[P:] for p in prompts], left=True, device=device)  # (B, T0), left padding
+    B, T0 = idx.shape
+    cache = model.new_cache(B, T0 + max_new_tokens, prefix=prefix)
     logits = model(idx, mask=mask, cache=cache, logits="last")[:, -1]          # (B, V)
     # 2) decode one token a step; a row that ends leaves the batch and the cache (rows: the original index of each
     # row still in the batch)

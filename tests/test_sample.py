@@ -1,10 +1,14 @@
 """sample.py: the KV cache, left padding, filtering, seeds, stop ids and logprobs."""
 
+import os
+
 import pytest
 import torch
 
 from model import UserError
 from sample import filter_logits, generate, sample_next
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPTS = ["Once upon a time", "Lily and Tom went to the park. They", "The dog", "A"]
 
@@ -214,7 +218,8 @@ def test_stop_strings_end_each_row_where_its_text_first_contains_one(stories):
     assert len(sizes) == max(ns)                                     # the prefill, then one pass a step until the last row ends
     # a caller cuts the text at the string
     t = tok.decode(cut[0])
-    assert t[:t.find(across)] == texts[0][:texts[0].find(across)]
+    k = min(t.find(s) for s in strings if s in t)
+    assert t[:k] == texts[0][:min(texts[0].find(s) for s in strings if s in texts[0])]
     # no string met: exactly the run without stop strings
     same, same_lp = generate(model, prompts, 40, temperature=1.0, seed=5, stop_ids=[], stop_strings=["\u00a7\u00a7"],
                              tokenizer=tok)
@@ -234,3 +239,77 @@ def test_per_row_seeds_and_greedy_rows_survive_others_leaving(stories):
         for f, c in zip(free, cut):
             assert c == (f[:f.index(stop)] if stop in f else f)
         assert generate(model, prompts, 30, stop_ids=[stop], compact=False, **kw)[0] == cut   # finished rows kept
+
+
+def test_cascade_attention_equals_attention_over_the_concatenation():
+    """Hydragen's merge: attention over a shared prefix (read once) and each row's own keys, combined by their
+    log-sum-exps, equals one softmax over prefix + own keys, with GQA, padding and a causal mask."""
+    from model import cascade_attention
+    torch.manual_seed(0)
+    B, nh, nkv, T, P, S, hd = 3, 6, 2, 4, 7, 9, 8
+    q = torch.randn(B, nh, T, hd)
+    pk, pv = torch.randn(1, nkv, P, hd), torch.randn(1, nkv, P, hd)
+    k, v = torch.randn(B, nkv, S, hd), torch.randn(B, nkv, S, hd)
+    real = torch.ones(B, S, dtype=torch.bool)
+    real[1, :3] = False                                                  # row 1 is left-padded
+    qi, kj = torch.arange(S - T, S)[:, None], torch.arange(S)[None]
+    mask = (((kj <= qi) & real[:, None]) | (kj == qi))[:, None]          # (B, 1, T, S)
+    full_mask = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), mask], -1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2),
+        attn_mask=full_mask, enable_gqa=True)
+    assert (cascade_attention(q, pk, pv, k, v, mask) - ref).abs().max() < 1e-5
+    ref1 = torch.nn.functional.scaled_dot_product_attention(      # a decode step, nothing masked
+        q[:, :, -1:], torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2),
+        enable_gqa=True)
+    assert (cascade_attention(q[:, :, -1:], pk, pv, k, v, None) - ref1).abs().max() < 1e-5
+
+
+def test_shared_prefix_is_computed_once_with_the_same_output(stories, monkeypatch):
+    """Prompts that begin alike (a few-shot prompt): the sampler prefills the common prefix once and reads it
+    through cascade attention; greedy tokens, seeded samples, stop strings and logprobs are those of computing
+    every row in full."""
+    import model as modellib
+    import sample
+    model, tok = stories
+    head = "Once upon a time, there was a little girl named Lily. She loved to play in the park with her big brown dog every day. "
+    tails = ["One day", "The dog saw a big red ball and", "Lily was sad.", "Then"]
+    prompts = [tok.encode(head + t, bos=True) for t in tails]
+    P = sample.shared_prefix_length(prompts)
+    assert sample.SHARE_PREFIX <= P < min(map(len, prompts))
+    assert prompts[0][:P] == prompts[2][:P] and prompts[0][P] != prompts[1][P]
+    assert sample.shared_prefix_length([prompts[0], prompts[0]]) == len(prompts[0]) - 1   # one own token each
+    calls = []
+    real = modellib.cascade_attention
+    monkeypatch.setattr(modellib, "cascade_attention", lambda *a: calls.append(a[1].shape[2]) or real(*a))
+    for kw in (dict(temperature=0, stop_ids=[]), dict(temperature=1.0, top_p=0.9, seed=5, stop_ids=[]),
+               dict(temperature=1.0, seed=[1, 2, 3, 4]),
+               dict(temperature=1.0, top_k=20, seed=9, stop_strings=[".", " and"], tokenizer=tok)):
+        calls.clear()
+        shared, slp = generate(model, prompts, 40, **kw)
+        assert calls and set(calls) == {P}              # every layer, every step read the prefix, once a batch
+        calls.clear()
+        full, flp = generate(model, prompts, 40, **kw, share_prefix=0)
+        assert not calls
+        assert shared == full
+        assert max(abs(a - b) for x, y in zip(slp, flp) for a, b in zip(x, y)) < 1e-4   # fp32 rounding
+    calls.clear()
+    generate(model, [prompts[0]], 5, temperature=0)               # one row, and a short common prefix: no sharing
+    generate(model, [tok.encode(t, bos=True) for t in tails], 5, temperature=0)
+    assert not calls
+
+
+def test_shared_prefix_on_a_real_chat_model(smollm2):
+    """SmolLM2 (GQA 9/3, byte-level BPE) with a one-shot HHH prompt: sharing the prompt's prefix gives the tokens and
+    logprobs of computing every row in full, greedy and sampled."""
+    import almost
+    from model import load
+    model, tok = load(smollm2)
+    preamble, demos = almost.read_demos(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"))
+    prompts = [almost.turn_prompt(tok, "dialogue", preamble, demos, 1, [("user", q)])
+               for q in ("How do I boil an egg?", "What is the capital of France?", "Tell me a joke.")]
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3)):
+        shared, slp = generate(model, prompts, 16, stop_ids=[], **kw)
+        full, flp = generate(model, prompts, 16, stop_ids=[], share_prefix=0, **kw)
+        assert shared == full
+        assert max(abs(a - b) for x, y in zip(slp, flp) for a, b in zip(x, y)) < 1e-3
