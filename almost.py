@@ -3,6 +3,7 @@ The ALMoST pipeline: the paper's three steps as stages that talk through files i
 
     python almost.py                                   # the bundled story profile, about 9 minutes on 2 CPU cores
     python almost.py --stages=compare,rm               # rerun some stages; each skips work already on disk
+    python almost.py --profile=chat --model=SMOLLM2    # one real chat model in every role, about 40 minutes on CPU
     python almost.py --profile=paper --query_model=LLAMA --generators=NAME=LLAMA:PROMPT_FILE:SHOTS,... \
                      --rubric="A>B>C" ...              # the paper's setting on LLaMA folders you supply
 
@@ -45,7 +46,7 @@ import sft as sftlib
 from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, rank, read_json, read_records,
                     read_text, run_cli,
                     world_size, write_json, write_jsonl, write_text)
-from eval import Config as EvalConfig, evaluate, policy_answers, results_markdown, wilson
+from eval import RM_SETS, Config as EvalConfig, evaluate, policy_answers, results_markdown, spread, wilson
 from model import load
 from sample import generate
 from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
@@ -96,11 +97,12 @@ PROFILES = {
                  rubric="faithful-3shot>hhh-3shot>hhh-0shot", rm_model="{model}", rm_preset="chat",
                  assistant=f"{{model}}:{DATA}/almost/Faithful_prompt.txt:3:128",
                  user=f"{{model}}:{DATA}/almost/HHH_prompt.txt:1:40",
-                 run=dict(turns=1, eval_max_items=100),
+                 run=dict(turns=1, trim_cut=True, eval_max_items=100, eval_rm_items=221, eval_vicuna=False),
                  sft=dict(sft_lr=2e-5, sft_batch=8, sft_micro_batch=4, sft_epochs=2.0, sft_eval_every=5,
                           sft_max_length=384),
-                 ppo=dict(steps=12, lr=2e-6, value_lr=2e-5, batch_size=8, minibatch=4, max_new_tokens=64,
-                          beta=0.1, kl_target=4.0, kl_horizon=96)),
+                 # PPO: 64-token responses rarely reach EOS, so a truncated one keeps its RM score (as stories)
+                 ppo=dict(steps=12, lr=2e-6, value_lr=2e-5, batch_size=8, minibatch=4, ppo_epochs=2,
+                          max_new_tokens=64, beta=0.1, kl_target=4.0, kl_horizon=96, penalize_missing_eos=False)),
 }
 
 
@@ -111,6 +113,8 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     out: str = "out"                # the folder every stage reads and writes
     stages: str = "queries,responses,compare,check,rm,selfplay,sft,ppo,eval,report"  # stages to run, in this order
     n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000)
+    trim_cut: bool = False          # 1b, 2: a dialogue turn cut by the token budget goes back to its last full sentence
+                                    # (the chat profile's short budgets; the paper's budgets rarely cut)
     query_line: str = "authors"     # 1a, dialogue format: "authors" (first line starting "Query:") or "first" line
     seeds: str = ""                 # seed pool file ("" = the profile's); its first line is an instruction line
     query_model: str = ""           # "" = the profile's
@@ -119,6 +123,8 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     rm_model: str = ""              # base LLaMA for the reward model ("" = the profile's)
     rm_preset: str = ""             # rm.py preset ("" = the profile's: tiny for stories, the paper's defaults otherwise)
     rm_filter_ablation: bool = True  # also train a reward model without the length rule
+    judge: str = ""                 # check: the LLM that judges the rubric's pairs (dialogue format; "" = the rm_model)
+    check_items: int = 100          # check: queries judged per rubric pair at most (0 = all)
     rm_checkpoint: str = "last"     # step 1's reward model for what follows: "last" (the authors') or "best" held-out
     # step 2
     turns: int = 2                  # self-play: assistant turns per dialogue
@@ -139,6 +145,10 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     ppo_steps: int = 0              # 0 = the profile's (stories 40, paper 1000)
     ppo_lr: float = 0.0             # 0 = the profile's
     eval_max_items: int = 0         # cap every evaluation set at this many items (0 = all)
+    eval_rm_items: int = -1         # the reward models' pairs from static HHH and each HH test split (-1: as
+                                    # --eval_max_items, 0: all)
+    eval_vicuna: bool = True        # Vicuna-80 answers of every policy, judged by the reward model
+    eval_max_new_tokens: int = 0    # Vicuna-80 answers' length at most (0 = the profile's: stories 120, else 1024)
     dry_run: bool = False           # print the plan (stages, models, counts, tokens to generate) and stop
     batch_size: int = 32            # prompts per sampler call
     seed: int = 1337                # every random stream of the run derives from it
@@ -566,7 +576,8 @@ def stage_responses(cfg):
             for b in tqdm(range(0, len(todo), cfg.batch_size), desc=f"responses {g.name}"):
                 batch = todo[b:b + cfg.batch_size]
                 seed = derive_seed(cfg.seed, "sampling", zlib.crc32(g.name.encode()) + batch[0]["id"], bits=31)
-                resps = sample_turns(model, tok, [prompts[q["id"]] for q in batch], g, cfg.format, "assistant", seed)
+                resps = sample_turns(model, tok, [prompts[q["id"]] for q in batch], g, cfg.format, "assistant", seed,
+                                     cfg.trim_cut)
                 for q, resp in zip(batch, resps):
                     resp = resp or ""
                     w.write({"query_id": q["id"], "query": q["query"], "config": g.name, "response": resp,
@@ -694,14 +705,66 @@ def stage_check(cfg):
             rep.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
         out[name] = {"n": len(rep), "nll_per_token": nll / max(toks, 1), "repeated_3grams": statistics.fmean(rep),
                      "mean_chars": statistics.fmean([len(r["response"]) for r in rs if r["config"] == name])}
-    write_json(os.path.join(cfg.out, "check_stats.json"), out)
+    result = {"configs": out}
+    if cfg.format == "dialogue":
+        del model
+        result["axes"] = judge_rubric(cfg, rs)
+    write_json(os.path.join(cfg.out, "check_stats.json"), result)
     print("check (judge " + os.path.basename(cfg.rm_model.rstrip("/")) + "): " + "; ".join(
         f"{n}: NLL/token {v['nll_per_token']:.3f}, repeated 3-grams {v['repeated_3grams']:.1%}" for n, v in out.items()))
+    for axis, a in result.get("axes", {}).items():
+        lo, hi = a["ci95"]
+        print(f"check: {axis}: the judge prefers the higher-ranked answer in {a['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
+              f"of {a['n']} queries -> {a['verdict']}")
+
+
+def rubric_axes(rubric):
+    """The rubric's claims that can be checked one at a time: each config against the next rank's configs."""
+    levels = [[x] if isinstance(x, str) else list(x) for x in rubric]
+    return [(a, b) for hi, lo in zip(levels, levels[1:]) for a in hi for b in lo]
+
+
+def judge_rubric(cfg, responses):
+    """Is the rubric's ranking true on this model? For each adjacent pair of ranks (A above B), on queries where
+    both answered (not BAD), the judge (--judge, default the rm_model) reads the query and the two answers in the
+    authors' static-HHH judge prompt, in both orders, and prefers A when P(A) summed over the orders is at least
+    P(B)'s (eval.eval_hhh_judge). A win rate whose 95% interval lies above 50% supports the rubric's claim; one
+    below refutes it. The judge must not be the generators' model to be independent: when it is, say so."""
+    from eval import eval_hhh_judge
+    judge = cfg.judge or cfg.rm_model
+    model, tok = load(judge, device=cfg.device)
+    by = {}
+    for r in responses:
+        by.setdefault(r["config"], {})[r["query_id"]] = r
+    axes = {}
+    gens = {g.name: g for g in parse_generators(cfg.generators, cfg.format)}
+    for a, b in rubric_axes(parse_rubric(cfg.rubric, list(gens.values()))):
+        common = sorted(set(by.get(a, {})) & set(by.get(b, {})))[:cfg.check_items or None]
+        if not common:
+            continue
+        items = [{"chosen": f"Human: {by[a][q]['query']}\n\nAssistant: {by[a][q]['response']}",
+                  "rejected": f"Human: {by[a][q]['query']}\n\nAssistant: {by[b][q]['response']}"} for q in common]
+        res = eval_hhh_judge(model, tok, items, batch_size=8)["all"]
+        lo, hi = res["ci95"]
+        res["verdict"] = ("holds" if lo > 0.5 else "reversed" if hi < 0.5 else "not shown (the interval holds 50%)")
+        res["judge"] = judge
+        res["judge_is_a_generator"] = any(os.path.abspath(g.model) == os.path.abspath(judge) for g in gens.values())
+        axes[f"{a} > {b}"] = res
+    return axes
 
 
 
 # -----------------------------------------------------------------------------
 # Step 1d. The reward model (rm.py) on the synthetic comparisons
+
+def rm_eval_pairs(cfg, name, path):
+    """The pairs a reward model is scored on: the held-out split whole; static HHH (221) and each HH test split
+    (about 2,300 pairs) capped at --eval_rm_items (-1: --eval_max_items; 0: all), evenly spaced through the set. The
+    same items for every reward model and baseline."""
+    ps = rmlib.read_pairs(path)
+    cap = cfg.eval_max_items if cfg.eval_rm_items < 0 else cfg.eval_rm_items
+    return ps if name.startswith("held_out") else spread(ps, cap)
+
 
 def stage_rm(cfg):
     pairs = {"filter": read_records(os.path.join(cfg.out, "comparisons.jsonl")),
@@ -733,14 +796,14 @@ def stage_rm(cfg):
         model = rmlib.RewardModel.from_pretrained(os.path.join(out, cfg.rm_checkpoint), device=cfg.device)
         s = {}
         for name, path in [("held_out", os.path.join(data_dir, "val_filter.jsonl")),
-                           ("held_out_nofilter", os.path.join(data_dir, "val_nofilter.jsonl")),
-                           ("static_hhh", os.path.join(DATA, "almost", "hhh_eval.json"))]:
-            ps = rmlib.read_pairs(path)
+                           ("held_out_nofilter", os.path.join(data_dir, "val_nofilter.jsonl")), *RM_SETS.items()]:
+            ps = rm_eval_pairs(cfg, name, path)
             s[name] = rmlib.evaluate_pairs(model, rmlib.tokenize_pairs(model, ps, path))
         stats[k] = s
         print(f"rm ({'with' if k == 'filter' else 'without'} the length rule): held-out accuracy "
               f"{s['held_out']['accuracy']:.3f}, corr(score, length) {s['held_out']['length_corr']:.3f}, "
-              f"static HHH {s['static_hhh']['accuracy']:.3f}")
+              f"static HHH {s['static_hhh']['accuracy']:.3f}, HH harmless {s['hh_harmless']['accuracy']:.3f}, "
+              f"HH helpful {s['hh_helpful']['accuracy']:.3f}")
     if rank() == 0:
         write_json(os.path.join(cfg.out, "rm_stats.json"), stats)
 
@@ -764,9 +827,10 @@ def split_queries(cfg):
     return qs[:-k], qs[-k:]
 
 
-def sample_turns(model, tok, prompts, g, fmt, role, seed):
+def sample_turns(model, tok, prompts, g, fmt, role, seed, trim_cut=False):
     """Sample one turn per prompt with THE sampler; returns texts, None where the prompt leaves fewer than 8 tokens of
-    the context window (no room for the turn)."""
+    the context window (no room for the turn). trim_cut: a dialogue turn that the token budget cut short goes back to
+    its last full sentence (--trim_cut)."""
     ctx = model.config.max_position_embeddings
     fit = [i for i, p in enumerate(prompts) if len(p) + 8 <= ctx]
     texts = [None] * len(prompts)
@@ -779,7 +843,10 @@ def sample_turns(model, tok, prompts, g, fmt, role, seed):
     for i, o in zip(fit, outs):
         t = tok.decode(o)
         if fmt == "dialogue":
+            cut = len(o) >= budget and not any(s in t for s in TURN_ENDS)     # the budget ended the turn
             t = postprocess_response(t)
+            if cut and trim_cut:
+                t = trim_to_sentence(t)
         elif role == "assistant":
             t = story_response(t, ended=len(o) < budget)
         else:   # the story's user adds one sentence
@@ -812,7 +879,7 @@ def selfplay(cfg, n, path, assistant, user, reward_model):
                 shots = assistant.shots if t == 0 or cfg.later_shots < 0 else cfg.later_shots
                 prompts = [turn_prompt(a_tok, cfg.format, *a_demos, shots, d["turns"], "assistant")
                            for d in live for _ in range(n)]
-                cands = sample_turns(a_model, a_tok, prompts, assistant, cfg.format, "assistant", seed)
+                cands = sample_turns(a_model, a_tok, prompts, assistant, cfg.format, "assistant", seed, cfg.trim_cut)
                 for i, d in enumerate(live):
                     if cands[i * n] is None:   # the prompt leaves no room: the dialogue ends, and the stage says so
                         d["ended"], d["no_room"] = True, f"assistant turn {t + 1}"
@@ -836,7 +903,7 @@ def selfplay(cfg, n, path, assistant, user, reward_model):
                 if not live:
                     break
                 uprompts = [turn_prompt(u_tok, cfg.format, *u_demos, user.shots, d["turns"], "user") for d in live]
-                utexts = sample_turns(u_model, u_tok, uprompts, user, cfg.format, "user", seed + 1)
+                utexts = sample_turns(u_model, u_tok, uprompts, user, cfg.format, "user", seed + 1, cfg.trim_cut)
                 for d, u in zip(live, utexts):
                     if u is None:
                         d["ended"], d["no_room"] = True, f"user turn {t + 2}"
@@ -984,9 +1051,10 @@ def stage_eval(cfg):
         raise UserError(f"{models['sft']}: no SFT policy to evaluate; run the sft (and ppo) stages first.")
     if not os.path.isfile(os.path.join(models["ppo"], "config.json")):
         del models["ppo"]
-    new = 120 if cfg.format == "story" else 1024
+    new = cfg.eval_max_new_tokens or (120 if cfg.format == "story" else 1024)
     evaluate(EvalConfig(models=",".join(f"{k}={v}" for k, v in models.items()), vicuna_baseline="sft",
                         rm=cfg.reward_model, max_new_tokens=new, max_items=cfg.eval_max_items,
+                        rm_sets=False, vicuna=cfg.eval_vicuna,   # the rm stage scored the reward models
                         out=os.path.join(cfg.out, "eval"), seed=cfg.seed, device=cfg.device))
 
 
@@ -1067,17 +1135,34 @@ def verdicts(cfg, rs, sft, ev):
     """"Did it work?": one line per step against a baseline measured on the same items, with 95% intervals."""
     lines, pct = [], lambda p: f"{100 * p:.1f}%"
     if rs:
-        hhh = rmlib.read_pairs(os.path.join(DATA, "almost", "hhh_eval.json"))
-        val = rmlib.read_pairs(os.path.join(cfg.out, "rm_data", "val_filter.jsonl"))
-        for split, pairs, name in (("held_out", val, "held-out synthetic pairs"), ("static_hhh", hhh, "static HHH")):
+        sets = {"held_out": ("held-out synthetic pairs", os.path.join(cfg.out, "rm_data", "val_filter.jsonl")),
+                "static_hhh": ("static HHH", RM_SETS["static_hhh"]),
+                "hh_harmless": ("the HH harmless test split", RM_SETS["hh_harmless"]),
+                "hh_helpful": ("the HH helpful test split", RM_SETS["hh_helpful"])}
+        for split, (name, path) in sets.items():
+            if split not in rs["filter"]:
+                continue
+            pairs = rm_eval_pairs(cfg, split, path)
             m, n = rs["filter"][split]["accuracy"], len(pairs)
             lo, hi = wilson(round(m * n), n)
             base = prefer_longer(pairs)
-            others = f", without the length rule {pct(rs['nofilter'][split]['accuracy'])}" if "nofilter" in rs else ""
-            verdict = ("beats chance and the longer-answer baseline" if lo > max(0.5, base) else
+            nofilter = rs.get("nofilter", {}).get(split, {}).get("accuracy")
+            others = f", without the length rule {pct(nofilter)}" if nofilter is not None else ""
+            verdict = ("beats chance, the longer-answer baseline and the reward model without the length rule"
+                       if lo > max(0.5, base, nofilter or 0) else
+                       "beats chance and the longer-answer baseline, not the reward model without the length rule"
+                       if lo > max(0.5, base) else
                        "beats chance, not the longer-answer baseline" if lo > 0.5 else "does not beat chance")
             lines.append(f"- Step 1, reward model on {name} ({n} pairs): {pct(m)} [{pct(lo)}, {pct(hi)}] against "
                          f"chance 50% and \"prefer the longer answer\" {pct(base)}{others}: **{verdict}**.")
+    check = read_json(os.path.join(cfg.out, "check_stats.json")) if os.path.isfile(
+        os.path.join(cfg.out, "check_stats.json")) else {}
+    for axis, a in check.get("axes", {}).items():
+        lo, hi = a["ci95"]
+        who = (f"{os.path.basename(a['judge'].rstrip('/'))}, which also wrote the answers" if a["judge_is_a_generator"]
+               else os.path.basename(a["judge"].rstrip("/")))
+        lines.append(f"- Step 1, the rubric's claim {axis}: the judge ({who}) prefers the higher-ranked answer in "
+                     f"{pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}] of {a['n']} queries: **{a['verdict']}**.")
     sp = read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl"))
     gains = [max(s) - statistics.fmean(s) for r in sp for cs in r["candidates"]
              for s in [[c["score"] for c in cs if not c["bad"]]] if len(s) > 1]
@@ -1125,8 +1210,9 @@ def stage_report(cfg):
     if rs:
         for k, v in rs.items():
             rows.append((f"RM {'with' if k == 'filter' else 'without'} the length rule: held-out acc / length corr "
-                         f"/ static HHH", f"{v['held_out']['accuracy']:.3f} / {v['held_out']['length_corr']:.2f} / "
-                         f"{v['static_hhh']['accuracy']:.3f}"))
+                         f"/ static HHH / HH harmless / HH helpful",
+                         f"{v['held_out']['accuracy']:.3f} / {v['held_out']['length_corr']:.2f} / " +
+                         " / ".join(f"{v[s]['accuracy']:.3f}" if s in v else "-" for s in RM_SETS)))
     if sp:
         rows.append(("self-play: RM score of chosen vs random candidate", f"{sp['chosen_score']:.3f} vs {sp['random_score']:.3f}"))
         if sp.get("ended_no_room"):
@@ -1188,10 +1274,13 @@ def stage_report(cfg):
                 md += [f"![{title}](report_ppo_{key}.svg)", ""]
     if rs:
         sets = {"held_out": ("held out", os.path.join(cfg.out, "rm_data", "val_filter.jsonl")),
-                "static_hhh": ("static HHH", os.path.join(DATA, "almost", "hhh_eval.json"))}
+                "static_hhh": ("static HHH", RM_SETS["static_hhh"]), "hh_harmless": ("HH harmless", RM_SETS["hh_harmless"]),
+                "hh_helpful": ("HH helpful", RM_SETS["hh_helpful"])}
+        sets = {k: v for k, v in sets.items() if k in rs["filter"]}
         series = {f"RM {'with' if k == 'filter' else 'without'} the length rule":
                   [(sets[s][0], v[s]["accuracy"]) for s in sets] for k, v in rs.items()}
-        series["prefer the longer answer"] = [(label, prefer_longer(rmlib.read_pairs(f))) for label, f in sets.values()]
+        series["prefer the longer answer"] = [(label, prefer_longer(rm_eval_pairs(cfg, s, f)))
+                                              for s, (label, f) in sets.items()]
         svg_chart(os.path.join(cfg.out, "report_rm.svg"), "Reward models against baselines, same pairs",
                   "evaluation set", "accuracy", series, hlines={"chance": 0.5}, bars=True)
         md += ["![Reward models' accuracy](report_rm.svg)", ""]
@@ -1199,6 +1288,20 @@ def stage_report(cfg):
     print(table, end="")
     print("\n".join(verdict_lines))
     print(f"report -> {os.path.join(cfg.out, 'report.md')}")
+
+
+def shared_prefix_tokens(model, g, fmt):
+    """Tokens of the few-shot prompt every row of generator g starts with (0: none, or no tokenizer in `model`)."""
+    if g is None or fmt != "dialogue" or not os.path.isfile(os.path.join(model, "config.json")):
+        return 0
+    from tokenizer import Tokenizer
+    try:
+        tok = Tokenizer(model)
+    except UserError:
+        return 0
+    preamble, demos = read_demos(g.prompt_file)
+    return max(0, len(tok.encode(dialogue_prompt_text(preamble, demos, g.shots, []).rsplit("\n\n", 1)[0],
+                                 bos=True)) - 1)
 
 
 def print_plan(cfg, stages):
@@ -1237,20 +1340,24 @@ def print_plan(cfg, stages):
     print(f"  about {total:,} tokens to generate in all")
     # memory per GPU of the sampling stages: each model at --batch_size rows of its whole context window (the most
     # the sampler's KV cache can hold), and the largest batch that fits
+    # A generator's few-shot prompt is a prefix all its rows share, which the sampler caches once: the plan counts it
+    # once for the model's use with the shortest such prefix (queries share none), when the model's tokenizer is here
     samplers = {}
     if "queries" in stages:
-        samplers.setdefault(cfg.query_model, []).append("queries")
+        samplers.setdefault(cfg.query_model, []).append(("queries", None))
     if "responses" in stages:
         for g in parse_generators(cfg.generators, cfg.format):
-            samplers.setdefault(g.model, []).append(f"responses {g.name}")
+            samplers.setdefault(g.model, []).append((f"responses {g.name}", g))
     if "selfplay" in stages:
         for role in ("assistant", "user"):
-            samplers.setdefault(parse_generator(f"--{role}", getattr(cfg, role), cfg.format).model, []).append(
-                f"selfplay {role}")
+            g = parse_generator(f"--{role}", getattr(cfg, role), cfg.format)
+            samplers.setdefault(g.model, []).append((f"selfplay {role}", g))
     for model, uses in samplers.items():
         ctx = memory.model_config(model).max_position_embeddings
-        memory_dry_run(cfg, model, "sample", cfg.batch_size, ctx)
-        print(f"  (used by: {', '.join(uses)})")
+        shared = min(shared_prefix_tokens(model, g, cfg.format) for _, g in uses)
+        memory_dry_run(cfg, model, "sample", cfg.batch_size, ctx, shared=shared)
+        print(f"  (used by: {', '.join(u for u, _ in uses)}; " +
+              (f"a prompt prefix of {shared} tokens shared by every row)" if shared else "no shared prefix counted)"))
     # memory per GPU of the trainer stages: each trainer's own dry run (cfg.dry_run is on), as the stage would call it
     if "rm" in stages:
         rmlib.train(rmlib.TrainConfig(model=cfg.rm_model, preset=cfg.rm_preset, seed=cfg.seed, **scale_flags(cfg)))

@@ -71,7 +71,8 @@ class Config:
     data: str = ""          # a pairs file to score the reward model on, instead of the bundled sets
     vicuna: bool = True     # Vicuna-80 answers and pairs, when there are 2+ models and a judge (--rm or --judge)
     vicuna_baseline: str = ""   # the model every other is paired with on Vicuna-80 ("" = the first of --models)
-    max_items: int = 0      # cap every set at this many items (0: all)
+    max_items: int = 0      # cap every set at this many items, evenly spaced through it (0: all)
+    rm_sets: bool = True    # score --rm on static HHH and the HH test splits (False: --rm judges Vicuna-80 only)
     max_new_tokens: int = 1024  # Vicuna-80 answers: new tokens at most (also cut at the context window)
     batch_size: int = 16    # rows per forward
     on_error: str = "stop"  # a malformed line in --data: "stop" or "skip"
@@ -88,6 +89,12 @@ def wilson(k, n, z=1.96):
     p, d = k / n, 1 + z * z / n
     mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def spread(xs, n):
+    """n items of xs evenly spaced through it (all of them when n is 0 or at least len(xs)): a cap that keeps the
+    mix of a set stored in blocks (static HHH lists its categories one after another)."""
+    return xs if not n or n >= len(xs) else [xs[i * len(xs) // n] for i in range(n)]
 
 
 def accuracy(correct):
@@ -379,10 +386,10 @@ def evaluate(cfg):
     to cfg.out, prints the tables, returns the results."""
     models = check(cfg)
     dtype = DTYPES.get(cfg.dtype)
-    clip = (lambda xs: xs[:cfg.max_items]) if cfg.max_items else (lambda xs: xs)
+    clip = lambda xs: spread(xs, cfg.max_items)
     res = {"protocol": cfg.protocol, "rm": {}, "models": {}, "vicuna": {}}
     reward_model = RewardModel.from_pretrained(cfg.rm, device=cfg.device, dtype=dtype) if cfg.rm else None
-    if reward_model is not None:
+    if reward_model is not None and cfg.rm_sets:
         for name, path in ({"data": cfg.data} if cfg.data else RM_SETS).items():
             pairs = clip(read_pairs(path, cfg.on_error))
             m = evaluate_pairs(reward_model, tokenize_pairs(reward_model, pairs, path), cfg.batch_size)

@@ -121,6 +121,7 @@ class Job:
     world: int = 1                  # processes (GPUs)
     fsdp: bool = False              # weights, gradients and optimizer state sharded over the processes
     rows: int = 16                  # rows per forward (rm: 2 x micro_batch; sft: micro_batch; ppo: minibatch / world)
+    shared: int = 0                 # sample: tokens of a prompt prefix every row shares (prefilled and cached once)
     seq: int = 1024                 # tokens per row (ppo: prompt + response)
     rollout_rows: int = 64          # ppo: rollout rows per process
     response: int = 512             # ppo: response tokens of seq
@@ -143,12 +144,23 @@ def plan(cfg, j):
     rows = []
 
     if j.job == "sample":   # THE sampler: the weights, the KV cache of rows x seq, one block's prefill transients
+        # a shared prefix of P tokens is cached once; each row holds its own seq - P tokens, and the prefill of the
+        # rows' own tokens also holds their scores against the prefix (cascade attention, fp32 scores and weights)
         n, _ = param_counts(cfg)
         q, H = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
-        rows += [("weights", cb * n), (f"KV cache ({j.rows} rows x {j.seq} tokens)", 2 * L * kv * cb * j.rows * j.seq),
+        P = min(j.shared, j.seq - 1)
+        own = j.seq - P
+        rows += [("weights", cb * n)]
+        if P:
+            rows += [(f"KV cache of the shared prefix ({P} tokens, once)", 2 * L * kv * cb * P)]
+        rows += [(f"KV cache ({j.rows} rows x {own} tokens{' of their own' if P else ''})",
+                  2 * L * kv * cb * j.rows * own),
                  ("prefill: one block's intermediates (q, k, v, attention, SwiGLU)",
-                  cb * j.rows * j.seq * (2 * C + 2 * q + 2 * kv + 3 * H)),
-                 ("logits and sampling (fp32)", 4 * 4 * V * j.rows)]
+                  cb * max(P, j.rows * own) * (2 * C + 2 * q + 2 * kv + 3 * H))]
+        if P:   # model.attention_with_lse holds at most SCORES_BYTES of them at a time
+            rows += [("prefill: the rows' scores against the prefix (fp32, in chunks)",
+                      min(8 * cfg.num_attention_heads * j.rows * own * P, 2**28 + 8 * cfg.num_attention_heads * P))]
+        rows += [("logits and sampling (fp32)", 4 * 4 * V * j.rows)]
         if j.device == "cuda":
             rows.append(("CUDA context and kernels (about)", 0.6 * GiB))
         return rows, sum(b for _, b in rows), ""

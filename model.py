@@ -136,10 +136,20 @@ def rope_inv_freq(cfg):
     return inv_freq
 
 
+SCORES_BYTES = 2**28   # attention_with_lse works through the queries in chunks whose fp32 scores fit in this
+
+
 def attention_with_lse(q, k, v, mask=None):
     """Softmax attention that also returns the log-sum-exp of each query's scores, so that attention over two key
-    sets can be merged. q (..., M, hd), k and v (..., S, hd), mask (bool, broadcast to (..., M, S)) or None
-    -> out (..., M, hd), lse (..., M) fp32. Scores and softmax in fp32."""
+    sets can be merged. q (..., M, hd), k and v (..., S, hd), mask (bool, (..., M, S) or broadcast to it) or None
+    -> out (..., M, hd), lse (..., M) fp32. Scores and softmax in fp32, SCORES_BYTES of them at a time: a long
+    prefill against a long prefix would otherwise hold every score at once."""
+    M, S = q.shape[-2], k.shape[-2]
+    step = max(1, SCORES_BYTES // (8 * S * q[..., 0, 0].numel()))            # query rows a chunk
+    if M > step:
+        rows = lambda i: mask if mask is None or mask.shape[-2] == 1 else mask[..., i:i + step, :]
+        parts = [attention_with_lse(q[..., i:i + step, :], k, v, rows(i)) for i in range(0, M, step)]
+        return torch.cat([o for o, _ in parts], -2), torch.cat([lse for _, lse in parts], -1)
     s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5              # (..., M, S)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))

@@ -135,6 +135,7 @@ import os
 
 import almost
 from almost import Config, resolve
+from common import read_json
 from conftest import ROOT
 
 
@@ -240,6 +241,8 @@ def test_whole_pipeline_tiny(tmp_path):
     (["--profile=paper", "--stages=responses"], ["--generators is required"]),
     (["--profile=paper", "--stages=selfplay"], ["--assistant is required"]),
     (["--profile=gpt"], ["--profile='gpt'"]),
+    (["--profile=chat"], ["--profile=chat needs --model"]),
+    (["--profile=chat", "--model=/nonexistent/smollm2"], ["--model=/nonexistent/smollm2", "no config.json"]),
     (["--generators=a=/m:/p", "--stages=compare"], ["NAME=MODEL:PROMPT_FILE:SHOTS"]),
     (["--rubric=260K-good-2shot>nope", "--stages=compare"], ["'nope' is not one of the generators"]),
 ])
@@ -805,3 +808,67 @@ def test_svg_chart_is_a_titled_labelled_picture(tmp_path):
         assert all(w in texts for w in want), texts
     bars = ET.parse(tmp_path / "b.svg").getroot().findall("{http://www.w3.org/2000/svg}rect")[1:]
     assert len(bars) == 2 and float(bars[0].get("height")) > float(bars[1].get("height")) > 0
+
+
+def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path):
+    """--profile=chat on SmolLM2, made small (few queries, short answers, one PPO step, a few evaluation items):
+    every stage runs in the dialogue format and leaves its files; the check stage judges each rubric pair; the reward
+    models are scored on static HHH and both HH test splits; the report gives a verdict per step."""
+    d, m = os.path.join(ROOT, "data", "almost"), smollm2
+    gens = ",".join(f"{n}={m}:{d}/{f}:{k}:40" for n, f, k in (("faithful-3shot", "Faithful_prompt.txt", 3),
+                                                              ("hhh-3shot", "HHH_prompt.txt", 3),
+                                                              ("hhh-0shot", "HHH_prompt.txt", 0)))
+    almost.main(["--profile=chat", f"--model={m}", f"--out={tmp_path}", "--n_queries=6", "--batch_size=12",
+                 f"--generators={gens}", f"--assistant={m}:{d}/Faithful_prompt.txt:3:32", "--n=2",
+                 "--selfplay_baseline=false", "--ppo_steps=1", "--eval_max_items=3", "--eval_rm_items=3",
+                 "--check_items=3", "--sft_epochs=1"])
+    cfg = read_json(str(tmp_path / "almost_config.json"))
+    assert cfg["model"] == m and cfg["rubric"] == "faithful-3shot>hhh-3shot>hhh-0shot" and cfg["trim_cut"]
+    rs = read_records(str(tmp_path / "responses.jsonl"))
+    assert len(rs) == 18 and {r["config"] for r in rs} == {"faithful-3shot", "hhh-3shot", "hhh-0shot"}
+    check = read_json(str(tmp_path / "check_stats.json"))
+    assert set(check["configs"]) <= {r["config"] for r in rs}
+    for axis, a in check["axes"].items():
+        assert axis in ("faithful-3shot > hhh-3shot", "hhh-3shot > hhh-0shot") and 1 <= a["n"] <= 3
+        assert a["judge_is_a_generator"] and a["verdict"]
+    rm_stats = read_json(str(tmp_path / "rm_stats.json"))
+    for k in ("filter", "nofilter"):
+        assert {"held_out", "static_hhh", "hh_harmless", "hh_helpful"} <= set(rm_stats[k])
+        assert rm_stats[k]["hh_helpful"]["n"] == 3 and rm_stats[k]["static_hhh"]["n"] == 3
+    sp = read_records(str(tmp_path / "selfplay_n2.jsonl"))
+    assert sp and all(len(r["candidates"][0]) == 2 for r in sp if r["candidates"])
+    assert all(len([t for t in r["turns"] if t["role"] == "assistant"]) <= 1 for r in sp)   # the profile's 1 turn
+    ev = read_json(str(tmp_path / "eval" / "results.json"))
+    assert set(ev["models"]) == {"base", "sft", "ppo"} and not ev["vicuna"] and not ev["rm"]
+    assert set(read_json(str(tmp_path / "timings.json"))) == set(almost.STAGES)
+    report = (tmp_path / "report.md").read_text()
+    for line in ("reward model on static HHH (3 pairs)", "the HH harmless test split (3 pairs)",
+                 "the rubric's claim faithful-3shot > hhh-3shot", "ppo as judge on static HHH"):
+        assert line in report
+
+
+def test_trim_cut_takes_a_budget_cut_turn_back_to_its_last_sentence(stories, monkeypatch):
+    """--trim_cut (the chat profile): a dialogue turn that ran into the token budget keeps its full sentences; a
+    turn that ended at a turn marker, or without --trim_cut, is kept as the authors' post-processing leaves it."""
+    model, tok = stories
+    cut = tok.encode("The dog ran home. Then it sat down and")
+    ended = tok.encode("The dog ran home. Then it sat down\n\nHuman: and")
+    outs = {}
+    monkeypatch.setattr(almost, "generate", lambda m, prompts, budget, **kw: ([outs["ids"][:budget]], None))
+    for ids, trim, want in ((cut, True, "The dog ran home."), (cut, False, tok.decode(cut).strip()),
+                            (ended, True, tok.decode(ended).split("\n\nHuman:")[0].strip())):
+        outs["ids"] = ids
+        g = almost.Generator("g", "", "", 0, len(ids))
+        assert almost.sample_turns(model, tok, [[1, 2, 3]], g, "dialogue", "assistant", 0, trim_cut=trim) == [want]
+
+
+def test_a_capped_evaluation_set_keeps_its_mix():
+    """--max_items / --eval_max_items take items evenly spaced through a set: static HHH lists its categories one
+    after another, and its first 100 items would hold only two of the four."""
+    from eval import spread
+    xs = ["a"] * 50 + ["b"] * 50 + ["c"] * 20
+    s = spread(xs, 12)
+    assert len(s) == 12 and (s.count("a"), s.count("b"), s.count("c")) == (5, 5, 2)
+    assert spread(xs, 0) == xs and spread(xs, 500) == xs
+    hhh = read_json(os.path.join(ROOT, "data", "almost", "hhh_eval.json"))
+    assert {it["type"] for it in spread(hhh, 100)} == {"harmless", "helpful", "honest", "other"}

@@ -313,3 +313,17 @@ def test_shared_prefix_on_a_real_chat_model(smollm2):
         full, flp = generate(model, prompts, 16, stop_ids=[], share_prefix=0, **kw)
         assert shared == full
         assert max(abs(a - b) for x, y in zip(slp, flp) for a, b in zip(x, y)) < 1e-3
+
+
+def test_attention_with_lse_in_chunks_equals_at_once(monkeypatch):
+    """The scores are computed a chunk of queries at a time when they would pass SCORES_BYTES: same output."""
+    import model as modellib
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 3, 37, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 3, 11, 8)
+    mask = torch.rand(2, 1, 37, 11) > 0.3
+    mask[..., 0] = True
+    whole = [modellib.attention_with_lse(q, k, v, m) for m in (None, mask, mask[:, :, :1])]
+    monkeypatch.setattr(modellib, "SCORES_BYTES", 8 * 11 * 6 * 5)         # 5 query rows a chunk
+    for (o, lse), m in zip(whole, (None, mask, mask[:, :, :1])):
+        o2, lse2 = modellib.attention_with_lse(q, k, v, m)
+        assert (o - o2).abs().max() < 1e-6 and (lse - lse2).abs().max() < 1e-6
