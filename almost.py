@@ -771,8 +771,9 @@ def stage_rm(cfg):
              "nofilter": read_records(os.path.join(cfg.out, "comparisons_nofilter.jsonl"))}
     if not pairs["filter"]:
         raise UserError(f"{cfg.out}/comparisons.jsonl is empty or missing: run the compare stage first.")
-    # one held-out split by query, shared by both reward models, so their accuracies compare
-    queries = sorted({p["prompt"] for p in pairs["filter"] + pairs["nofilter"]})
+    # one held-out split by query, shared by both reward models, so their accuracies compare; drawn from the queries
+    # that have pairs under the length rule, so the held-out set is never empty
+    queries = sorted({p["prompt"] for p in pairs["filter"]})
     random.Random(cfg.seed).shuffle(queries)
     held = set(queries[:max(1, len(queries) // 10)])
     data_dir = os.path.join(cfg.out, "rm_data")

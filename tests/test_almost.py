@@ -740,10 +740,10 @@ def test_queries_stage_on_a_chat_model_takes_the_authors_query_line(smollm2, tmp
     found = [(t, almost.extract_query(t, "dialogue")) for t in texts]
     assert any(q for _, q in found), texts
     for (t, q), o in zip(found, outs):
-        if q:   # the line is complete and nothing was generated past the token that ended it
-            assert t.endswith("\n") and not tok.decode(o[:-1]).endswith("\n") and ("Query: " + q) in t
-        else:   # the budget or EOS ended it before any complete "Query:" line
-            assert not almost.QUERY_STOPS["authors"].search(t)
+        if q and t.endswith("\n"):   # the line is complete and nothing was generated past the token that ended it
+            assert not tok.decode(o[:-1]).endswith("\n") and ("Query: " + q) in t
+        else:   # the budget or EOS ended it before the stop string: no complete "Query:" line was passed over
+            assert not almost.QUERY_STOPS["authors"].search(t) and (not q or ("Query: " + q) in t)
     cfg = almost.Config(profile="paper", out=str(tmp_path), n_queries=3, query_model=smollm2, batch_size=8)
     almost.resolve(cfg)
     almost.stage_queries(cfg)
@@ -810,11 +810,13 @@ def test_svg_chart_is_a_titled_labelled_picture(tmp_path):
     assert len(bars) == 2 and float(bars[0].get("height")) > float(bars[1].get("height")) > 0
 
 
-def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path):
-    """--profile=chat on SmolLM2, made small (few queries, short answers, one PPO step, a few evaluation items):
+def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path, monkeypatch):
+    """--profile=chat on SmolLM2, made small (few queries, short answers, one short PPO step, a few evaluation items):
     every stage runs in the dialogue format and leaves its files; the check stage judges each rubric pair; the reward
     models are scored on static HHH and both HH test splits; the report gives a verdict per step."""
     d, m = os.path.join(ROOT, "data", "almost"), smollm2
+    monkeypatch.setitem(almost.PROFILES["chat"], "ppo", dict(almost.PROFILES["chat"]["ppo"], batch_size=4,
+                                                             minibatch=4, ppo_epochs=1, max_new_tokens=16))
     gens = ",".join(f"{n}={m}:{d}/{f}:{k}:40" for n, f, k in (("faithful-3shot", "Faithful_prompt.txt", 3),
                                                               ("hhh-3shot", "HHH_prompt.txt", 3),
                                                               ("hhh-0shot", "HHH_prompt.txt", 0)))
