@@ -1078,8 +1078,9 @@ def diversity(texts, n=4):
 
 
 def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
-    """A small SVG chart, no plotting library: series {name: [(x, y), ...]} as lines (or, bars=True, one bar per
-    point, labelled by x), dashed horizontal reference lines {label: y}, titled and labelled axes."""
+    """A small SVG chart, no plotting library: series {name: [(x, y), ...]} as lines (or, bars=True, bars grouped by
+    x: one group per x label, one bar per series in it), dashed horizontal reference lines {label: y}, titled and
+    labelled axes."""
     W, H, L, R, T, B = 700, 320, 64, 220, 36, 48
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     pts = [p for ps in series.values() for p in ps]
@@ -1087,7 +1088,10 @@ def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
     y0, y1 = min(ys), max(ys)
     y0, y1 = (0.0 if bars and y0 >= 0 else y0 - 0.05 * (y1 - y0 or 1)), y1 + 0.08 * (y1 - y0 or 1)
     xs = [x for x, _ in pts]
-    fx = (lambda i: L + (i + 0.5) * (W - L - R) / len(pts)) if bars else \
+    groups = list(dict.fromkeys(xs))                                     # bars: the x labels, in order
+    slot = (W - L - R) / len(groups)                                     # bars: the width of a group
+    w = 0.8 * slot / len(series)                                         # bars: the width of a bar
+    fx = (lambda x, c: L + slot * groups.index(x) + 0.1 * slot + (c + 0.5) * w) if bars else \
         (lambda x: L + (x - min(xs)) / ((max(xs) - min(xs)) or 1) * (W - L - R))
     fy = lambda y: T + (y1 - y) / (y1 - y0) * (H - T - B)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
@@ -1101,21 +1105,20 @@ def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
     for k in range(5):                                                   # y ticks
         y = y0 + k * (y1 - y0) / 4
         out.append(f'<text x="{L - 6}" y="{fy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
-    if not bars:
+    if bars:
+        for k, x in enumerate(groups):
+            out.append(f'<text x="{L + slot * (k + 0.5):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>')
+    else:
         for x in sorted({min(xs), max(xs), (min(xs) + max(xs)) // 2}):
             out.append(f'<text x="{fx(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:g}</text>')
-    i = 0
     for c, (name, ps) in enumerate(series.items()):
         color = colors[c % len(colors)]
         if bars:
             for x, y in ps:
-                w = 0.7 * (W - L - R) / len(pts)
-                out.append(f'<rect x="{fx(i) - w / 2:.1f}" y="{min(fy(y), fy(0)):.1f}" width="{w:.1f}" '
+                out.append(f'<rect x="{fx(x, c) - 0.45 * w:.1f}" y="{min(fy(y), fy(0)):.1f}" width="{0.9 * w:.1f}" '
                            f'height="{abs(fy(y) - fy(0)):.1f}" fill="{color}"/>')
-                out.append(f'<text x="{fx(i):.1f}" y="{H - B + 16}" text-anchor="middle" font-size="10">{x}</text>')
-                out.append(f'<text x="{fx(i):.1f}" y="{fy(y) - 4:.1f}" text-anchor="middle" font-size="10">'
-                           f'{y:.3f}</text>')
-                i += 1
+                out.append(f'<text x="{fx(x, c):.1f}" y="{fy(y) - 4:.1f}" text-anchor="middle" font-size="9">'
+                           f'{y:.2f}</text>')
         else:
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="' +
                        " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in ps) + '"/>')

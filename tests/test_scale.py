@@ -463,6 +463,19 @@ def test_sampling_plan_of_a_30b_generator():
     assert not fits and "the largest batch that fits: 5 rows of 2048 tokens" in text
 
 
+def test_sampling_plan_counts_a_shared_prefix_once():
+    """A few-shot prefix every row shares is cached once (sample.generate), so the KV cache is the prefix plus each
+    row's own tokens, and the prefix's attention scores are bounded by the chunking in model.attention_with_lse."""
+    cfg = memory.model_config("llama-30b")
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2      # bf16 bytes a token
+    rows = dict(memory.plan(cfg, memory.Job(job="sample", rows=32, seq=2048, shared=1800))[0])
+    assert rows["KV cache of the shared prefix (1800 tokens, once)"] == kv_token * 1800
+    assert rows["KV cache (32 rows x 248 tokens of their own)"] == kv_token * 32 * 248
+    assert rows["prefill: the rows' scores against the prefix (fp32, in chunks)"] <= 2**28 + 8 * 52 * 1800
+    k = memory.largest_batch(cfg, memory.Job(job="sample", rows=32, seq=2048, shared=1800))
+    assert k > 5 * memory.largest_batch(cfg, memory.Job(job="sample", rows=32, seq=2048))
+
+
 def test_almost_dry_run_plans_the_sampling_stages():
     """The paper's command with shapes for folders: every sampling model is planned at --batch_size rows of its
     context; at 32 rows the 30B generator does not fit, at the README's 4 it does."""
