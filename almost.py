@@ -48,7 +48,7 @@ from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, 
                     world_size, write_json, write_jsonl, write_text)
 from eval import RM_SETS, Config as EvalConfig, evaluate, policy_answers, results_markdown, spread, wilson
 from model import load
-from sample import generate
+from sample import generate, shared_prefix_length
 from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
 import memory
 from trainer import ScaleConfig, barrier, end_distributed, memory_dry_run, setup_distributed
@@ -707,8 +707,9 @@ def stage_check(cfg):
                      "mean_chars": statistics.fmean([len(r["response"]) for r in rs if r["config"] == name])}
     result = {"configs": out}
     if cfg.format == "dialogue":
-        del model
-        result["axes"] = judge_rubric(cfg, rs)
+        judge = cfg.judge or cfg.rm_model
+        result["axes"] = judge_rubric(cfg, rs, judge, *((model, tok) if judge == cfg.rm_model else
+                                                         load(judge, device=cfg.device)))
     write_json(os.path.join(cfg.out, "check_stats.json"), result)
     print("check (judge " + os.path.basename(cfg.rm_model.rstrip("/")) + "): " + "; ".join(
         f"{n}: NLL/token {v['nll_per_token']:.3f}, repeated 3-grams {v['repeated_3grams']:.1%}" for n, v in out.items()))
@@ -724,15 +725,13 @@ def rubric_axes(rubric):
     return [(a, b) for hi, lo in zip(levels, levels[1:]) for a in hi for b in lo]
 
 
-def judge_rubric(cfg, responses):
+def judge_rubric(cfg, responses, judge, model, tok):
     """Is the rubric's ranking true on this model? For each adjacent pair of ranks (A above B), on queries where
-    both answered (not BAD), the judge (--judge, default the rm_model) reads the query and the two answers in the
+    both answered (not BAD), the judge model (--judge, default the rm_model) reads the query and the two answers in the
     authors' static-HHH judge prompt, in both orders, and prefers A when P(A) summed over the orders is at least
     P(B)'s (eval.eval_hhh_judge). A win rate whose 95% interval lies above 50% supports the rubric's claim; one
     below refutes it. The judge must not be the generators' model to be independent: when it is, say so."""
     from eval import eval_hhh_judge
-    judge = cfg.judge or cfg.rm_model
-    model, tok = load(judge, device=cfg.device)
     by = {}
     for r in responses:
         by.setdefault(r["config"], {})[r["query_id"]] = r
@@ -1303,9 +1302,8 @@ def shared_prefix_tokens(model, g, fmt):
         tok = Tokenizer(model)
     except UserError:
         return 0
-    preamble, demos = read_demos(g.prompt_file)
-    return max(0, len(tok.encode(dialogue_prompt_text(preamble, demos, g.shots, []).rsplit("\n\n", 1)[0],
-                                 bos=True)) - 1)
+    demos = read_demos(g.prompt_file)   # what the sampler will share: the common start of two rows' prompts
+    return shared_prefix_length([turn_prompt(tok, fmt, *demos, g.shots, [("user", q)]) for q in ("Yes?", "No.")])
 
 
 def print_plan(cfg, stages):
