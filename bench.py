@@ -18,11 +18,14 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
              batch when they do) and after (stop strings end a row where its kept text ends; finished rows leave
              the batch): the bundled story generators, and with --model (an HF folder of SmolLM2 or another chat
              model) the HHH prompt's dialogue format; tokens generated per kept response, wall time, equal texts
+  stages     the responses and self-play stages (almost.py's own functions, --queries seed queries) before and
+             after stop strings, as stops: the story profile, and with --model the chat profile on that model; tokens
+             generated per sampled turn, wall time of each stage, equal files written
   prefix     prefix sharing in the sampler, with --model (SmolLM2 or another chat model): the responses stage's
              generation with the 5-shot HHH prompt against the 0-shot prompt (same queries, --new_tokens each, no
              early stop), and against every row computed in full (share_prefix=0); equal tokens, wall time ratios
   novelty    the ROUGE-L novelty filter's time per new query: every entry checked, against the index
-             (almost.NoveltyPool); equal decisions. Synthetic queries (pools of 1,000 and 10,000) and the first
+             (almost.NoveltyPool); equal decisions. Synthetic queries (pools of 1,000, 10,000 and 100,000) and the first
              human turns of the Anthropic HH test dialogues (pools of 500 and 2,000 novel ones)
   tok_bpe    tokenizer.py's byte-level BPE against transformers' tokenizer (Rust) on the Anthropic HH test dialogues,
              encode tokens/s, with --tokenizer (a folder with tokenizer.json, e.g. SmolLM2's); checks equal ids
@@ -37,6 +40,7 @@ CPU, without memory figures):
 
     python bench.py --device=cuda --cases=decode_7b,rm_step_7b,ppo_step_7b
 """
+import json
 import math
 import os
 import statistics
@@ -160,6 +164,55 @@ def run_stops_case(cfg):
               f"{statistics.median(past):.0f}, max {max(past)}", flush=True)
 
 
+def run_stages_case(cfg):
+    """The responses and self-play stages as almost.py runs them (stage_responses, stage_selfplay: every generator
+    on --queries seed queries, self-play best of n and its n = 1 baseline), before and after stop strings: before,
+    every sampler call runs each row to its budget or EOS (no stop strings, finished rows kept in the batch); after,
+    as the stages run. Same seeds, so the files written must be equal. The reward model that picks self-play's
+    candidates is the base model with a fresh head: its choices cost the same as a trained one's."""
+    import almost
+    from common import read_records
+    from rm import RewardModel
+    real = almost.generate
+    for profile, model in [("stories", "")] + ([("chat", cfg.model)] if cfg.model else []):
+        with tempfile.TemporaryDirectory() as d:
+            def config(out):
+                return almost.resolve(almost.Config(profile=profile, model=model, out=out, n_queries=cfg.queries,
+                                                    reward_model=os.path.join(d, "rm")))
+            queries = almost.read_seeds(config(d).seeds)[1][:cfg.queries]
+            RewardModel.from_pretrained(config(d).rm_model).save_pretrained(os.path.join(d, "rm"))
+            files, figures = {}, {}
+            for mode in ("before", "after"):
+                run = config(os.path.join(d, mode))
+                os.makedirs(run.out)
+                with open(os.path.join(run.out, "queries.jsonl"), "w") as f:
+                    f.writelines(json.dumps({"id": i, "query": q}) + "\n" for i, q in enumerate(queries))
+                for stage in (almost.stage_responses, almost.stage_selfplay):
+                    work = {"texts": 0, "tokens": 0}
+
+                    def counted(model, prompts, max_new_tokens, work=work, mode=mode, **kw):
+                        if mode == "before":
+                            kw.update(stop_strings=None, compact=False)
+                        work["texts"] += len(prompts)
+                        return real(model, prompts, max_new_tokens, **kw,
+                                    on_token=lambda step, ids: work.__setitem__("tokens", work["tokens"] + len(ids)))
+                    almost.generate = counted
+                    try:
+                        t0 = time.perf_counter()
+                        stage(run)
+                        figures[mode, stage.__name__] = (work["tokens"] / work["texts"], time.perf_counter() - t0)
+                    finally:
+                        almost.generate = real
+                files[mode] = {name: read_records(os.path.join(run.out, name)) for name in sorted(os.listdir(run.out))
+                               if name.endswith(".jsonl") and name != "queries.jsonl"}
+            for stage in ("stage_responses", "stage_selfplay"):
+                (tb, sb), (ta, sa) = figures["before", stage], figures["after", stage]
+                print(f"stages    {profile} {stage[6:]:9s}: tokens generated per sampled turn {tb:6.1f} -> {ta:6.1f}, "
+                      f"wall {sb:6.1f} s -> {sa:6.1f} s ({sb / sa:.2f}x)", flush=True)
+            print(f"stages    {profile}: {len(queries)} queries; files written equal before and after "
+                  f"({', '.join(files['after'])}): {files['before'] == files['after']}", flush=True)
+
+
 def run_prefix_case(cfg):
     """The responses stage's generation with the 5-shot HHH prompt (a long prefix every row shares) against the
     0-shot prompt on the same queries and lengths, and against the sampler without prefix sharing."""
@@ -211,19 +264,19 @@ def run_novelty_case(cfg):
                 if q and pool.is_novel(q):
                     pool.add(q)
                     plain.append(q)
+            check = new if size <= 10000 else new[:20]      # every entry checked: about 1 s a query at 100,000
             t0 = time.perf_counter()
-            slow = [is_novel(q, plain) for q in new]
+            slow = [is_novel(q, plain) for q in check]
             t1 = time.perf_counter()
-            fast = [pool.is_novel(q) for q in new]
-            t2 = time.perf_counter()
+            fast = timed(lambda: [pool.is_novel(q) for q in new], cfg.repeats)
             cands = statistics.fmean(len(pool.candidates(q)) for q in new)
-            print(f"novelty   {label} pool {size:6d}: every entry {1e3 * (t1 - t0) / len(new):7.2f} ms/query  indexed "
-                  f"{1e3 * (t2 - t1) / len(new):6.3f} ms/query  ({(t1 - t0) / (t2 - t1):.0f}x), {cands:.0f} "
-                  f"candidates checked; equal decisions: {slow == fast}", flush=True)
-    measure("synthetic", (1000, 10000), iter(query, None), [query() for _ in range(200)])
+            print(f"novelty   {label} pool {size:6d}: every entry {1e3 * (t1 - t0) / len(check):7.2f} ms/query  indexed "
+                  f"{1e3 * fast / len(new):6.3f} ms/query  ({(t1 - t0) / len(check) / (fast / len(new)):.0f}x), "
+                  f"{cands:.2f} candidates (LCS computed) a query; equal decisions on {len(check)}: "
+                  f"{slow == [pool.is_novel(q) for q in check]}", flush=True)
+    measure("synthetic", (1000, 10000, 100000), iter(query, None), [query() for _ in range(200)])
     # real user queries: the first human turn of each Anthropic HH test dialogue (text for timing only)
     import gzip
-    import json
     texts = []
     for split in ("harmless-base", "helpful-base"):
         with gzip.open(os.path.join(HERE, "data", "hh-rlhf", split, "test.jsonl.gz"), "rt", encoding="utf-8") as f:
@@ -236,7 +289,6 @@ def run_tokenizer_case(cfg):
     """Encode every Anthropic HH test dialogue (chosen and rejected, 9,332 texts), ours against transformers' fast
     tokenizer, one text a call; the first pass of ours fills its word cache, so the median includes warm passes."""
     import gzip
-    import json
     from transformers import AutoTokenizer
     if not os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")):
         raise UserError(f"--tokenizer={cfg.tokenizer!r}: give a folder that holds a tokenizer.json.")
@@ -410,7 +462,6 @@ def measured_against_plan(name, cfg, run, job):
 
 
 def run_rm_step_7b(cfg, rows=16, seq=512):
-    import json
     import memory
     import rm as rmlib
     dev = torch.device(cfg.device)
@@ -473,8 +524,9 @@ def main(argv):
         if name in GPU_CASES:
             GPU_CASES[name](cfg)
             continue
-        if name in ("tok_bpe", "stops", "novelty", "prefix"):
-            {"tok_bpe": run_tokenizer_case, "stops": run_stops_case, "novelty": run_novelty_case,
+        if name in ("tok_bpe", "stops", "stages", "novelty", "prefix"):
+            {"tok_bpe": run_tokenizer_case, "stops": run_stops_case, "stages": run_stages_case,
+             "novelty": run_novelty_case,
              "prefix": run_prefix_case}[name](cfg)
             continue
         if name not in ("260k_b1", "134m_b1", "260k_b16", "134m_b16", "rm_260k", "rm_134m"):

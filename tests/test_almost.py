@@ -1,4 +1,6 @@
 """almost.py, step 1 rules: ROUGE-L, post-processing, the BAD rules, the comparison rule, resumable jsonl."""
+from collections import Counter
+
 import pytest
 
 from almost import (RecordWriter, is_bad_response, make_comparisons, postprocess_response, read_records, rouge_l)
@@ -681,10 +683,14 @@ def test_indexed_novelty_filter_decides_as_the_exhaustive_check(threshold):
     from almost import NoveltyPool, is_novel, rouge_tokens
     pool, exhaustive = NoveltyPool(threshold), []
     decisions = []
-    for q in synthetic_queries(3000):
+    for k, q in enumerate(synthetic_queries(3000)):
         t = rouge_tokens(q)
         want = is_novel(t, exhaustive, threshold)
         assert pool.is_novel(t) == want, q
+        if k % 50 == 0:   # the candidates are exactly the entries that pass is_novel's bag-of-words bound
+            shared = [sum((Counter(t) & Counter(e)).values()) for e in exhaustive]
+            assert pool.candidates(t) == [i for i, (s, e) in enumerate(zip(shared, exhaustive))
+                                          if s and 2 * s / (len(t) + len(e)) >= threshold]
         decisions.append(want)
         if want:
             pool.add(t)
