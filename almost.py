@@ -9,7 +9,7 @@ The ALMoST pipeline: the paper's three steps as stages that talk through files i
 
 | paper step                               | stage     | function          | writes                                   |
 |------------------------------------------|-----------|-------------------|------------------------------------------|
-| 1a initial queries (10-shot, ROUGE-L)    | queries   | stage_queries     | queries.jsonl                            |
+| 1a initial queries (10-shot, ROUGE-L)    | queries   | stage_queries     | queries.jsonl, rl_queries.jsonl          |
 | 1b prompted responses (+ BAD rules)      | responses | stage_responses   | responses.jsonl                          |
 | 1c synthetic comparisons (filter rule)   | compare   | stage_compare     | comparisons(_nofilter).jsonl, compare_stats.json |
 | 1  is the rubric's ranking true here?    | check     | stage_check       | check_stats.json                         |
@@ -46,8 +46,7 @@ import ppo as ppolib
 import rm as rmlib
 import sft as sftlib
 from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, rank, read_json, read_records,
-                    read_text, run_cli,
-                    world_size, write_json, write_jsonl, write_text)
+                    read_text, run_cli, user_set, world_size, write_json, write_jsonl, write_text)
 from eval import RM_SETS, Config as EvalConfig, evaluate, policy_answers, results_markdown, spread, wilson
 from model import load
 from sample import generate, shared_prefix_length
@@ -63,12 +62,14 @@ DATA = os.path.join(HERE, "data")
 PROFILES = {
     # the paper: dialogue prompts (HHH / Faithful), "Query:" lines for query generation; models are the user's
     "paper": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=10000,
+                  n_rl_queries=10000,
                   query_model="", generators="", rubric="", rm_model="", rm_preset="", assistant="", user="",
                   sft={}, ppo=dict(steps=1000, lr=1e-6, value_lr=1e-6, batch_size=64, minibatch=8,
                                    max_new_tokens=256)),
     # the bundled story domain (README, "The story profile"): queries are story openings, responses continue
     # them, demonstrations are short stories; the generators differ in model size, shots and demo quality
     "stories": dict(format="story", seeds=os.path.join(DATA, "stories", "seed_openings.txt"), n_queries=300,
+                    n_rl_queries=200,
                     query_model=os.path.join(DATA, "stories260K"),
                     generators=",".join([
                         f"260K-good-2shot={DATA}/stories260K:{DATA}/stories/good_stories.txt:2:160",
@@ -92,6 +93,7 @@ PROFILES = {
     # paper's prompt files and seed queries; generators differ in prompt quality (the long, well-formatted Faithful
     # dialogues vs the HHH ones) and shots. One model offers no size axis. {model} stands for --model.
     "chat": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=60,
+                 n_rl_queries=50,
                  query_model="{model}",
                  generators=",".join([f"faithful-3shot={{model}}:{DATA}/almost/Faithful_prompt.txt:3:128",
                                       f"hhh-3shot={{model}}:{DATA}/almost/HHH_prompt.txt:3:128",
@@ -114,7 +116,9 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     model: str = ""                 # the chat profile's model folder: it plays every role (SmolLM2-135M-Instruct, say)
     out: str = "out"                # the folder every stage reads and writes
     stages: str = "queries,responses,compare,check,rm,selfplay,sft,ppo,eval,report"  # stages to run, in this order
-    n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000)
+    n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000): self-play's, 10% held out
+    n_rl_queries: int = 0           # 0 = the profile's (stories 200, chat 50, paper 10000): PPO's prompts, a set of
+                                    # their own made by the same rules (1a), none a self-play query
     trim_cut: bool = False          # 1b, 2: a dialogue turn cut by the token budget goes back to its last full sentence
                                     # (the chat profile's short budgets; the paper's budgets rarely cut)
     query_line: str = "authors"     # 1a, dialogue format: "authors" (first line starting "Query:") or "first" line
@@ -175,14 +179,13 @@ def resolve(cfg):
         if ":" in cfg.model or "," in cfg.model:
             raise UserError(f"--model={cfg.model}: a path with ':' or ',' cannot stand in a generator spec; "
                             f"move or link the folder.")
-    for k in ("seeds", "query_model", "generators", "rubric", "rm_model", "rm_preset", "n_queries", "assistant",
-              "user"):
+    for k in ("seeds", "query_model", "generators", "rubric", "rm_model", "rm_preset", "n_queries", "n_rl_queries",
+              "assistant", "user"):
         if not getattr(cfg, k):
             v = prof[k]
             setattr(cfg, k, v.replace("{model}", cfg.model) if isinstance(v, str) else v)
-    defaults = Config()
     for k, v in {**prof.get("run", {}), **prof["sft"]}.items():
-        if getattr(cfg, k) == getattr(defaults, k):   # flags given on the command line win
+        if not user_set(cfg, k):   # flags given on the command line win, whatever their value
             setattr(cfg, k, v)
     if cfg.rm_checkpoint not in ("last", "best"):
         raise UserError(f"--rm_checkpoint={cfg.rm_checkpoint!r}: use last or best.")
@@ -440,28 +443,39 @@ class NoveltyPool:
 
 
 def stage_queries(cfg):
-    path = os.path.join(cfg.out, "queries.jsonl")
+    """1a: the self-play queries (queries.jsonl; the last 10% held out), then the RL prompts (rl_queries.jsonl): a
+    second set made the same way, novel against every query of the first (the paper's figure 1), so PPO optimises on
+    prompts that the SFT demonstrations never answered."""
+    make_queries(cfg, "queries.jsonl", cfg.n_queries, others="rl_queries.jsonl")
+    make_queries(cfg, "rl_queries.jsonl", cfg.n_rl_queries, others="queries.jsonl")
+
+
+def make_queries(cfg, name, n, others):
+    """Sample queries into {out}/name until it holds n: 10 examples drawn from the seeds and this set's queries, a
+    query kept if it passes the length rule and is novel (ROUGE-L < 0.5) against the seeds, this set and `others`."""
+    path = os.path.join(cfg.out, name)
     done = read_records(path)
-    if len(done) >= cfg.n_queries:
+    if len(done) >= n:
         print(f"queries: {len(done)} already in {path}, skipping")
         return
     instruction, seeds = read_seeds(cfg.seeds)
     model, tok = load(cfg.query_model, device=cfg.device)
     pool = seeds + [r["query"] for r in done]
     novelty = NoveltyPool()
-    for q in pool:
+    for q in pool + [r["query"] for r in read_records(os.path.join(cfg.out, others))]:
         novelty.add(rouge_tokens(q))
-    rng = random.Random(derive_seed(cfg.seed, "queries", len(done)))
+    rng = random.Random(derive_seed(cfg.seed, name.removesuffix(".jsonl"), len(done)))
     rejected = {"empty": 0, "length": 0, "overlap": 0}
     tries, n_new = 0, 0
-    with RecordWriter(path) as w, tqdm(total=cfg.n_queries, initial=len(done), desc="queries") as bar:
-        while len(done) + n_new < cfg.n_queries:
-            if tries > 50 * cfg.n_queries:
+    with RecordWriter(path) as w, tqdm(total=n, initial=len(done), desc=name.removesuffix(".jsonl")) as bar:
+        while len(done) + n_new < n:
+            if tries > 50 * n:
                 hint = (" Most samples had no line starting with \"Query:\" (the authors' rule takes the second query "
                         "a model writes): --query_line=first takes the first." if cfg.format == "dialogue" and
                         cfg.query_line == "authors" and rejected["empty"] > tries // 2 else "")
-                raise UserError(f"queries: only {len(done) + n_new} of {cfg.n_queries} accepted after {tries} "
-                                f"samples ({rejected}). Lower --n_queries or add seeds to {cfg.seeds}.{hint}")
+                flag = "--n_queries" if name == "queries.jsonl" else "--n_rl_queries"
+                raise UserError(f"queries: only {len(done) + n_new} of {n} accepted into {path} after {tries} "
+                                f"samples ({rejected}). Lower {flag} or add seeds to {cfg.seeds}.{hint}")
             prompts = [query_prompt(tok, cfg.format, instruction, rng.sample(pool, min(10, len(pool))))
                        for _ in range(cfg.batch_size)]
             budget = min(64, model.config.max_position_embeddings - max(map(len, prompts)))
@@ -486,10 +500,9 @@ def stage_queries(cfg):
                 w.write({"id": len(done) + n_new, "query": q})
                 n_new += 1
                 bar.update(1)
-                if len(done) + n_new >= cfg.n_queries:
+                if len(done) + n_new >= n:
                     break
     print(f"queries: {n_new} new ({tries} samples; rejected: {rejected}) -> {path}")
-
 
 
 # -----------------------------------------------------------------------------
@@ -983,12 +996,20 @@ def ppo_config(cfg, policy, prompts):
 
 
 def stage_ppo(cfg):
-    """PPO from step 2's SFT policy (out/sft/best) against step 1's reward model; the RL prompts are the
-    self-play queries (the held-out 10% stay unseen). ppo.py resumes from out/ppo/last."""
-    queries, _ = split_queries(cfg)
+    """PPO from step 2's SFT policy (out/sft/best) against step 1's reward model, on the RL prompts of step 1a
+    (rl_queries.jsonl, none of them a self-play query; the held-out queries stay unseen). A run whose queries stage
+    predates the RL prompts makes them here. ppo.py resumes from out/ppo/last."""
+    rl = os.path.join(cfg.out, "rl_queries.jsonl")
+    if len(read_records(rl)) < cfg.n_rl_queries:
+        if world_size() > 1:
+            raise UserError(f"{rl} holds {len(read_records(rl))} of --n_rl_queries={cfg.n_rl_queries} RL prompts: make "
+                            f"them first in one process (python almost.py --stages=queries --out={cfg.out}).")
+        print(f"ppo: {rl} holds {len(read_records(rl))} of {cfg.n_rl_queries} RL prompts (the queries stage makes "
+              f"them since the RL prompts became their own set): making them now")
+        make_queries(cfg, "rl_queries.jsonl", cfg.n_rl_queries, others="queries.jsonl")
     prompts = os.path.join(cfg.out, "ppo_prompts.jsonl")
     if rank() == 0:
-        write_jsonl(prompts, [{"query": q["query"]} for q in queries])
+        write_jsonl(prompts, [{"query": q["query"]} for q in read_records(rl)[:cfg.n_rl_queries]])
     barrier()
     policy = os.path.join(cfg.out, "sft", "best")
     if not os.path.isfile(os.path.join(policy, "config.json")):
@@ -1278,8 +1299,9 @@ def print_plan(cfg, stages):
     total = 0
     for s in stages:
         if s == "queries":
-            t = n * 14 * 64   # the bundled run needed about 14 samples of 64 tokens per accepted query
-            line = f"{n} queries from {cfg.query_model} (seeds {cfg.seeds}), ~{t:,} tokens"
+            t = (n + cfg.n_rl_queries) * 14 * 64   # the bundled run needed about 14 samples of 64 tokens a query
+            line = (f"{n} queries + {cfg.n_rl_queries} RL prompts from {cfg.query_model} (seeds {cfg.seeds}), "
+                    f"~{t:,} tokens")
         elif s == "responses":
             gens = parse_generators(cfg.generators, cfg.format)
             t = n * sum(g.max_new_tokens for g in gens)

@@ -50,6 +50,7 @@ def print_help(cls):
 def parse_args(cls, argv):
     """--key=value (or --key value) flags onto the dataclass `cls`, type-checked. Unknown flags are errors."""
     cfg, types = cls(), {f.name: f.type for f in dataclasses.fields(cls)}
+    cfg._given = set()      # the flags given, which a profile or preset never replaces (user_set)
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -77,8 +78,19 @@ def parse_args(cls, argv):
             raise UserError(f"--{key}={val!r}: expected a {typ.__name__}.") from None
         if typ is float and not math.isfinite(getattr(cfg, key)):
             raise UserError(f"--{key}={val}: not a finite number. Give a number such as --{key}={getattr(cls(), key)}.")
+        cfg._given.add(key)
         i += 1
     return cfg
+
+
+def user_set(cfg, key):
+    """Whether the user set `key`, so that a profile or a preset must not replace it: for a config parse_args made,
+    whether the flag was given on the command line (whatever its value, the default's too); for a config built in
+    code, whether the field differs from its default."""
+    given = getattr(cfg, "_given", None)
+    if given is not None:
+        return key in given
+    return getattr(cfg, key) != getattr(type(cfg)(), key)
 
 
 def run_cli(main):

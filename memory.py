@@ -192,8 +192,9 @@ def plan(cfg, j):
         frozen = param_counts(cfg)[0] + param_counts(cfg, lm_head=False)[0]
         if lora and not fsdp:
             note.append("reference = policy with adapters off, reward model = value trunk with adapters off: no copies")
-        else:
-            rows.append(("reference policy + reward model (frozen)", cb * frozen))
+        else:   # stored as the trained models compute (trainer.frozen_dtype): step 0's reference = the policy
+            fb = cb if (lora or fsdp) else 4
+            rows.append((f"reference policy + reward model (frozen, {'bf16' if fb == 2 else 'fp32'})", fb * frozen))
     static = sum(b for _, b in rows)
 
     # activations of one forward/backward of `rows` x `seq` tokens

@@ -32,8 +32,8 @@ from model import Llama, PAD_ID, last_token_index, load_config, lora_disabled
 from rm import RewardModel, read_lines
 from sample import generate
 from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, messages_text
-from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, load_dtype, lora_key,
-                     make_optimizer, memory_dry_run, optimizer_step, prepare_for_training, resume_from,
+from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, frozen_dtype, load_dtype,
+                     lora_key, make_optimizer, memory_dry_run, optimizer_step, prepare_for_training, resume_from,
                      save_training_checkpoint, setup_distributed, start_or_resume)
 
 
@@ -203,8 +203,10 @@ def encode_prompts(cfg, tok, ctx, master_process):
 def load_models(cfg, dev, dtype, last):
     """The policy and the value model (trained), the frozen reference and reward model. With LoRA (and no FSDP)
     there is one copy of each trunk: the reference is the policy with its adapters off, the reward model the value
-    trunk with its adapters off and the RM's own head. Returns (policy, ref or None, value, reward model, resuming,
-    policy params, value params)."""
+    trunk with its adapters off and the RM's own head. Otherwise the frozen copies are stored as the trained models
+    compute (frozen_dtype), so the reference gives the policy's logprobs exactly at step 0 in every precision.
+    The value model predicts returns, which are sums of the *normalised* score (reward_scale_value_model).
+    Returns (policy, ref or None, value, reward model, resuming, policy params, value params)."""
     lora = cfg.lora_rank > 0
     policy_from, policy_adapters, resuming = resume_from(cfg, cfg.policy, os.path.join(last, "policy"))
     value_from, value_adapters, _ = resume_from(cfg, cfg.rm, os.path.join(last, "value"))
@@ -215,10 +217,12 @@ def load_models(cfg, dev, dtype, last):
         reward_model = RewardModel(value.model, value.tok, value.max_length, value.chat)
         reward_model.head.weight = torch.nn.Parameter(value.head.weight.detach().clone().to(dtype),
                                                       requires_grad=False)
-        reward_model.normalizer = value.normalizer
+        reward_model.normalizer = dict(value.normalizer)
     else:
-        ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=dtype).requires_grad_(False)   # the frozen SFT
-        reward_model = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=dtype).requires_grad_(False)
+        ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=frozen_dtype(cfg, dtype)).requires_grad_(False)
+        reward_model = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=frozen_dtype(cfg, dtype))
+        reward_model.requires_grad_(False)
+    reward_scale_value_model(value, reward_model.normalizer, fold=not resuming)
     p_params = prepare_for_training(policy, cfg, dtype, seed=cfg.seed, trained_from=policy_adapters)
     v_params = prepare_for_training(value, cfg, dtype, heads=[value.head], seed=cfg.seed + 1,
                                     trained_from=value_adapters)
@@ -226,6 +230,20 @@ def load_models(cfg, dev, dtype, last):
         if m is not None:
             m.eval()   # no dropout anywhere: LLaMA has none, and eval() keeps it that way
     return policy, ref, value, reward_model, resuming, p_params, v_params
+
+
+@torch.no_grad()
+def reward_scale_value_model(value, normalizer, fold=True):
+    """Put the value model, which starts as the reward model (raw score w.h), on the scale of the rewards it predicts:
+    the normalised score (w.h - mean) / std. GAE takes the value past the last token as 0, so a value model that is
+    off by a constant c biases every advantage by -c lambda^(steps to the end): a bias that grows towards the EOS and
+    whitening does not remove. The head is divided by std (fold, at a fresh start; a resumed head is folded already)
+    and the value model's normaliser becomes (mean / std, 1), which values_of subtracts: at step 0 its value at the
+    last token is exactly the normalised score. The saved value model keeps that normaliser in its config.json."""
+    mean, std = normalizer["mean"], normalizer["std"]
+    if fold:
+        value.head.weight.div_(std)
+    value.normalizer = {"mean": mean / std, "std": 1.0}
 
 
 def layout(prompts, responses):
@@ -243,6 +261,20 @@ def layout(prompts, responses):
     return idx, mask, rmask, P
 
 
+def without_bos(idx, mask, P, bos_id):
+    """The mask the value model reads the layout with: without a BOS that begins a prompt. The reward model scores
+    a dialogue without BOS (rm.encode, as the authors' code), and the value model starts as the reward model, so it
+    reads what the reward model read (positions follow the mask, so a row is then exactly the row without its BOS)."""
+    if bos_id is None:
+        return mask
+    rows = torch.arange(len(idx), device=idx.device)
+    first = P - mask[:, :P].sum(-1)                                          # (B,) each prompt's first token
+    drop = (idx[rows, first] == bos_id) & (first < P - 1)                   # never a prompt's only token
+    vmask = mask.clone()
+    vmask[rows[drop], first[drop]] = False
+    return vmask
+
+
 def logprobs_of(model, idx, mask, P, temperature):
     """Logprobs (B, R) of the response tokens under softmax(logits / T), and the entropy of that distribution."""
     logits = model(idx, mask=mask)[:, P - 1:-1] / temperature               # (B, R, V): position t predicts t+1
@@ -253,8 +285,10 @@ def logprobs_of(model, idx, mask, P, temperature):
 
 
 def values_of(value_model, idx, mask, P):
-    """Per-token values (B, R): the value head on the state that emits each response token."""
-    return value_model(idx, mask, per_token=True)[:, P - 1:-1]
+    """Per-token values (B, R) on the normalised score's scale: the value head on the state that emits each response
+    token, less the value model's normaliser (reward_scale_value_model)."""
+    n = value_model.normalizer
+    return (value_model(idx, mask, per_token=True)[:, P - 1:-1] - n["mean"]) / n["std"]
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +312,7 @@ def score_rollout(policy, ref, value, reward_model, batch, cfg, beta, dev, dtype
     """2 and 3. Recompute the logprobs of the policy and the reference (at the same T) and the values on the rollout's
     layout, in minibatch-sized chunks so the (rows, T, vocab) logits never exceed a training step's; the reward
     model's normalised score (or the missing-EOS penalty); the KL-shaped per-token rewards; GAE; whitening."""
-    idx, mask, rmask, P = batch["idx"], batch["mask"], batch["rmask"], batch["P"]
+    idx, mask, vmask, rmask, P = batch["idx"], batch["mask"], batch["vmask"], batch["rmask"], batch["P"]
     chunk = cfg.minibatch // world_size()
     chunks = [slice(i, i + chunk) for i in range(0, len(idx), chunk)]
     with autocast(dev, dtype):
@@ -286,7 +320,7 @@ def score_rollout(policy, ref, value, reward_model, batch, cfg, beta, dev, dtype
         with lora_disabled(policy) if ref is None else contextlib.nullcontext():
             ref_logp = torch.cat([logprobs_of(policy if ref is None else ref, idx[c], mask[c], P, cfg.temperature)[0]
                                   for c in chunks])
-        old_values = torch.cat([values_of(value, idx[c], mask[c], P) for c in chunks])
+        old_values = torch.cat([values_of(value, idx[c], vmask[c], P) for c in chunks])
         with lora_disabled(reward_model):
             raw = reward_model.score(batch["prompt_texts"], batch["texts"], normalize=True).to(dev)
         score = raw
@@ -321,7 +355,7 @@ def ppo_epochs(policy, value, batch, opts, params, cfg, g, dev, dtype):
             n_tok, = all_sum([m.sum().item()])
             with autocast(dev, dtype):
                 logp, entropy = logprobs_of(policy, batch["idx"][mb], batch["mask"][mb], batch["P"], cfg.temperature)
-                v = values_of(value, batch["idx"][mb], batch["mask"][mb], batch["P"])
+                v = values_of(value, batch["idx"][mb], batch["vmask"][mb], batch["P"])
             policy_loss, value_loss, ratio = ppo_loss(logp, batch["old_logp"][mb], v, batch["old_values"][mb],
                                                       batch["adv"][mb], batch["returns"][mb], m, n_tok, cfg.clip,
                                                       cfg.value_clip)
@@ -457,7 +491,8 @@ def train(cfg):
                                                      dev, dtype)
         t_gen = time.time() - t0
         idx, mask, rmask, P = layout(prompts, responses)
-        batch = {"idx": idx.to(dev), "mask": mask.to(dev), "rmask": rmask.to(dev), "P": P, "toks": toks,
+        batch = {"idx": idx.to(dev), "mask": mask.to(dev), "vmask": without_bos(idx, mask, P, tok.bos_id).to(dev),
+                 "rmask": rmask.to(dev), "P": P, "toks": toks,
                  "sampled_lp": sampled_lp, "ended": ended, "texts": [tok.decode(t) for t in toks],
                  "prompt_texts": [prompt_texts[i] for i in pick]}
         # 2, 3. score, rewards, advantages

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, decode_text, out_lock, parse_args, run_cli
+from common import UserError, decode_text, out_lock, parse_args, run_cli, user_set
 from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, reshard, tensor_names
 from tokenizer import dialogue_ids, messages_text, split_dialogue
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
@@ -331,9 +331,8 @@ def check_config(cfg):
     if cfg.preset:
         if cfg.preset not in PRESETS:
             raise UserError(f"--preset={cfg.preset!r}: known presets are {', '.join(PRESETS)}.")
-        defaults = TrainConfig()
         for k, v in PRESETS[cfg.preset].items():
-            if getattr(cfg, k) == getattr(defaults, k):
+            if not user_set(cfg, k):   # flags given on the command line win, whatever their value
                 setattr(cfg, k, v)
     if not cfg.model:
         raise UserError("--model is required: a LLaMA folder (the base model) or --preset=tiny.")

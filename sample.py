@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, parse_args, read_text, run_cli
+from common import UserError, parse_args, read_text, run_cli, world_size
 from model import DTYPES, load, pad_batch
 
 
@@ -102,9 +102,25 @@ def shared_prefix_length(prompts):
 SHARE_PREFIX = 32   # generate() computes a prompt prefix once when at least 2 rows share this many tokens
 
 
+def is_sharded(model):
+    """True when the model's weights are sharded over torchrun processes (FSDP): each of its forwards then gathers
+    the weights from every process, so every process must run the same forwards, or all of them wait for ever."""
+    if world_size() == 1:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def all_ranks(flag, device):
+    """True when `flag` is true in every process (a logical AND over the process group)."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=None, seed=None,
-             on_token=None, stop_strings=None, tokenizer=None, compact=True, share_prefix=SHARE_PREFIX):
+             on_token=None, stop_strings=None, tokenizer=None, compact=True, share_prefix=SHARE_PREFIX, sync=None):
     """
     prompts: list of B token-id lists (any lengths). They are left-padded into one batch that shares one
     KV cache; per-row positions keep each row exactly as it would be alone.
@@ -121,6 +137,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     Query: is complete").
     A row that has ended leaves the batch: its slots of the KV cache are dropped and no forward pass is spent on it
     (compact=False keeps it in the batch to the end, as this sampler once did: bench.py measures the difference).
+    sync: every torchrun process runs the same number of forwards (the model is sharded, so each forward is a
+    collective): the batch decodes until the rows of every process have ended, a process whose rows have all ended
+    keeps one finished row as a placeholder (its tokens are dropped), and the shared prefix is prefilled in every
+    process or in none. None: when the model is sharded by FSDP (is_sharded); one process never synchronises.
     seed: the same seed gives the same samples; a list of B seeds seeds each row alone, so a row samples the same
     whatever batch it is in (PPO's rollouts split over processes use this). on_token(step, ids) is called after every
     step with the new ids of the rows still in the batch (streaming).
@@ -139,13 +159,17 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
+    sync = is_sharded(model) if sync is None else sync and world_size() > 1
     was_training = model.training
     model.eval()
 
     # 1) prefill: the prefix every row shares once (batch of one), then every row's own tokens at once
     P = shared_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
     prefix = None
-    if P >= share_prefix > 0:
+    use_prefix = P >= share_prefix > 0
+    if sync:   # the prefix's prefill is one forward more: every process runs it, or none does
+        use_prefix = all_ranks(use_prefix, device)
+    if use_prefix:
         prefix = model.new_cache(1, P)
         model(torch.tensor([prompts[0][:P]], device=device), cache=prefix, logits="none")
     else:
@@ -183,10 +207,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
                 seen[r] = len(text)
             ended = torch.tensor(hit, device=device)
         done[rows[ended]] = True
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or (all_ranks(bool(done.all()), device) if sync else bool(done.all())):
             break
         if compact and bool(ended.any()):
             keep = (~done[rows]).nonzero().squeeze(1)
+            if len(keep) == 0:   # (sync) this process's rows have all ended; one stays so it joins every forward
+                keep = keep.new_zeros(1)
             rows, nxt = rows[keep], nxt[keep]
             cache.keep(keep)
         logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]          # (b, V), no padding now

@@ -4,7 +4,8 @@ torchrun processes, precision, LoRA / gradient checkpointing / FSDP, batches, th
 gradient sync and clipping, checkpoints with resume, and the memory plan of a dry run.
 
 Precision: trained weights are fp32 (the master copy AdamW updates) and the matmuls run in --dtype under autocast
-(bf16 on CUDA). Frozen weights (a LoRA base, PPO's reference and reward model) are stored in --dtype.
+(bf16 on CUDA). A LoRA base is frozen and stored in --dtype; PPO's reference and reward model are stored as the
+policy and value model compute (frozen_dtype), so that the reference starts at KL 0 in every precision.
 
 torchrun: every process takes its share of each global batch; a process's loss is its rows' share of the global
 batch's loss (a sum over its rows / the global count), so summing the gradients over processes gives the global
@@ -94,6 +95,14 @@ def compute_dtype(cfg, dev):
 def load_dtype(cfg, dtype):
     """Trained weights load in fp32 (masters); a LoRA base is frozen and loads in the compute dtype."""
     return dtype if cfg.lora_rank else torch.float32
+
+
+def frozen_dtype(cfg, dtype):
+    """The weight dtype of a frozen copy of a trained model (PPO's reference beside the policy, its reward model beside
+    the value model) that computes exactly what the trained model computes before its first step: fp32 when every
+    weight is trained (the fp32 masters under autocast: fp32 embeddings, norms and residual stream, bf16 matmuls);
+    the compute dtype with LoRA (the frozen base is stored in it) and under FSDP (which computes with copies in it)."""
+    return dtype if cfg.lora_rank or (cfg.fsdp and world_size() > 1) else torch.float32
 
 
 def autocast(dev, dtype):

@@ -142,7 +142,8 @@ from conftest import ROOT
 
 
 def tiny(tmp_path, **kw):
-    cfg = Config(out=str(tmp_path / "out"), n_queries=6, batch_size=2, device="cpu", rm_filter_ablation=False)
+    cfg = Config(out=str(tmp_path / "out"), n_queries=6, n_rl_queries=4, batch_size=2, device="cpu",
+                 rm_filter_ablation=False)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return resolve(cfg)
@@ -198,7 +199,7 @@ def test_whole_pipeline_tiny(tmp_path):
     import sys
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
-                        "--rm_filter_ablation=false", "--ppo_steps=2", "--eval_max_items=8"], capture_output=True,
+                        "--n_rl_queries=8", "--rm_filter_ablation=false", "--ppo_steps=2", "--eval_max_items=8"], capture_output=True,
                        text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ["queries.jsonl", "responses.jsonl", "comparisons.jsonl", "comparisons_nofilter.jsonl",
@@ -234,7 +235,7 @@ def test_whole_pipeline_tiny(tmp_path):
         assert 0 <= rm_stats["filter"][s]["accuracy"] <= 1 and rm_stats["filter"][s]["n"] == 8
     # rerunning skips the finished work
     r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
-                        "--rm_filter_ablation=false", "--stages=queries,responses"], capture_output=True, text=True,
+                        "--n_rl_queries=8", "--rm_filter_ablation=false", "--stages=queries,responses"], capture_output=True, text=True,
                        cwd=ROOT, timeout=600)
     assert r.returncode == 0 and "already in" in r.stdout and "skipping" in r.stdout
 
@@ -296,7 +297,7 @@ def test_paper_profile_dialogue_path_runs(tmp_path):
          "Can you help me cook rice?", "How old is the moon?", "What do dogs eat?", "Is tea good for me?",
          "How do trees grow?", "Why do we dream?", "What is rain?", "How do I tie a shoe?"]) + "\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), "--profile=paper", f"--out={tmp_path}",
-                        "--n_queries=4", "--query_line=first", f"--seeds={seeds}", f"--query_model={d}/stories260K", f"--rm_model={d}/stories260K",
+                        "--n_queries=4", "--n_rl_queries=4", "--query_line=first", f"--seeds={seeds}", f"--query_model={d}/stories260K", f"--rm_model={d}/stories260K",
                         f"--generators={gens}", "--rubric=a>b", "--stages=queries,responses,compare,check"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -625,7 +626,7 @@ def test_killed_run_restarts_cleanly(tmp_path):
     import sys
     import time
     out = tmp_path / "out"
-    args = [sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
+    args = [sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12", "--n_rl_queries=8",
             "--rm_filter_ablation=false", "--ppo_steps=3", "--eval_max_items=4", "--stages=queries,responses,compare,rm,selfplay,sft,ppo"]
     for delay in (3.0, 6.0, 9.0):
         p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -750,7 +751,8 @@ def test_queries_stage_on_a_chat_model_takes_the_authors_query_line(smollm2, tmp
             assert not tok.decode(o[:-1]).endswith("\n") and ("Query: " + q) in t
         else:   # the budget or EOS ended it before the stop string: no complete "Query:" line was passed over
             assert not almost.QUERY_STOPS["authors"].search(t) and (not q or ("Query: " + q) in t)
-    cfg = almost.Config(profile="paper", out=str(tmp_path), n_queries=3, query_model=smollm2, batch_size=8)
+    cfg = almost.Config(profile="paper", out=str(tmp_path), n_queries=3, n_rl_queries=2, query_model=smollm2,
+                        batch_size=8)
     almost.resolve(cfg)
     almost.stage_queries(cfg)
     qs = read_records(str(tmp_path / "queries.jsonl"))
@@ -830,7 +832,7 @@ def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path, monkeypatch):
     gens = ",".join(f"{n}={m}:{d}/{f}:{k}:40" for n, f, k in (("faithful-3shot", "Faithful_prompt.txt", 3),
                                                               ("hhh-3shot", "HHH_prompt.txt", 3),
                                                               ("hhh-0shot", "HHH_prompt.txt", 0)))
-    almost.main(["--profile=chat", f"--model={m}", f"--out={tmp_path}", "--n_queries=6", "--batch_size=12",
+    almost.main(["--profile=chat", f"--model={m}", f"--out={tmp_path}", "--n_queries=6", "--n_rl_queries=4", "--batch_size=12",
                  f"--generators={gens}", f"--assistant={m}:{d}/Faithful_prompt.txt:3:32", "--n=2",
                  "--selfplay_baseline=false", "--ppo_steps=1", "--eval_max_items=3", "--eval_rm_items=3",
                  "--check_items=3", "--sft_epochs=1"])
@@ -884,3 +886,36 @@ def test_a_capped_evaluation_set_keeps_its_mix():
     assert spread(xs, 0) == xs and spread(xs, 500) == xs
     hhh = read_json(os.path.join(ROOT, "data", "almost", "hhh_eval.json"))
     assert {it["type"] for it in spread(hhh, 100)} == {"harmless", "helpful", "honest", "other"}
+
+
+def test_rl_prompts_are_their_own_set(tmp_path, capsys):
+    """1a makes the RL prompts as a second set (rl_queries.jsonl) by the same rules, novel against every self-play
+    query, so PPO never optimises on a prompt that SFT's demonstrations answered, and the held-out queries stay
+    unseen. A run made before the set existed gets it from the ppo stage, with a word."""
+    cfg = tiny(tmp_path, n_queries=8, n_rl_queries=8)
+    almost.stage_queries(cfg)
+    sp = [q["query"] for q in read_records(os.path.join(cfg.out, "queries.jsonl"))]
+    rl = [q["query"] for q in read_records(os.path.join(cfg.out, "rl_queries.jsonl"))]
+    assert len(sp) == len(rl) == 8 and not set(sp) & set(rl)
+    assert max(almost.rouge_l(almost.rouge_tokens(a), almost.rouge_tokens(b)) for a in sp for b in rl) < 0.5
+    os.remove(os.path.join(cfg.out, "rl_queries.jsonl"))
+    with pytest.raises(almost.UserError, match="no SFT policy"):
+        almost.stage_ppo(cfg)
+    assert "making them now" in capsys.readouterr().out
+    assert [q["query"] for q in read_records(os.path.join(cfg.out, "rl_queries.jsonl"))] == rl   # the same seed
+    assert [q["query"] for q in read_records(os.path.join(cfg.out, "ppo_prompts.jsonl"))] == rl
+
+
+def test_flags_given_win_over_the_profile_and_the_preset_whatever_their_value():
+    """A flag on the command line wins over a profile or a preset even when it equals the dataclass default
+    (--sft_lr=2e-5 is the default; the story profile's is 5e-4; --epochs=1 is the default, the tiny preset's 3)."""
+    import rm as rmlib
+    from common import parse_args
+    assert resolve(parse_args(Config, [])).sft_lr == 5e-4
+    assert resolve(parse_args(Config, ["--sft_lr=2e-5"])).sft_lr == 2e-5
+    assert resolve(parse_args(Config, ["--profile=chat", f"--model={os.path.join(ROOT, 'data', 'stories260K')}",
+                                       "--turns=2"])).turns == 2                         # the chat profile's is 1
+    for argv, epochs in [([], 3.0), (["--epochs=1"], 1.0), (["--epochs=1.0", "--lr=1e-3"], 1.0)]:
+        cfg = parse_args(rmlib.TrainConfig, ["--preset=tiny", "--data=x.jsonl", *argv])
+        rmlib.check_config(cfg)
+        assert cfg.epochs == epochs

@@ -170,3 +170,43 @@ def test_cli_errors(tmp_path):
                            cwd=ROOT, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert all(w in r.stderr for w in words), r.stderr
+
+
+@pytest.mark.parametrize("flags", [{}, {"dtype": "bf16"}, {"lora_rank": 4}], ids=["fp32", "bf16-autocast", "lora"])
+def test_the_reference_starts_at_kl_zero(toy, tmp_path, flags):
+    """At step 1 the policy is the SFT policy, so KL(policy || reference) must be exactly 0 in every precision and
+    layout. (With the reference stored in bf16 beside fp32 masters under bf16 autocast it was 0.04 nats and more.)"""
+    ppo.train(toy_cfg(toy, tmp_path / "run", steps=1, batch_size=4, minibatch=4, ppo_epochs=1, max_new_tokens=8,
+                      **flags))
+    rec = metrics(tmp_path / "run")[0]
+    assert rec["kl"] == pytest.approx(0, abs=1e-6) and rec["non_score_reward"] == pytest.approx(0, abs=1e-6)
+
+
+def test_a_fresh_value_model_predicts_the_normalised_score(toy, tmp_path):
+    """The value model starts from the reward model, and the returns it learns are sums of the normalised score:
+    at step 0 its value at a response's last token is the reward model's normalised score of that very dialogue
+    (read, as the reward model reads it, without BOS). The toy reward model's normaliser is far from (0, 1), so a
+    value model left on the raw scale fails by several units."""
+    from model import last_token_index
+    from tokenizer import Tokenizer, dialogue_ids
+    cfg = toy_cfg(toy, tmp_path / "run")
+    _, _, value, reward_model, _, _, _ = ppo.load_models(cfg, torch.device("cpu"), torch.float32, str(tmp_path / "no"))
+    n = reward_model.normalizer
+    assert abs(n["mean"]) > 0.1 or abs(n["std"] - 1) > 0.1, n
+    tok = Tokenizer(STORIES)
+    prompts = [dialogue_ids(tok, "Tell me about Lily and the dog."), dialogue_ids(tok, "Tom")]
+    responses = [tok.encode(" Lily was happy.") + [tok.eos_id], tok.encode(" Tom was very sad all day.")]
+    idx, mask, rmask, P = layout(prompts, responses)
+    vmask = ppo.without_bos(idx, mask, P, tok.bos_id)
+    with torch.no_grad():   # the head on every position, on the value model's scale (values_of's slice of it)
+        full = (value(idx, vmask, per_token=True) - value.normalizer["mean"]) / value.normalizer["std"]
+        assert torch.equal(ppo.values_of(value, idx, vmask, P), full[:, P - 1:-1])
+    last = full[torch.arange(2), last_token_index(mask)]
+    expected = reward_model.score_ids([p[1:] + r for p, r in zip(prompts, responses)], normalize=True)
+    assert torch.allclose(last, expected, atol=1e-5), (last, expected)
+    # a saved (and resumed) value model keeps its folded head and its normaliser (mean / std, 1)
+    value.save_pretrained(str(tmp_path / "value"))
+    again = rmlib.RewardModel.from_pretrained(str(tmp_path / "value"))
+    assert again.normalizer == value.normalizer
+    with torch.no_grad():
+        assert torch.allclose(ppo.values_of(again, idx, vmask, P), full[:, P - 1:-1], atol=1e-6)

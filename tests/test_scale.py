@@ -2,6 +2,7 @@
 FSDP over 2 gloo processes on the CPU, compared with one process on the same global batch)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -171,7 +172,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_only_block_in
 def test_bf16_autocast_trains_fp32_masters_with_bf16_activations(tmp_path):
     from rm import TrainConfig, train
     data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(24))
-    cfg = TrainConfig(data=data, preset="tiny", out=str(tmp_path / "rm"), batch_size=8, micro_batch=4, epochs=1.0,
+    cfg = TrainConfig(data=data, preset="tiny", out=str(tmp_path / "rm"), batch_size=8, micro_batch=4,
                       eval_every=2, max_length=48, dtype="bf16", device="cpu")
     state = train(cfg)
     assert state["step"] == 6                                             # the tiny preset's 3 epochs
@@ -301,15 +302,22 @@ def test_almost_under_torchrun_runs_only_trainer_stages(tmp_path):
 # -----------------------------------------------------------------------------
 # torchrun: 2 gloo processes against 1 process on the same global batch
 
-def launch(script, args, n, tmp_path):
+def launch(script, args, n, tmp_path, timeout=300):
     """Run a script alone (n=1) or under torchrun with n gloo processes; fails the test on a nonzero exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [sys.executable, os.path.join(ROOT, script), *args] if n == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
          os.path.join(ROOT, script), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:   # a hang: end torchrun's workers too, not only torchrun
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"{script} did not finish in {timeout} s (processes out of step?)")
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def max_diff(a, b):
@@ -494,3 +502,92 @@ def test_almost_dry_run_plans_the_sampling_stages():
     assert "responses 30b-faithful-3shot, selfplay assistant, selfplay user" in plan30
     r = subprocess.run([sys.executable, *base, "--batch_size=4"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "does NOT fit" not in r.stdout, r.stdout
+
+
+SYNCED_SAMPLING = """
+import json, sys
+import torch
+from common import rank
+from model import load
+from sample import generate, shared_prefix_length, SHARE_PREFIX
+from trainer import ScaleConfig, end_distributed, prepare_for_training, setup_distributed
+setup_distributed("cpu")
+sharded, tok = load(sys.argv[1])
+alone, _ = load(sys.argv[1])                       # the same model unsharded: what each process must get
+prepare_for_training(sharded, ScaleConfig(device="cpu", fsdp=True), torch.float32)
+enc = lambda t: tok.encode(t, bos=True)
+out = {}
+# 1. process 0's rows end at their first token (the stop id is the token each samples first); process 1's never stop
+prompts = [[enc("Tom has a ball.")], [enc("Once upon a time"), enc("Lily saw a big dog.")]][rank()]
+first = [t[0] for t in generate(alone, prompts, 1, temperature=0, stop_ids=[])[0]]
+stop = first if rank() == 0 else []
+out["ends"] = generate(sharded, prompts, 16, temperature=0, stop_ids=stop)[0]
+assert out["ends"] == generate(alone, prompts, 16, temperature=0, stop_ids=stop)[0], out
+assert (rank() == 0) == (max(map(len, out["ends"])) == 0) and (rank() == 0 or min(map(len, out["ends"])) == 16)
+# 2. prompts that share a long prefix on process 0 only (prefilled once there: one forward more than process 1)
+story = enc("Once upon a time, there was a little girl named Lily. She loved to play in the park with her "
+            "friends every day. One day she saw a big red ball.")
+prompts = [[story + tok.encode(" She", bos=False), story + tok.encode(" Tom", bos=False)],
+           [enc("The sun was hot."), enc("A dog ran.")]][rank()]
+out["prefix"] = shared_prefix_length(prompts)
+assert (rank() == 0) == (out["prefix"] >= SHARE_PREFIX)
+out["shared"] = generate(sharded, prompts, 12, temperature=1.0, seed=[1, 2])[0]
+assert out["shared"] == generate(alone, prompts, 12, temperature=1.0, seed=[1, 2], share_prefix=0)[0], out
+print(json.dumps({"rank": rank(), **out}))
+end_distributed()
+"""
+
+
+def test_fsdp_sampling_keeps_the_processes_in_step(tmp_path):
+    """Under FSDP every forward gathers the weights from all processes, so the sampler must run as many forwards in
+    each: here process 0's rows all end at their first token while process 1's decode to the budget, and then only
+    process 0's prompts share a prefix long enough to be prefilled once. Without the agreement the processes wait for
+    each other for ever (the timeout fails the test); with it every process gets what one process alone gets."""
+    script = tmp_path / "synced.py"
+    script.write_text(SYNCED_SAMPLING)
+    r = launch(str(script), [STORIES], 2, tmp_path, timeout=120)
+    outs = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda o: o["rank"])
+    assert len(outs) == 2 and outs[0]["ends"] == [[]] and all(len(t) == 16 for t in outs[1]["ends"])
+
+
+def eos_prone_policy(dst):
+    """stories260K whose EOS logit equals that of the word-start token '▁' (the tied embedding row copied), so that
+    rollouts end at any step, the first included: about a third of them there."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(STORIES, dst)
+    t = load_file(os.path.join(dst, "model.safetensors"))
+    t["model.embed_tokens.weight"][2] = t["model.embed_tokens.weight"][410]
+    save_file(t, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+LONG_OPENING = ("Once upon a time, there was a little girl named Lily. She loved to play in the park with her friends "
+                "every day. One day she saw ")
+
+
+@pytest.mark.parametrize("case", ["ends", "prefix"])
+def test_fsdp_ppo_with_rows_that_end_apart(tmp_path, reward_model, case):
+    """A PPO step under FSDP whose rollout rows end at different steps on the two processes: at seed 1337's first
+    step (found by hand, see the asserts) process 1's row ends at its first token while process 0's runs to the
+    budget ("ends"); or process 1's two prompts share a long prefix and process 0's do not ("prefix"). The run
+    finishes (a hang fails at the timeout) and matches one process."""
+    policy = eos_prone_policy(tmp_path / "policy")
+    prompts = tmp_path / "prompts.txt"
+    rows = 2 if case == "ends" else 4
+    prompts.write_text("Tell me about Lily.\nWhat is a dog?\n" if case == "ends" else
+                       f"{LONG_OPENING}a cat.\n{LONG_OPENING}a big red ball.\nWhat is a dog?\nSing a song.\n")
+    args = [f"--policy={policy}", f"--rm={reward_model}", f"--prompts={prompts}", "--steps=2",
+            f"--batch_size={rows}", f"--minibatch={rows}", "--ppo_epochs=1", "--max_new_tokens=12", "--lr=1e-3",
+            "--value_lr=1e-3", "--samples_per_log=0", "--penalize_missing_eos=false", "--device=cpu", "--fsdp=true"]
+    launch("ppo.py", [*args, "--out=one"], 1, tmp_path)
+    launch("ppo.py", [*args, "--out=two"], 2, tmp_path, timeout=180)
+    one = [json.loads(line) for line in open(tmp_path / "one/metrics.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "two/metrics.jsonl")]
+    if case == "ends":   # one response of 12 tokens (no EOS) and one of its EOS alone
+        assert one[0]["eos_rate"] == 0.5 and one[0]["response_length"] == 6.5
+    for a, b in zip(one, two):
+        for k in ("score_mean", "kl", "response_length", "eos_rate"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5)
+    assert max_diff(tmp_path / "one/last/policy/model.safetensors", tmp_path / "two/last/policy/model.safetensors") \
+        < WEIGHT_TOL
