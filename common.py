@@ -237,7 +237,7 @@ def commit_dir(tmp, path):
 # seeds: every random stream of a run is seeded from --seed, a stream constant and the stream's keys, so a rerun or
 # a resumed run draws the same numbers
 
-STREAMS = {"queries": 7919, "epoch": 1000, "ppo_step": 100003, "sampling": 1_000_003}
+STREAMS = {"queries": 7919, "rl_queries": 7927, "epoch": 1000, "ppo_step": 100003, "sampling": 1_000_003}
 
 
 def derive_seed(seed, stream, *keys, bits=63):

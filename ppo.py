@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import UserError, commit_dir, derive_seed, out_lock, parse_args, rank, run_cli, world_size
+from common import UserError, commit_dir, derive_seed, out_lock, parse_args, rank, read_json, run_cli, world_size
 from model import Llama, PAD_ID, last_token_index, load_config, lora_disabled
 from rm import RewardModel, read_lines
 from sample import generate
@@ -38,7 +38,8 @@ from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, en
 
 
 # -----------------------------------------------------------------------------
-# the algorithms: masked statistics, the KL-shaped rewards, GAE, the PPO loss, the KL controller
+# the algorithms: masked statistics, the KL-shaped rewards, GAE, the PPO loss, the missing-EOS penalty, the KL
+# controller
 
 def masked_mean(x, mask, dim=None):
     """Mean of x over the positions where mask is True (all of them, or along dim)."""
@@ -111,6 +112,12 @@ def ppo_loss(logp, old_logp, values, old_values, advantages, returns, mask, n_to
     vf_loss2 = (values_clipped - returns) ** 2
     value_loss = 0.5 * (torch.max(vf_loss1, vf_loss2) * mask).sum() / n_tokens
     return policy_loss, value_loss, ratio
+
+
+def missing_eos_scores(score, ended, penalty):
+    """A response that never emitted EOS (cut at max_new_tokens) gets `penalty` as its score instead of the reward
+    model's; one that ended keeps its score. score (B,), ended: B bools."""
+    return torch.where(torch.tensor(ended, device=score.device), score, torch.full_like(score, penalty))
 
 
 def adaptive_kl(beta, kl, target, horizon, n):
@@ -222,6 +229,9 @@ def load_models(cfg, dev, dtype, last):
         ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=frozen_dtype(cfg, dtype)).requires_grad_(False)
         reward_model = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=frozen_dtype(cfg, dtype))
         reward_model.requires_grad_(False)
+    if resuming and read_json(os.path.join(last, "policy", "trainer_state.json")).get("value_scale") != "normalised":
+        raise UserError(f"{last} was written before the value model was put on the reward's normalised scale, so its "
+                        f"value head cannot be resumed here. Start over with --resume=false (or a new --out).")
     reward_scale_value_model(value, reward_model.normalizer, fold=not resuming)
     p_params = prepare_for_training(policy, cfg, dtype, seed=cfg.seed, trained_from=policy_adapters)
     v_params = prepare_for_training(value, cfg, dtype, heads=[value.head], seed=cfg.seed + 1,
@@ -242,6 +252,7 @@ def reward_scale_value_model(value, normalizer, fold=True):
     last token is exactly the normalised score. The saved value model keeps that normaliser in its config.json."""
     mean, std = normalizer["mean"], normalizer["std"]
     if fold:
+        value.head.float()   # (a LoRA run's head loads in bf16; it is trained in fp32 anyway)
         value.head.weight.div_(std)
     value.normalizer = {"mean": mean / std, "std": 1.0}
 
@@ -263,8 +274,9 @@ def layout(prompts, responses):
 
 def without_bos(idx, mask, P, bos_id):
     """The mask the value model reads the layout with: without a BOS that begins a prompt. The reward model scores
-    a dialogue without BOS (rm.encode, as the authors' code), and the value model starts as the reward model, so it
-    reads what the reward model read (positions follow the mask, so a row is then exactly the row without its BOS)."""
+    a dialogue in the paper's format without BOS (rm.encode, as the authors' code), and the value model starts as the
+    reward model, so it reads what the reward model read (positions follow the mask, so a row is then exactly the row
+    without its BOS). bos_id None: keep every token (a reward model whose chat template writes a BOS)."""
     if bos_id is None:
         return mask
     rows = torch.arange(len(idx), device=idx.device)
@@ -323,10 +335,7 @@ def score_rollout(policy, ref, value, reward_model, batch, cfg, beta, dev, dtype
         old_values = torch.cat([values_of(value, idx[c], vmask[c], P) for c in chunks])
         with lora_disabled(reward_model):
             raw = reward_model.score(batch["prompt_texts"], batch["texts"], normalize=True).to(dev)
-        score = raw
-        if cfg.penalize_missing_eos:
-            score = torch.where(torch.tensor(batch["ended"], device=dev), raw,
-                                torch.full_like(raw, cfg.missing_eos_penalty))
+        score = missing_eos_scores(raw, batch["ended"], cfg.missing_eos_penalty) if cfg.penalize_missing_eos else raw
         # the sampler's logprobs against the recomputed ones: any gap means rollout and training disagree
         mismatch = max((abs(a - b) for t, s, row in zip(batch["toks"], batch["sampled_lp"], old_logp.tolist())
                         for a, b in zip(s, row[:len(t)])), default=0.0)
@@ -462,7 +471,8 @@ def train(cfg):
     last = os.path.join(cfg.out, "last")
     policy, ref, value, reward_model, resuming, p_params, v_params = load_models(cfg, dev, dtype, last)
     opts = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
-    run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm), "lora": lora_key(cfg)}
+    run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm), "lora": lora_key(cfg),
+           "value_scale": "normalised"}
     loads = [(p_params, opts[0], os.path.join(last, "policy")), (v_params, opts[1], os.path.join(last, "value"))]
     state, log = start_or_resume(cfg, cfg.out, os.path.join(last, "policy"), {"step": 0, "beta": cfg.beta}, run,
                                  loads if resuming else [])
@@ -471,6 +481,9 @@ def train(cfg):
               f"{str(dtype).removeprefix('torch.')}; policy: {describe(p_params, policy, cfg)}; value: "
               f"{describe(v_params, value, cfg)}")
 
+    # the value model reads the rollout without the prompt's BOS when the reward model reads dialogues without one
+    # (the paper's format; a chat template may write its own BOS)
+    value_bos = tok.bos_id if dialogue_ids(tok, "x", "y", chat=reward_model.chat, bos=False)[:1] != [tok.bos_id] else None
     B = cfg.batch_size // world                  # this process's rollout rows; it owns rows [rank * B, (rank + 1) * B)
     rows = range(rank() * B, (rank() + 1) * B)
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="ppo", dynamic_ncols=True,
@@ -491,7 +504,7 @@ def train(cfg):
                                                      dev, dtype)
         t_gen = time.time() - t0
         idx, mask, rmask, P = layout(prompts, responses)
-        batch = {"idx": idx.to(dev), "mask": mask.to(dev), "vmask": without_bos(idx, mask, P, tok.bos_id).to(dev),
+        batch = {"idx": idx.to(dev), "mask": mask.to(dev), "vmask": without_bos(idx, mask, P, value_bos).to(dev),
                  "rmask": rmask.to(dev), "P": P, "toks": toks,
                  "sampled_lp": sampled_lp, "ended": ended, "texts": [tok.decode(t) for t in toks],
                  "prompt_texts": [prompt_texts[i] for i in pick]}

@@ -111,6 +111,13 @@ def is_sharded(model):
     return isinstance(model, FSDPModule)
 
 
+def all_values(x, device):
+    """The integer x of every process, as a list."""
+    out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    torch.distributed.all_gather(out, torch.tensor([x], device=device))
+    return [int(t) for t in out]
+
+
 def all_ranks(flag, device):
     """True when `flag` is true in every process (a logical AND over the process group)."""
     t = torch.tensor([int(flag)], device=device)
@@ -160,6 +167,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         generator = torch.Generator(device=device).manual_seed(seed)
 
     sync = is_sharded(model) if sync is None else sync and world_size() > 1
+    if sync and len(set(all_values(max_new_tokens, device))) > 1:   # the processes leave the loop together
+        raise ValueError("under FSDP every process must sample with the same max_new_tokens")
     was_training = model.training
     model.eval()
 

@@ -13,6 +13,14 @@ STORIES = os.path.join(ROOT, "data", "stories260K")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+try:   # the parity oracle, a test extra: the tests that need it skip one by one without it
+    import transformers
+except ImportError:
+    transformers = None
+needs_transformers = pytest.mark.skipif(transformers is None, reason="needs transformers, the parity oracle "
+                                        "(pip install -r requirements-test.txt)")
+
+
 @pytest.fixture(scope="session")
 def stories():
     from model import load
@@ -32,6 +40,18 @@ def toy_pairs(n, seed=0):
         out.append({"prompt": f"Tell me about {nm} and the {th}.", "chosen": tp.format(n=nm, t=th, a=rng.choice(good)),
                     "rejected": tp.format(n=nm, t=th, a=rng.choice(bad))})
     return out
+
+
+def eos_prone_policy(dst):
+    """stories260K whose EOS logit equals that of the word-start token '▁' (the tied embedding row copied), so that
+    rollouts end at any step, the first included: about a third of them there."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(STORIES, dst)
+    t = load_file(os.path.join(dst, "model.safetensors"))
+    t["model.embed_tokens.weight"][2] = t["model.embed_tokens.weight"][410]
+    save_file(t, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
 
 
 def write_jsonl(path, rows):
@@ -68,3 +88,29 @@ def smollm2(smollm2_tokenizer):
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return out
+
+
+CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(tmp_path_factory):
+    """A small tokenizer folder of the kind SmolLM2 ships (byte-level BPE, no BOS, ChatML chat template, EOS
+    <|im_end|>), trained here on a few hundred sentences, for the tests that need a chat template and no model.
+    Needs the tokenizers library (installed with transformers)."""
+    tokenizers = pytest.importorskip("tokenizers", reason="building a BPE tokenizer needs the tokenizers library "
+                                     "(pip install -r requirements-test.txt)")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("chatml")
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    texts = [v for p in toy_pairs(300) for v in p.values()] + ["Hi! Hello there. Bye. Goodbye! What is a cat?"]
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                     "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE}))
+    return str(d)

@@ -161,6 +161,7 @@ def interrupt_after(monkeypatch, n_calls):
     monkeypatch.setattr(almost, "generate", flaky)
 
 
+@pytest.mark.slow
 def test_interrupted_stages_resume_with_no_duplicate_and_no_missing_record(tmp_path, monkeypatch):
     cfg = tiny(tmp_path)
     with monkeypatch.context() as m:
@@ -193,12 +194,13 @@ def test_interrupted_stages_resume_with_no_duplicate_and_no_missing_record(tmp_p
     assert len(read_records(path)) == 4 * cfg.n_queries
 
 
+@pytest.mark.slow
 def test_whole_pipeline_tiny(tmp_path):
     """All stages with tiny counts, through the CLI, as `python almost.py` runs them."""
     import subprocess
     import sys
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12", "--device=cpu",
                         "--n_rl_queries=8", "--rm_filter_ablation=false", "--ppo_steps=2", "--eval_max_items=8"], capture_output=True,
                        text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -240,6 +242,7 @@ def test_whole_pipeline_tiny(tmp_path):
     assert r.returncode == 0 and "already in" in r.stdout and "skipping" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,words", [
     (["--stages=queries,bogus"], ["unknown stage 'bogus'"]),
     (["--profile=paper", "--stages=responses"], ["--generators is required"]),
@@ -282,6 +285,7 @@ def test_prompt_formats(stories):
     assert trim_to_sentence('He ran. She said, "Stop." Then the dog') == "He ran."
 
 
+@pytest.mark.slow
 def test_paper_profile_dialogue_path_runs(tmp_path):
     """The paper's dialogue format end to end, with the bundled models standing in for LLaMA folders (0-shot:
     the HHH dialogues do not fit a 512-token context; the quality of the text is beside the point)."""
@@ -296,7 +300,7 @@ def test_paper_profile_dialogue_path_runs(tmp_path):
         ["How do I bake bread?", "What is a cat?", "Why is the sky blue?", "Where do birds sleep?",
          "Can you help me cook rice?", "How old is the moon?", "What do dogs eat?", "Is tea good for me?",
          "How do trees grow?", "Why do we dream?", "What is rain?", "How do I tie a shoe?"]) + "\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), "--profile=paper", f"--out={tmp_path}",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), "--profile=paper", f"--out={tmp_path}", "--device=cpu",
                         "--n_queries=4", "--n_rl_queries=4", "--query_line=first", f"--seeds={seeds}", f"--query_model={d}/stories260K", f"--rm_model={d}/stories260K",
                         f"--generators={gens}", "--rubric=a>b", "--stages=queries,responses,compare,check"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -350,6 +354,7 @@ def test_sft_loss_mask_is_exactly_the_assistant_tokens(stories):
     assert encode_dialogue(tok, turns, 20) is None                          # longer than max_length
 
 
+@pytest.mark.slow
 def test_selfplay_interrupted_resumes_without_duplicates(tmp_path, monkeypatch):
     from rm import RewardModel
     cfg = tiny(tmp_path, n_queries=12, batch_size=4, n=2, selfplay_baseline=False)
@@ -378,6 +383,7 @@ def test_selfplay_interrupted_resumes_without_duplicates(tmp_path, monkeypatch):
     assert os.path.isfile(os.path.join(cfg.out, "selfplay_stats.json"))
 
 
+@pytest.mark.slow
 def test_sft_trains_on_selfplay_and_reloads_to_identical_logits(tmp_path):
     import torch
     from model import Llama
@@ -407,6 +413,7 @@ def test_sft_trains_on_selfplay_and_reloads_to_identical_logits(tmp_path):
     assert state2["step"] == 4 and len(open(tmp_path / "sft" / "metrics.jsonl").readlines()) == len(losses) + 2
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_does_nothing(tmp_path):
     import subprocess
     import sys
@@ -560,6 +567,7 @@ def test_review_prompts_in_fastchats_layout_are_chosen_by_category(tmp_path):
         ev.read_review_prompts(str(f))
 
 
+@pytest.mark.slow
 def test_vicuna_answers_in_each_models_format(stories, smollm2_tokenizer):
     from eval import answer_prompt
     from tokenizer import Tokenizer
@@ -571,6 +579,7 @@ def test_vicuna_answers_in_each_models_format(stories, smollm2_tokenizer):
     assert chat.decode(answer_prompt(chat, "Hi?", "ours")) == "\n\nHuman: Hi?\n\nAssistant:"
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_the_paper_table_and_reuses_answers(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -579,7 +588,7 @@ def test_eval_cli_writes_the_paper_table_and_reuses_answers(tmp_path, monkeypatc
     s = os.path.join(ROOT, "data", "stories260K")
     RewardModel.from_pretrained(s).save_pretrained(str(tmp_path / "rm"))   # a reward model (random head)
     args = [sys.executable, os.path.join(ROOT, "eval.py"), f"--models=a={s},{os.path.join(ROOT, 'data', 'stories50K')}",
-            f"--rm={tmp_path / 'rm'}", "--max_items=4", "--max_new_tokens=16", f"--out={tmp_path}"]
+            f"--rm={tmp_path / 'rm'}", "--max_items=4", "--max_new_tokens=16", f"--out={tmp_path}", "--device=cpu"]
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| model | Harmless | Helpful | Honest | Other | All | TruthfulQA MC1 |" in r.stdout
@@ -618,19 +627,26 @@ def test_wilson_interval():
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
 
 
+@pytest.mark.slow
 def test_killed_run_restarts_cleanly(tmp_path):
-    """SIGKILL `python almost.py` at several moments (whatever stage it is in), then run it to the end: every record
-    once, none missing, and the checkpoints load. A half-written checkpoint folder left by a kill is never read."""
+    """SIGKILL `python almost.py` inside four stages, then run it to the end: every record once, none missing, and the
+    checkpoints load. A half-written checkpoint folder left by a kill is never read."""
     import signal
     import subprocess
     import sys
     import time
     out = tmp_path / "out"
-    args = [sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12", "--n_rl_queries=8",
+    args = [sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", "--n_queries=12", "--n_rl_queries=8", "--device=cpu",
             "--rm_filter_ablation=false", "--ppo_steps=3", "--eval_max_items=4", "--stages=queries,responses,compare,rm,selfplay,sft,ppo"]
-    for delay in (3.0, 6.0, 9.0):
+    # each run is killed when a stage's output shows it is in the middle of its work (events, not clocks), each
+    # run later in the pipeline than the one before: inside queries, responses, the rm's training, self-play
+    for name, n in (("queries.jsonl", 4), ("responses.jsonl", 10), ("rm/metrics.jsonl", 1), ("selfplay_n4.jsonl", 1)):
         p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        path, deadline = out / name, time.time() + 300
+        while not (path.exists() and path.read_bytes().count(b"\n") >= n):
+            assert p.poll() is None, f"the run ended before {name} had {n} records"
+            assert time.time() < deadline, f"{name} never reached {n} records"
+            time.sleep(0.02)
         p.send_signal(signal.SIGKILL)
         p.wait()
     (out / "rm").mkdir(parents=True, exist_ok=True)
@@ -732,6 +748,7 @@ def test_postprocess_cuts_only_at_a_demonstration_break():
     assert postprocess_response("\n A tab stays\t\n\n") == "A tab stays\t"
 
 
+@pytest.mark.slow
 def test_queries_stage_on_a_chat_model_takes_the_authors_query_line(smollm2, tmp_path):
     """1a on a real chat model with the authors' rule: every kept query is a whole "Query:" line the model wrote,
     the sampler stopped right after that line, and the length filter holds."""
@@ -759,6 +776,7 @@ def test_queries_stage_on_a_chat_model_takes_the_authors_query_line(smollm2, tmp
     assert len(qs) == 3 and all(not almost.bad_query_length(q["query"]) for q in qs)
 
 
+@pytest.mark.slow
 def test_selfplay_says_when_a_turn_has_no_room_and_later_shots_fixes_it(tmp_path, monkeypatch, capsys):
     """A demonstration that fills most of the 512-token context: the first assistant turn fits, the second does
     not. The stage says how many dialogues ended early and why; --later_shots=0 gives the second turn room."""
@@ -822,6 +840,7 @@ def test_svg_chart_is_a_titled_labelled_picture(tmp_path):
     assert float(bars[0].get("height")) > float(bars[2].get("height")) > 0
 
 
+@pytest.mark.slow
 def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path, monkeypatch):
     """--profile=chat on SmolLM2, made small (few queries, short answers, one short PPO step, a few evaluation items):
     every stage runs in the dialogue format and leaves its files; the check stage judges each rubric pair; the reward
@@ -888,6 +907,7 @@ def test_a_capped_evaluation_set_keeps_its_mix():
     assert {it["type"] for it in spread(hhh, 100)} == {"harmless", "helpful", "honest", "other"}
 
 
+@pytest.mark.slow
 def test_rl_prompts_are_their_own_set(tmp_path, capsys):
     """1a makes the RL prompts as a second set (rl_queries.jsonl) by the same rules, novel against every self-play
     query, so PPO never optimises on a prompt that SFT's demonstrations answered, and the held-out queries stay

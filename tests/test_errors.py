@@ -132,6 +132,7 @@ def cli(*args):
                           cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,words", [
     (["--model=/nonexistent/llama"], ["/nonexistent/llama", "no such model folder"]),
     (["--bogus=1"], ["unknown flag --bogus"]),
@@ -150,20 +151,22 @@ def test_cli_errors(args, words):
         assert w in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_cli_error_on_bad_config(ckpt):
     edit_config(ckpt, model_type="bert")
     r = cli(f"--model={ckpt}")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "config.json" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_samples(tmp_path):
-    r = cli("--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=40", "--num_samples=1")
+    r = cli("--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=40", "--num_samples=1", "--device=cpu")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside "
                                "in the park. One day, she saw a big, red ball.")
     f = tmp_path / "p.txt"
     f.write_text("The dog\n\nLily and Tom\n")
-    r = cli(f"--prompt_file={f}", "--num_samples=2", "--max_new_tokens=20", "--stream=false")
+    r = cli(f"--prompt_file={f}", "--num_samples=2", "--max_new_tokens=20", "--stream=false", "--device=cpu")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("The dog") == 2 and r.stdout.count("Lily and Tom") == 2
 
@@ -175,6 +178,7 @@ CLIS = {"sample.py": "sample.Config", "rm.py": "rm.TrainConfig", "sft.py": "sft.
         "eval.py": "eval.Config", "almost.py": "almost.Config", "memory.py": "memory.Config", "bench.py": "bench.Config"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", list(CLIS))
 def test_help_describes_every_flag(script):
     import dataclasses
@@ -192,11 +196,7 @@ def test_help_describes_every_flag(script):
         assert repr(getattr(cfg(), f.name)) in line and helps[f.name] in line, line
 
 
-def cli_of(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-
-
+@pytest.mark.slow
 def test_old_eval_commands_point_to_eval_py():
     for script in ("rm.py", "almost.py"):
         r = cli_of(script, "eval", "--rm=x")
@@ -275,6 +275,7 @@ BAD = [  # (script, args, words in the message); {d} is the fixture's folder
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args,words", BAD, ids=[f"{s}:{' '.join(a)[:40]}" for s, a, _ in BAD])
 def test_every_cli_refuses_bad_input_in_one_message(bad_inputs, script, args, words):
     r = cli_of(script, *[a.replace("{d}", str(bad_inputs)) for a in args])
@@ -285,46 +286,44 @@ def test_every_cli_refuses_bad_input_in_one_message(bad_inputs, script, args, wo
         assert w.replace("{d}", str(bad_inputs)) in last, last
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
-    """Two processes: while `python rm.py --out=X` runs, a second one into X ends at once with a message naming the
-    first; X/.lock holds the pid and host and is gone when the run ends. A lock left by a process that no longer
-    exists is taken over."""
+    """While a process holds X/.lock (it says so once the lock is written, and keeps it until told to stop), `python
+    rm.py --out=X` ends at once with a message naming it; the lock holds the pid and host and is gone when its holder
+    ends. A lock left by a process that no longer exists is taken over, and a run releases it at its end."""
     import socket
-    import time
     out = tmp_path / "rm"
-    args = [sys.executable, os.path.join(ROOT, "rm.py"), "--preset=tiny", "--data=data/stories/comparisons.jsonl",
-            f"--out={out}", "--epochs=1"]
-    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from common import out_lock\n"
+                               f"with out_lock({str(out)!r}):\n    print('held', flush=True)\n    sys.stdin.read()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "held"               # the event: the lock is written and held
         lock = out / ".lock"
-        for _ in range(200):
-            if lock.exists() and lock.read_text():
-                break
-            time.sleep(0.05)
-        held = json.loads(lock.read_text())
-        assert held == {"pid": first.pid, "host": socket.gethostname()}
+        assert json.loads(lock.read_text()) == {"pid": holder.pid, "host": socket.gethostname()}
         r = cli_of("rm.py", "--preset=tiny", "--data=data/stories/comparisons.jsonl", f"--out={out}")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert f"in use by another run (pid {first.pid}" in r.stderr and ".lock" in r.stderr
-        assert first.poll() is None                                    # the first run goes on
+        assert f"in use by another run (pid {holder.pid}" in r.stderr and ".lock" in r.stderr
+        assert holder.poll() is None and lock.exists()                  # the holder and its lock are untouched
     finally:
-        first.wait(timeout=300)
-    assert first.returncode == 0 and not lock.exists()                 # released at the end
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0 and not lock.exists()                 # released at the end
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))   # a killed run's lock
     r = cli_of("rm.py", "--preset=tiny", "--data=data/stories/comparisons.jsonl", f"--out={out}", "--epochs=1",
-               timeout=300)
+               "--stop_after=2", "--device=cpu", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_files_share_one_mode_and_a_stopped_bar_shows_its_steps(tmp_path):
     """Every file of a checkpoint folder is written with the same mode (safetensors alone would leave 0600 beside
     0644), and `--stop_after=2` ends with a progress bar at 2, not 1."""
     import stat
     r = cli_of("rm.py", "--preset=tiny", "--data=data/stories/comparisons.jsonl", f"--out={tmp_path}",
-               "--stop_after=2", timeout=300)
+               "--stop_after=2", "--device=cpu", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "last").iterdir()}
     assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes

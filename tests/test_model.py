@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, STORIES
+from conftest import ROOT, STORIES, needs_transformers, transformers
 from model import Llama, LlamaConfig, Tokenizer, load
 from sample import generate
 
@@ -69,7 +69,6 @@ def test_default_dtype_is_fp32_on_cpu(stories):
 # -----------------------------------------------------------------------------
 # parity with transformers on tiny random configs
 
-transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (requirements-test.txt)")
 
 CONFIGS = {
     "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4),
@@ -107,6 +106,7 @@ def batch(V, B=3, T=11, seed=1):
     return torch.randint(0, V, (B, T), generator=g)
 
 
+@needs_transformers
 @pytest.mark.parametrize("name", CONFIGS)
 def test_hf_parity(tmp_path, name):
     """HF-saved random model -> our loader: same logits and final hidden states within 1e-4 (fp32)."""
@@ -122,6 +122,7 @@ def test_hf_parity(tmp_path, name):
     assert (h - ref.hidden_states[-1]).abs().max().item() < 1e-4
 
 
+@needs_transformers
 @pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope", "head_dim_24", "biases"])
 def test_hf_loads_what_we_save(tmp_path, name):
     """Our save_pretrained -> transformers.LlamaForCausalLM.from_pretrained: the same logits."""
@@ -135,6 +136,7 @@ def test_hf_loads_what_we_save(tmp_path, name):
         assert (back(idx).logits - ours(idx)).abs().max().item() < 1e-4
 
 
+@needs_transformers
 def test_left_padded_batch_matches_hf(tmp_path):
     """Padding mask + per-row positions: real tokens of a left-padded batch agree with HF given the same mask."""
     hf = hf_random(hf_config(**CONFIGS["gqa_tied"]))
@@ -151,6 +153,7 @@ def test_left_padded_batch_matches_hf(tmp_path):
     assert (got - ref)[mask].abs().max().item() < 1e-4
 
 
+@needs_transformers
 def test_sharded_checkpoints(tmp_path):
     """HF's sharded layout loads; ours shards above the threshold and both sides load it."""
     hf = hf_random(hf_config(**CONFIGS["mha_untied"]))
@@ -172,6 +175,7 @@ def test_sharded_checkpoints(tmp_path):
         assert (back(idx).logits - ref).abs().max().item() < 1e-4
 
 
+@needs_transformers
 def test_bf16_matches_hf_bf16(tmp_path):
     """bf16 weights: RMSNorm and RoPE angles in fp32, matmuls in bf16, logits returned in fp32, as HF does.
     Our bf16 logits match HF's bf16 logits far closer than bf16 is to fp32."""
@@ -188,6 +192,7 @@ def test_bf16_matches_hf_bf16(tmp_path):
     assert (got - ref16).abs().max().item() < 2e-4
 
 
+@needs_transformers
 def test_bundled_model_parity_with_hf(stories):
     model, tok = stories
     hf = transformers.LlamaForCausalLM.from_pretrained(STORIES).eval()

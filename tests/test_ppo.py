@@ -7,8 +7,8 @@ import torch
 
 import ppo
 import rm as rmlib
-from conftest import STORIES, toy_pairs, write_jsonl
-from ppo import adaptive_kl, gae, layout, masked_mean, masked_whiten, ppo_loss, token_rewards
+from conftest import STORIES, eos_prone_policy, toy_pairs, write_jsonl
+from ppo import adaptive_kl, gae, layout, masked_mean, masked_whiten, missing_eos_scores, ppo_loss, token_rewards
 
 
 def prefix_mask(lengths, T):
@@ -121,6 +121,7 @@ def metrics(out):
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_first_minibatch_is_on_policy_and_resume_continues(toy, tmp_path):
     out = tmp_path / "run"
     ppo.train(toy_cfg(toy, out, steps=2, save_every=1))
@@ -135,23 +136,35 @@ def test_first_minibatch_is_on_policy_and_resume_continues(toy, tmp_path):
     from model import Llama
     Llama.from_pretrained(str(out / "last" / "policy"))
     rmlib.RewardModel.from_pretrained(str(out / "last" / "value"))
+    # a checkpoint from before the value model was put on the reward's scale is refused, not resumed on another scale
+    st = out / "last" / "policy" / "trainer_state.json"
+    st.write_text(json.dumps({k: v for k, v in json.loads(st.read_text()).items() if k != "value_scale"}))
+    with pytest.raises(ppo.UserError, match="--resume=false"):
+        ppo.train(toy_cfg(toy, out, steps=4))
     # --resume=false starts over from the SFT policy, as in every trainer
     state = ppo.train(toy_cfg(toy, out, steps=1, save_every=1, resume=False))
     assert state["step"] == 1 and [r["step"] for r in metrics(out)] == [1]
     assert metrics(out)[0]["kl"] == pytest.approx(0, abs=1e-6)
 
 
-def test_ppo_raises_a_learnable_reward_with_bounded_kl(toy, tmp_path):
+@pytest.mark.slow
+def test_ppo_raises_a_learnable_reward_with_bounded_kl_and_a_value_model_that_fits(toy, tmp_path):
     out = tmp_path / "learn"
     ppo.train(toy_cfg(toy, out, steps=40, save_every=100))
     rows = metrics(out)
     start = sum(r["rm_score_mean"] for r in rows[:4]) / 4
     end = sum(r["rm_score_mean"] for r in rows[-8:]) / 8
     assert end - start > 0.15, (start, end)
-    assert max(r["kl"] for r in rows) < 60                # nats per 24-token response
-    assert all(r["eos_rate"] >= 0 and r["response_length"] <= 24 for r in rows)
+    # KL: exactly 0 at step 1 (the reference is the policy then), well away from 0 later (a reference that moved
+    # with the policy would read 0), and held by the controller (measured: 15-26 nats over the last 30 steps)
+    kl = [r["kl"] for r in rows]
+    assert kl[0] == pytest.approx(0, abs=1e-6) and min(kl[-10:]) > 5 and max(kl) < 40, kl
+    # the value model fits the returns: explained variance about 0.7 over the last 10 steps (measured), from below 0
+    ev = [r["explained_variance"] for r in rows]
+    assert sum(ev[-10:]) / 10 > 0.4 and sum(ev[-10:]) / 10 > sum(ev[:3]) / 3 + 0.3, ev
 
 
+@pytest.mark.slow
 def test_cli_errors(tmp_path):
     import subprocess
     import sys
@@ -172,6 +185,7 @@ def test_cli_errors(tmp_path):
         assert all(w in r.stderr for w in words), r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [{}, {"dtype": "bf16"}, {"lora_rank": 4}], ids=["fp32", "bf16-autocast", "lora"])
 def test_the_reference_starts_at_kl_zero(toy, tmp_path, flags):
     """At step 1 the policy is the SFT policy, so KL(policy || reference) must be exactly 0 in every precision and
@@ -182,6 +196,7 @@ def test_the_reference_starts_at_kl_zero(toy, tmp_path, flags):
     assert rec["kl"] == pytest.approx(0, abs=1e-6) and rec["non_score_reward"] == pytest.approx(0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_fresh_value_model_predicts_the_normalised_score(toy, tmp_path):
     """The value model starts from the reward model, and the returns it learns are sums of the normalised score:
     at step 0 its value at a response's last token is the reward model's normalised score of that very dialogue
@@ -210,3 +225,28 @@ def test_a_fresh_value_model_predicts_the_normalised_score(toy, tmp_path):
     assert again.normalizer == value.normalizer
     with torch.no_grad():
         assert torch.allclose(ppo.values_of(again, idx, vmask, P), full[:, P - 1:-1], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_missing_eos_penalty_replaces_the_score_of_a_response_that_never_ended(toy, tmp_path, monkeypatch):
+    """A response cut at max_new_tokens gets --missing_eos_penalty as its score; one that ended keeps the reward
+    model's. By hand, then inside a PPO step (the paper profile's default), on a policy that ends about a third of
+    its rollouts at each step, so the batch holds both kinds; the step's logged score is the penalised one."""
+    assert missing_eos_scores(torch.tensor([0.5, 2.0, -3.0]), [True, False, True], -1.0).tolist() == [0.5, -1.0, -3.0]
+    seen = []
+
+    def spy(score, ended, penalty):
+        out = missing_eos_scores(score, ended, penalty)
+        seen.append((score.clone(), list(ended), out.clone()))
+        return out
+    monkeypatch.setattr(ppo, "missing_eos_scores", spy)
+    cfg = toy_cfg(toy, tmp_path / "run", policy=eos_prone_policy(tmp_path / "policy"), steps=1, batch_size=8,
+                  minibatch=8, ppo_epochs=1, max_new_tokens=12, penalize_missing_eos=True, missing_eos_penalty=-3.0)
+    ppo.train(cfg)
+    (raw, ended, out), = seen
+    assert True in ended and False in ended, ended
+    for r, e, o in zip(raw.tolist(), ended, out.tolist()):
+        assert o == (r if e else -3.0)
+    rec = metrics(tmp_path / "run")[0]
+    assert rec["eos_rate"] == pytest.approx(sum(ended) / 8) and rec["score_mean"] == pytest.approx(out.mean().item())
+    assert rec["rm_score_mean"] == pytest.approx(raw.mean().item())

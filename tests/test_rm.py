@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, STORIES, toy_pairs, write_jsonl
+from conftest import ROOT, STORIES, needs_transformers, toy_pairs, transformers, write_jsonl
 from model import UserError, last_token_index
 from rm import RewardModel, TrainConfig, bt_loss, encode, pad_batch, pair_metrics, read_pairs, tokenize_pairs, train
 from tokenizer import format_dialogue
@@ -115,6 +115,7 @@ def tiny_cfg(tmp_path, data, **kw):
     return cfg
 
 
+@pytest.mark.slow
 def test_training_learns_a_toy_preference(tmp_path):
     data = write_jsonl(tmp_path / "toy.jsonl", toy_pairs(400))
     state = train(tiny_cfg(tmp_path, data))
@@ -129,6 +130,7 @@ def test_training_learns_a_toy_preference(tmp_path):
     assert best.normalizer["std"] > 0 and best.normalizer["n"] == 160
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path):
     data = write_jsonl(tmp_path / "toy.jsonl", toy_pairs(200))
     full = train(tiny_cfg(tmp_path / "a", data, eval_every=4, log_every=2))
@@ -152,9 +154,9 @@ def test_resume_continues_where_it_stopped(tmp_path):
 # -----------------------------------------------------------------------------
 # transformers parity
 
-transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (requirements-test.txt)")
 
 
+@needs_transformers
 def test_transformers_gives_the_same_scores(tmp_path, rm):
     torch.manual_seed(1)
     with torch.no_grad():
@@ -226,6 +228,7 @@ def test_not_a_llama_and_eval_sets_refused(tmp_path):
         train(TrainConfig(data=hhh, preset="tiny", out=str(tmp_path / "o")))
 
 
+@pytest.mark.slow
 def test_cli_errors():
     for args, words in [(["eval", "--rm=/nonexistent/rm"], ["moved to eval.py", "python eval.py --rm="]),
                         (["--data=/nonexistent.jsonl", "--preset=tiny"], ["/nonexistent.jsonl", "no such data file"]),
@@ -239,6 +242,7 @@ def test_cli_errors():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "/nonexistent/rm" in r.stderr, r.stderr
 
 
+@needs_transformers
 def test_parity_on_an_untied_gqa_config_with_biases(tmp_path):
     """A LLaMA unlike the bundled one (untied, GQA, biases, explicit head_dim): a reward model built on it and one
     that transformers saved itself both load and score as transformers does."""

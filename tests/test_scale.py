@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, STORIES, toy_pairs, write_jsonl
+from conftest import ROOT, STORIES, eos_prone_policy, toy_pairs, write_jsonl
 from model import (LORA_TARGETS, Llama, LlamaConfig, LoRALinear, UserError, add_lora, lora_disabled, merge_lora,
                    plain_state)
 
@@ -27,6 +27,7 @@ def small_cfg(**kw):
 # -----------------------------------------------------------------------------
 # LoRA
 
+@pytest.mark.slow
 def test_lora_starts_at_the_base_switches_off_and_merges_into_a_plain_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = Llama(small_cfg()).init_weights()
@@ -64,6 +65,7 @@ def test_lora_starts_at_the_base_switches_off_and_merges_into_a_plain_checkpoint
         assert (model(idx) - tuned).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_lora_checkpoints_load_in_peft(tmp_path):
     """A LoRA run's checkpoint holds its adapters in PEFT's layout: peft.PeftModel.from_pretrained on the base model
     gives our scores (a reward model: adapters + head) and our logits (a policy)."""
@@ -169,6 +171,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_only_block_in
     assert ckpt < 0.4 * full
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_fp32_masters_with_bf16_activations(tmp_path):
     from rm import TrainConfig, train
     data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(24))
@@ -276,6 +279,7 @@ def test_plans_for_llama_2_7b_on_one_80gb_gpu():
     assert fsdp_peak < 80 * GiB                                            # full fine-tuning over 8 GPUs
 
 
+@pytest.mark.slow
 def test_memory_cli_and_trainer_dry_runs_print_a_plan():
     run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=ROOT, timeout=120)  # noqa
     r = run("memory.py", "--model=llama-2-7b", "--job=rm")
@@ -292,6 +296,7 @@ def test_memory_cli_and_trainer_dry_runs_print_a_plan():
     assert r.returncode == 0 and all(f"memory plan ({j}," in r.stdout for j in ("rm", "sft", "ppo")), r.stderr
 
 
+@pytest.mark.slow
 def test_almost_under_torchrun_runs_only_trainer_stages(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={tmp_path}", "--stages=queries,rm"],
@@ -349,6 +354,7 @@ RM_ARGS = ["--preset=tiny", "--batch_size=8", "--micro_batch=2", "--epochs=0.5",
            "--max_length=48", "--device=cpu"]
 
 
+@pytest.mark.slow
 def test_rm_ddp_and_fsdp_match_one_process(tmp_path, pairs):
     args = [f"--data={pairs}", *RM_ARGS]
     launch("rm.py", [*args, "--out=one"], 1, tmp_path)
@@ -366,6 +372,7 @@ def test_rm_ddp_and_fsdp_match_one_process(tmp_path, pairs):
     assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "mixed/last/model.safetensors") < WEIGHT_TOL
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_checkpoints_hold_the_fp32_masters(tmp_path, pairs):
     """Under FSDP with bf16 compute the root module keeps bf16 copies after a forward; a checkpoint must hold the
     fp32 master weights (what a resumed run trains on), not those copies."""
@@ -376,6 +383,7 @@ def test_fsdp_bf16_checkpoints_hold_the_fp32_masters(tmp_path, pairs):
     assert json.load(open(tmp_path / "bf/last/config.json"))["torch_dtype"] == "float32"
 
 
+@pytest.mark.slow
 def test_fsdp_with_a_batch_that_does_not_split_evenly(tmp_path):
     """5 training pairs, micro-batches of 2, 2 processes: shares of 3 and 2 pairs, so process 1 runs a zero-weight
     micro-batch to stay in step with process 0's collectives (else FSDP hangs), and the result is still one
@@ -389,6 +397,7 @@ def test_fsdp_with_a_batch_that_does_not_split_evenly(tmp_path):
                                                                            rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
     args = [f"--data={pairs}", *RM_ARGS, "--lora_rank=4", "--lora_targets=q_proj,v_proj,gate_proj"]
     launch("rm.py", [*args, "--out=one"], 1, tmp_path)
@@ -404,6 +413,7 @@ def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
     assert r.returncode == 2 and "another run" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale_flags", [[], ["--fsdp=true", "--grad_checkpointing=true"]], ids=["ddp", "fsdp"])
 def test_sft_on_two_processes_matches_one(tmp_path, scale_flags):
     names, things = ["Tom", "Lily", "Max", "Sue", "Ben"], ["ball", "cat", "tree", "cake", "box", "bird"]
@@ -429,6 +439,7 @@ def reward_model(tmp_path_factory, pairs):
     return str(d / "rm" / "best")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--fsdp=true"], ["--lora_rank=4", "--grad_checkpointing=true"]],
                          ids=["ddp", "fsdp", "lora"])
 def test_ppo_on_two_processes_matches_one(tmp_path, reward_model, flags):
@@ -484,6 +495,7 @@ def test_sampling_plan_counts_a_shared_prefix_once():
     assert k > 5 * memory.largest_batch(cfg, memory.Job(job="sample", rows=32, seq=2048))
 
 
+@pytest.mark.slow
 def test_almost_dry_run_plans_the_sampling_stages():
     """The paper's command with shapes for folders: every sampling model is planned at --batch_size rows of its
     context; at 32 rows the 30B generator does not fit, at the README's 4 it does."""
@@ -538,6 +550,7 @@ end_distributed()
 """
 
 
+@pytest.mark.slow
 def test_fsdp_sampling_keeps_the_processes_in_step(tmp_path):
     """Under FSDP every forward gathers the weights from all processes, so the sampler must run as many forwards in
     each: here process 0's rows all end at their first token while process 1's decode to the budget, and then only
@@ -550,22 +563,11 @@ def test_fsdp_sampling_keeps_the_processes_in_step(tmp_path):
     assert len(outs) == 2 and outs[0]["ends"] == [[]] and all(len(t) == 16 for t in outs[1]["ends"])
 
 
-def eos_prone_policy(dst):
-    """stories260K whose EOS logit equals that of the word-start token '▁' (the tied embedding row copied), so that
-    rollouts end at any step, the first included: about a third of them there."""
-    import shutil
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(STORIES, dst)
-    t = load_file(os.path.join(dst, "model.safetensors"))
-    t["model.embed_tokens.weight"][2] = t["model.embed_tokens.weight"][410]
-    save_file(t, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    return str(dst)
-
-
 LONG_OPENING = ("Once upon a time, there was a little girl named Lily. She loved to play in the park with her friends "
                 "every day. One day she saw ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["ends", "prefix"])
 def test_fsdp_ppo_with_rows_that_end_apart(tmp_path, reward_model, case):
     """A PPO step under FSDP whose rollout rows end at different steps on the two processes: at seed 1337's first
@@ -591,3 +593,54 @@ def test_fsdp_ppo_with_rows_that_end_apart(tmp_path, reward_model, case):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5)
     assert max_diff(tmp_path / "one/last/policy/model.safetensors", tmp_path / "two/last/policy/model.safetensors") \
         < WEIGHT_TOL
+
+
+GRADIENTS = """
+import sys
+import torch
+from safetensors.torch import save_file
+from common import rank
+from model import full_tensor
+from rm import RewardModel, TrainConfig, read_pairs, tokenize_pairs, train_step
+from trainer import end_distributed, setup_distributed, sync_grads
+from trainer import prepare_for_training
+model_dir, pairs, mode, out = sys.argv[1:]
+setup_distributed("cpu")
+reward_model = RewardModel.from_pretrained(model_dir, seed=0)   # the same fresh head in every process
+cfg = TrainConfig(device="cpu", micro_batch=2, fsdp=mode == "fsdp")
+params = prepare_for_training(reward_model, cfg, torch.float32)
+batch = tokenize_pairs(reward_model, read_pairs(pairs), pairs)
+train_step(reward_model, batch, cfg, torch.device("cpu"), torch.float32, [0.0] * 4)
+sync_grads(params, cfg)                                             # DDP's sum (FSDP reduced in backward)
+grads = {f"grad.{i}": full_tensor(p.grad).contiguous() for i, p in enumerate(params)}
+with torch.no_grad():                                               # one plain SGD step: the update is the gradient
+    for p in params:
+        p.add_(p.grad, alpha=-0.5)
+weights = {f"weight.{i}": full_tensor(p).contiguous() for i, p in enumerate(params)}
+if rank() == 0:
+    save_file({**grads, **weights}, out)
+end_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_gradients_and_an_sgd_step_on_two_processes_equal_one(tmp_path):
+    """AdamW's update ignores a constant factor on the gradient, so comparing weights after AdamW steps cannot see a
+    reduction that averages instead of sums, or a lost FSDP divide factor. Here the gradients themselves (after the
+    trainer's reduction, before any optimizer) and the weights after one plain SGD step are compared: one process
+    against two with DDP and with FSDP, on 5 pairs (shares of 3 and 2: the short process runs a zero-weight
+    micro-batch). A reduction off by the factor 2 fails by far more than the tolerance."""
+    from safetensors.torch import load_file
+    script = tmp_path / "grads.py"
+    script.write_text(GRADIENTS)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(5, seed=7))
+    launch(str(script), [STORIES, pairs, "one", str(tmp_path / "one.safetensors")], 1, tmp_path)
+    one = load_file(tmp_path / "one.safetensors")
+    assert max(v.abs().max().item() for k, v in one.items() if k.startswith("grad.")) > 1e-3   # a real gradient
+    for mode in ("ddp", "fsdp"):
+        launch(str(script), [STORIES, pairs, mode, str(tmp_path / f"{mode}.safetensors")], 2, tmp_path, timeout=120)
+        two = load_file(tmp_path / f"{mode}.safetensors")
+        assert sorted(two) == sorted(one)
+        for k in one:
+            scale = one[k].abs().max().item()
+            assert (two[k] - one[k]).abs().max().item() <= 1e-5 * max(scale, 1.0), (mode, k)
