@@ -26,7 +26,6 @@ queries.jsonl, responses.jsonl and the self-play files are append-only, flushed 
 of dialogues): a killed stage loses at most what was in flight, and a rerun skips what is on disk. The trainers
 resume from their last/ checkpoints.
 """
-import math
 import os
 import random
 import re
@@ -47,7 +46,8 @@ import rm as rmlib
 import sft as sftlib
 from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, rank, read_json, read_records,
                     read_text, run_cli, user_set, world_size, write_json, write_jsonl, write_text)
-from eval import RM_SETS, Config as EvalConfig, evaluate, policy_answers, results_markdown, spread, wilson
+from eval import (MIN_VERDICT_ITEMS, RM_SETS, Config as EvalConfig, decided, evaluate, mean_interval, policy_answers,
+                  results_markdown, spread, wilson)
 from model import load
 from sample import generate, shared_prefix_length
 from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
@@ -649,6 +649,8 @@ def stage_compare(cfg):
           f"queries; BAD rate " + ", ".join(f"{n} {v:.0%}" for n, v in stats["bad_rate"].items()))
     for m, c in stats["pairs_per_rank_pair"].items():
         print(f"  {m}: {c}")
+    for w in small_data_warnings(cfg, ["pairs"]):
+        print(w)
 
 
 
@@ -760,6 +762,9 @@ def stage_rm(cfg):
             write_jsonl(os.path.join(data_dir, f"train_{k}.jsonl"), [p for p in ps if p["prompt"] not in held])
             write_jsonl(os.path.join(data_dir, f"val_{k}.jsonl"), [p for p in ps if p["prompt"] in held])
     barrier()
+    if rank() == 0:
+        for w in small_data_warnings(cfg, ["pairs", "rm_steps", "held_out_pairs"]):   # before the training is spent
+            print(w)
     variants = ["filter", "nofilter"] if cfg.rm_filter_ablation else ["filter"]
     stats = {}
     for k in variants:
@@ -917,6 +922,8 @@ def stage_selfplay(cfg):
         selfplay(cfg, n, os.path.join(cfg.out, f"selfplay_n{n}.jsonl"), assistant, user, reward_model)
     stats = selfplay_stats(read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl")))
     write_json(os.path.join(cfg.out, "selfplay_stats.json"), stats)
+    for w in small_data_warnings(cfg, ["dialogues"]):
+        print(w)
     print(f"selfplay: {stats['dialogues']} dialogues ({stats['usable']} usable, {stats['assistant_turns']} "
           f"assistant turns); mean RM score of the chosen candidate {stats['chosen_score']:.3f} vs a random one "
           f"{stats['random_score']:.3f}; expected best of k: " +
@@ -1010,6 +1017,8 @@ def stage_ppo(cfg):
     prompts = os.path.join(cfg.out, "ppo_prompts.jsonl")
     if rank() == 0:
         write_jsonl(prompts, [{"query": q["query"]} for q in read_records(rl)[:cfg.n_rl_queries]])
+        for w in small_data_warnings(cfg, ["rl_prompts"]):
+            print(w)
     barrier()
     policy = os.path.join(cfg.out, "sft", "best")
     if not os.path.isfile(os.path.join(policy, "config.json")):
@@ -1042,13 +1051,6 @@ def stage_eval(cfg):
                         rm=cfg.reward_model, max_new_tokens=new, max_items=cfg.eval_max_items,
                         rm_sets=False, vicuna=cfg.eval_vicuna,   # the rm stage scored the reward models
                         out=os.path.join(cfg.out, "eval"), seed=cfg.seed, device=cfg.device))
-
-
-def mean_ci(xs):
-    """Mean and its 95% interval (normal approximation) of a sample."""
-    m = statistics.fmean(xs)
-    half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-    return m, (m - half, m + half)
 
 
 def diversity(texts, n=4):
@@ -1120,6 +1122,46 @@ def prefer_longer(pairs):
     return sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs) / len(pairs)
 
 
+# The least data each step can learn from (or be judged on) here; below it a stage warns before spending the work,
+# and the report says so at its top. Pairs: a reward model from fewer than 100 comparisons learns its training
+# pairs, not a preference (the toy preference of the tests needs a few hundred; the paper had thousands). Reward
+# model steps: fewer than 10 optimizer steps cannot move the head from its random start. Held-out pairs: a verdict
+# needs MIN_VERDICT_ITEMS. Dialogues: SFT on fewer than 50 demonstrations fits them, not a behaviour (one paper SFT
+# batch is 64). RL prompts: fewer than one rollout batch repeats prompts within a batch.
+SMALL = {"pairs": 100, "rm_steps": 10, "held_out_pairs": MIN_VERDICT_ITEMS, "dialogues": 50}
+
+
+def small_data_warnings(cfg, which=None):
+    """A warning line for each count of this run's data that is below its minimum (SMALL), naming the count, the
+    minimum and the flag that raises it. which: only these counts (a stage's own); None: every count on disk."""
+    out, counts = [], {}
+    pairs = read_records(os.path.join(cfg.out, "comparisons.jsonl"))
+    if pairs:
+        counts["pairs"] = (len(pairs), "synthetic comparison pairs", "--n_queries")
+        train = read_records(os.path.join(cfg.out, "rm_data", "train_filter.jsonl"))
+        held = read_records(os.path.join(cfg.out, "rm_data", "val_filter.jsonl"))
+        if train:
+            tc = rmlib.TrainConfig(data="x", model=cfg.rm_model or "x", preset=cfg.rm_preset)
+            rmlib.check_config(tc)
+            steps = max(1, int(tc.epochs * max(1, len(train) // tc.batch_size)))
+            counts["rm_steps"] = (steps, f"reward-model optimizer steps ({len(train)} training pairs, batches of "
+                                         f"{tc.batch_size}, {tc.epochs:g} epochs)", "--n_queries")
+            counts["held_out_pairs"] = (len(held), "held-out pairs (its accuracy is no verdict below this)",
+                                        "--n_queries")
+    dialogues = [r for r in read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl")) if r.get("usable")]
+    if dialogues:
+        counts["dialogues"] = (len(dialogues), "usable self-play dialogues for SFT", "--n_queries")
+    rl = read_records(os.path.join(cfg.out, "rl_queries.jsonl"))
+    if rl:
+        counts["rl_prompts"] = (len(rl), "RL prompts for PPO", "--n_rl_queries")
+    least = dict(SMALL, rl_prompts=PROFILES[cfg.profile]["ppo"].get("batch_size", 16))    # one rollout batch
+    for k, (n, what, flag) in counts.items():
+        if (which is None or k in which) and n < least[k]:
+            out.append(f"warning: {n} {what}, fewer than the {least[k]} this step needs to mean something: raise "
+                       f"{flag}.")
+    return out
+
+
 def verdicts(cfg, rs, sft, ev):
     """"Did it work?": one line per step against a baseline measured on the same items, with 95% intervals."""
     lines, pct = [], lambda p: f"{100 * p:.1f}%"
@@ -1143,7 +1185,7 @@ def verdicts(cfg, rs, sft, ev):
                        if lo > max(0.5, base) else
                        "beats chance, not the longer-answer baseline" if lo > 0.5 else "does not beat chance")
             lines.append(f"- Step 1, reward model on {name} ({n} pairs): {pct(m)} [{pct(lo)}, {pct(hi)}] against "
-                         f"chance 50% and \"prefer the longer answer\" {pct(base)}{others}: **{verdict}**.")
+                         f"chance 50% and \"prefer the longer answer\" {pct(base)}{others}: **{decided(verdict, n)}**.")
     check = read_json(os.path.join(cfg.out, "check_stats.json")) if os.path.isfile(
         os.path.join(cfg.out, "check_stats.json")) else {}
     for axis, a in check.get("axes", {}).items():
@@ -1151,23 +1193,23 @@ def verdicts(cfg, rs, sft, ev):
         who = (f"{os.path.basename(a['judge'].rstrip('/'))}, which also wrote the answers" if a["judge_is_a_generator"]
                else os.path.basename(a["judge"].rstrip("/")))
         lines.append(f"- Step 1, the rubric's claim {axis}: the judge ({who}) prefers the higher-ranked answer in "
-                     f"{pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}] of {a['n']} queries: **{a['verdict']}**.")
+                     f"{pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}] of {a['n']} queries: **{decided(a['verdict'], a['n'])}**.")
     sp = read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl"))
     gains = [max(s) - statistics.fmean(s) for r in sp for cs in r["candidates"]
              for s in [[c["score"] for c in cs if not c["bad"]]] if len(s) > 1]
     if gains:
-        g, (lo, hi) = mean_ci(gains)
+        g, (lo, hi) = mean_interval(gains)
+        verdict = decided(f"{'raised' if lo > 0 else 'did not raise'} the demonstrations' reward", len(gains))
         lines.append(f"- Step 2, RM-guided self-play: the chosen candidate scores {g:.3f} [{lo:.3f}, {hi:.3f}] "
-                     f"above the mean candidate of its turn ({len(gains)} turns): "
-                     f"**{'raised' if lo > 0 else 'did not raise'} the demonstrations' reward** (judged by the reward "
+                     f"above the mean candidate of its turn ({len(gains)} turns): **{verdict}** (judged by the reward "
                      f"model that chose them).")
     if sft and "scores" in sft.get("sft", {}) and "scores" in sft.get("sft_plain", {}):
         d = [a - b for a, b in zip(sft["sft"]["scores"], sft["sft_plain"]["scores"])]
-        g, (lo, hi) = mean_ci(d)
+        g, (lo, hi) = mean_interval(d)                          # paired: each query's difference
+        verdict = decided('better' if lo > 0 else 'worse' if hi < 0 else 'no clear difference', len(d))
         lines.append(f"- Step 2, SFT on RM-guided against plain self-play, {len(d)} held-out queries: RM score "
-                     f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]: "
-                     f"**{'better' if lo > 0 else 'worse' if hi < 0 else 'no clear difference'}** (the same reward "
-                     f"model judges).")
+                     f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired t interval): **{verdict}** (the same reward model "
+                     f"judges).")
     if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
         v = ev["vicuna"]["ppo"]["rm"]
         lines.append(f"- Step 3, PPO against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
@@ -1178,9 +1220,9 @@ def verdicts(cfg, rs, sft, ev):
         for name, m in ev["models"].items():
             a = m["static_hhh"]["all"]
             lo, hi = a["ci95"]
-            lines.append(f"- Evaluation, {name} as judge on static HHH: {pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}]: "
-                         f"**{'above chance' if lo > 0.5 else 'not distinguishable from chance'}**; TruthfulQA MC1 "
-                         f"{pct(m['truthfulqa_mc1']['accuracy'])}.")
+            verdict = decided('above chance' if lo > 0.5 else 'not distinguishable from chance', a["n"])
+            lines.append(f"- Evaluation, {name} as judge on static HHH ({a['n']} items): {pct(a['accuracy'])} "
+                         f"[{pct(lo)}, {pct(hi)}]: **{verdict}**; TruthfulQA MC1 {pct(m['truthfulqa_mc1']['accuracy'])}.")
     return lines
 
 
@@ -1225,7 +1267,12 @@ def stage_report(cfg):
     if tm:
         rows.append(("wall time", ", ".join(f"{k} {v:.0f}s" for k, v in tm.items())))
     table = "| figure | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
-    md = ["# ALMoST run report", "", f"Output folder `{cfg.out}`, profile `{cfg.profile}`.", "", "## Did it work?", ""]
+    md = ["# ALMoST run report", "", f"Output folder `{cfg.out}`, profile `{cfg.profile}`.", ""]
+    warnings = small_data_warnings(cfg)
+    if warnings:
+        md += ["**Too little data for some steps: their verdicts below are not evidence.**", ""] + \
+              [f"- {w.removeprefix('warning: ')}" for w in warnings] + [""]
+    md += ["## Did it work?", ""]
     verdict_lines = verdicts(cfg, rs, sft, ev)
     md += verdict_lines or ["(no stage has run yet)"]
     if "sft" in div and "ppo" in div:

@@ -939,3 +939,60 @@ def test_flags_given_win_over_the_profile_and_the_preset_whatever_their_value():
         cfg = parse_args(rmlib.TrainConfig, ["--preset=tiny", "--data=x.jsonl", *argv])
         rmlib.check_config(cfg)
         assert cfg.epochs == epochs
+
+
+def test_intervals_are_right_for_small_samples():
+    """t intervals against textbook values (n = 2, 5, 30), a paired interval as the t interval of the differences
+    (narrower than treating the two samples as unpaired when the items move together), and Wilson for proportions."""
+    from eval import mean_interval, t_quantile, wilson
+    for df, t in [(1, 12.7062), (4, 2.7764), (29, 2.0452), (10 ** 6, 1.9600)]:
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    m, (lo, hi) = mean_interval([1.0, 3.0])                                 # s = sqrt 2: half-width t_1 s / sqrt 2
+    assert m == 2.0 and (lo, hi) == pytest.approx((2 - 12.7062, 2 + 12.7062), abs=1e-3)
+    m, (lo, hi) = mean_interval([2.0, 4.0, 4.0, 5.0, 5.0])                    # mean 4, s = 1.2247, t_4 = 2.7764
+    assert m == 4.0 and (hi - lo) / 2 == pytest.approx(2.7764 * 1.224745 / 5 ** 0.5, abs=1e-4)
+    xs = [0.1 * i for i in range(30)]
+    _, (lo, hi) = mean_interval(xs)
+    assert (hi - lo) / 2 == pytest.approx(2.0452 * statistics_stdev(xs) / 30 ** 0.5, abs=1e-4)
+    a, b = [5.0, 6.1, 7.0, 8.2, 9.0], [4.8, 6.0, 6.7, 8.1, 8.7]               # paired: each b just below its a
+    _, (plo, phi) = mean_interval([x - y for x, y in zip(a, b)])
+    assert plo > 0 and phi - plo < 0.4
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def statistics_stdev(xs):
+    import statistics
+    return statistics.stdev(xs)
+
+
+def test_a_verdict_on_too_few_items_says_so_and_small_data_is_warned_at_the_top(tmp_path, capsys):
+    """The files a 20-query chat run makes (25 pairs, one held-out pair, 4 usable dialogues, 4 RL prompts): every
+    count below its minimum is warned about, naming the count, the minimum and the flag, by the stage and at the top
+    of the report; a verdict on 2 held-out queries reads "too few items to tell", with its interval still shown."""
+    from eval import MIN_VERDICT_ITEMS, decided
+    assert decided("worse", MIN_VERDICT_ITEMS - 1) == f"too few items to tell (n = {MIN_VERDICT_ITEMS - 1})"
+    assert decided("worse", MIN_VERDICT_ITEMS) == "worse"
+    cfg = resolve(Config(profile="chat", model=os.path.join(ROOT, "data", "stories260K"), out=str(tmp_path),
+                         device="cpu"))
+    pair = {"prompt": "Q", "chosen": "a", "rejected": "b", "meta": {}}
+    almost.write_jsonl(str(tmp_path / "comparisons.jsonl"), [pair] * 25)
+    os.makedirs(tmp_path / "rm_data")
+    almost.write_jsonl(str(tmp_path / "rm_data" / "train_filter.jsonl"), [pair] * 24)
+    almost.write_jsonl(str(tmp_path / "rm_data" / "val_filter.jsonl"), [pair])
+    almost.write_jsonl(str(tmp_path / f"selfplay_n{cfg.n}.jsonl"), [{"usable": True, "candidates": []}] * 4)
+    almost.write_jsonl(str(tmp_path / "rl_queries.jsonl"), [{"id": i, "query": "q"} for i in range(4)])
+    almost.write_json(str(tmp_path / "sft_stats.json"), {
+        "sft": {"scores": [0.1, -0.5], "mean_rm_score": -0.2}, "sft_plain": {"scores": [0.4, 0.2], "mean_rm_score": 0.3},
+        "base": {"scores": [0.0, 0.0], "mean_rm_score": 0.0}})
+    warnings = almost.small_data_warnings(cfg)
+    text = "\n".join(warnings)
+    for words in ["25 synthetic comparison pairs, fewer than the 100", "1 reward-model optimizer steps (24 training pairs",
+                  "1 held-out pairs", "4 usable self-play dialogues for SFT, fewer than the 50", "4 RL prompts for PPO"]:
+        assert words in text, text
+    assert all("--n_queries" in w or "--n_rl_queries" in w for w in warnings) and len(warnings) == 5
+    almost.stage_report(cfg)
+    report = open(tmp_path / "report.md").read()
+    top = report[:report.index("## Did it work?")]
+    assert "Too little data" in top and "25 synthetic comparison pairs" in top and "4 RL prompts" in top
+    line = next(x for x in report.splitlines() if "SFT on RM-guided against plain self-play" in x)
+    assert "2 held-out queries" in line and "too few items to tell (n = 2)" in line and "[" in line
