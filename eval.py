@@ -30,7 +30,6 @@ train on them.
 import json
 import math
 import os
-import re
 import statistics
 from dataclasses import dataclass
 
