@@ -26,6 +26,7 @@ queries.jsonl, responses.jsonl and the self-play files are append-only, flushed 
 of dialogues): a killed stage loses at most what was in flight, and a rerun skips what is on disk. The trainers
 resume from their last/ checkpoints.
 """
+import math
 import os
 import random
 import re
@@ -46,8 +47,8 @@ import rm as rmlib
 import sft as sftlib
 from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, rank, read_json, read_records,
                     read_text, run_cli, user_set, world_size, write_json, write_jsonl, write_text)
-from eval import (MIN_VERDICT_ITEMS, RM_SETS, Config as EvalConfig, decided, evaluate, mean_interval, policy_answers,
-                  results_markdown, spread, wilson)
+from eval import (MIN_VERDICT_ITEMS, RM_SETS, Config as EvalConfig, decided, difference_interval, evaluate, mean_interval,
+                  policy_answers, results_markdown, spread, wilson)
 from model import load
 from sample import generate, shared_prefix_length
 from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
@@ -1064,16 +1065,37 @@ def diversity(texts, n=4):
     return {**d, "top_phrase": " ".join(phrase), "top_phrase_share": count / max(1, len(texts))}
 
 
-def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
+def nice_ticks(lo, hi, n=5):
+    """About n ticks at round values (1, 2, 2.5 or 5 times a power of ten) that cover [lo, hi]."""
+    span = (hi - lo) or abs(hi) or 1.0
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    ticks = [first]
+    while ticks[-1] < hi - 1e-9 * step:
+        ticks.append(first + len(ticks) * step)
+    return [round(t, 12) for t in ticks]
+
+
+def moving_average(ps, k):
+    """The trailing k-point moving average of [(x, y), ...] (fewer points at the start)."""
+    return [(x, statistics.fmean(y for _, y in ps[max(0, i - k + 1):i + 1])) for i, (x, _) in enumerate(ps)]
+
+
+def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False, smooth=0):
     """A small SVG chart, no plotting library: series {name: [(x, y), ...]} as lines (or, bars=True, bars grouped by
     x: one group per x label, one bar per series in it), dashed horizontal reference lines {label: y}, titled and
-    labelled axes."""
+    labelled axes with ticks at round values. smooth=k: a noisy line is drawn faint, with its trailing k-point moving
+    average over it, so a trend shows."""
     W, H, L, R, T, B = 700, 320, 64, 220, 36, 48
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     pts = [p for ps in series.values() for p in ps]
     ys = [y for _, y in pts] + list((hlines or {}).values()) + ([0.0] if bars else [])
-    y0, y1 = min(ys), max(ys)
-    y0, y1 = (0.0 if bars and y0 >= 0 else y0 - 0.05 * (y1 - y0 or 1)), y1 + 0.08 * (y1 - y0 or 1)
+    yticks = nice_ticks(min(ys), max(ys))
+    y0, y1 = yticks[0], yticks[-1]
+    if y1 == y0:
+        y1 = y0 + 1
     xs = [x for x, _ in pts]
     groups = list(dict.fromkeys(xs))                                     # bars: the x labels, in order
     slot = (W - L - R) / len(groups)                                     # bars: the width of a group
@@ -1081,6 +1103,7 @@ def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
     fx = (lambda x, c: L + slot * groups.index(x) + 0.1 * slot + (c + 0.5) * w) if bars else \
         (lambda x: L + (x - min(xs)) / ((max(xs) - min(xs)) or 1) * (W - L - R))
     fy = lambda y: T + (y1 - y) / (y1 - y0) * (H - T - B)
+    label = lambda v: f"{v:g}" if abs(v) >= 1e-9 else "0"
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
@@ -1089,15 +1112,16 @@ def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
            f'<text x="{(L + W - R) / 2}" y="{H - 10}" text-anchor="middle">{xlabel}</text>',
            f'<text x="16" y="{(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 16 {(T + H - B) / 2})">'
            f'{ylabel}</text>']
-    for k in range(5):                                                   # y ticks
-        y = y0 + k * (y1 - y0) / 4
-        out.append(f'<text x="{L - 6}" y="{fy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+    for y in yticks:                                                     # y ticks and faint grid lines
+        out.append(f'<text x="{L - 6}" y="{fy(y) + 4:.1f}" text-anchor="end">{label(y)}</text>')
+        out.append(f'<line x1="{L}" y1="{fy(y):.1f}" x2="{W - R}" y2="{fy(y):.1f}" stroke="#e6e6e6"/>')
     if bars:
         for k, x in enumerate(groups):
             out.append(f'<text x="{L + slot * (k + 0.5):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>')
     else:
-        for x in sorted({min(xs), max(xs), (min(xs) + max(xs)) // 2}):
-            out.append(f'<text x="{fx(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:g}</text>')
+        for x in nice_ticks(min(xs), max(xs), 6):
+            if min(xs) <= x <= max(xs):
+                out.append(f'<text x="{fx(x):.1f}" y="{H - B + 16}" text-anchor="middle">{label(x)}</text>')
     for c, (name, ps) in enumerate(series.items()):
         color = colors[c % len(colors)]
         if bars:
@@ -1107,9 +1131,14 @@ def svg_chart(path, title, xlabel, ylabel, series, hlines=None, bars=False):
                 out.append(f'<text x="{fx(x, c):.1f}" y="{fy(y) - 4:.1f}" text-anchor="middle" font-size="9">'
                            f'{y:.2f}</text>')
         else:
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="' +
-                       " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in ps) + '"/>')
-        out.append(f'<text x="{W - R + 8}" y="{T + 16 * c + 10}" fill="{color}">{name}</text>')
+            line = lambda qs, width, opacity: (f'<polyline fill="none" stroke="{color}" stroke-width="{width}" '
+                                               f'stroke-opacity="{opacity}" points="' +
+                                               " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in qs) + '"/>')
+            out.append(line(ps, 1 if smooth else 2, 0.35 if smooth else 1))
+            if smooth:
+                out.append(line(moving_average(ps, smooth), 2.5, 1))
+        out.append(f'<text x="{W - R + 8}" y="{T + 16 * c + 10}" fill="{color}">{name}' +
+                   (f' ({smooth}-step average)' if smooth and not bars else '') + '</text>')
     for k, (label, y) in enumerate((hlines or {}).items()):
         out.append(f'<line x1="{L}" y1="{fy(y):.1f}" x2="{W - R}" y2="{fy(y):.1f}" stroke="gray" '
                    f'stroke-dasharray="5,4"/>')
@@ -1210,6 +1239,15 @@ def verdicts(cfg, rs, sft, ev):
         lines.append(f"- Step 2, SFT on RM-guided against plain self-play, {len(d)} held-out queries: RM score "
                      f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired t interval): **{verdict}** (the same reward model "
                      f"judges).")
+    ppo_rows = read_records(os.path.join(cfg.out, "ppo", "metrics.jsonl"))
+    if len(ppo_rows) >= 8:   # PPO's own training reward: the last quarter of the steps against the first
+        q = len(ppo_rows) // 4
+        first, last = [r["rm_score_mean"] for r in ppo_rows[:q]], [r["rm_score_mean"] for r in ppo_rows[-q:]]
+        g, (lo, hi) = difference_interval(first, last)
+        verdict = "rose" if lo > 0 else "fell" if hi < 0 else "did not change beyond its step-to-step noise"
+        lines.append(f"- Step 3, PPO's training reward (the reward model's normalised score of its rollouts), last "
+                     f"{q} steps against the first {q}: {statistics.fmean(first):+.3f} -> {statistics.fmean(last):+.3f}, "
+                     f"a change of {g:+.3f} [{lo:+.3f}, {hi:+.3f}] (Welch t interval over the steps): **{verdict}**.")
     if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
         v = ev["vicuna"]["ppo"]["rm"]
         lines.append(f"- Step 3, PPO against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
@@ -1306,7 +1344,7 @@ def stage_report(cfg):
                                    ("entropy", "PPO: policy entropy", "entropy (nats per token)")):
             if key in ppo_rows[0]:
                 svg_chart(os.path.join(cfg.out, f"report_ppo_{key}.svg"), title, "PPO step", ylabel,
-                          {"PPO policy": list(zip(steps, [r[key] for r in ppo_rows]))})
+                          {"PPO policy": list(zip(steps, [r[key] for r in ppo_rows]))}, smooth=5)
                 md += [f"![{title}](report_ppo_{key}.svg)", ""]
     if rs:
         sets = {"held_out": ("held out", os.path.join(cfg.out, "rm_data", "val_filter.jsonl")),

@@ -130,6 +130,18 @@ def mean_interval(xs, level=0.95):
     return m, (m - half, m + half)
 
 
+def difference_interval(xs, ys, level=0.95):
+    """mean(ys) - mean(xs) and its Welch t interval (two unpaired samples, unequal variances; the Welch-Satterthwaite
+    degrees of freedom)."""
+    vx, vy = statistics.variance(xs) / len(xs), statistics.variance(ys) / len(ys)
+    d = statistics.fmean(ys) - statistics.fmean(xs)
+    if vx + vy == 0:
+        return d, (d, d)
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(xs) - 1) + vy ** 2 / (len(ys) - 1))
+    half = t_quantile(0.5 + level / 2, df) * math.sqrt(vx + vy)
+    return d, (d - half, d + half)
+
+
 MIN_VERDICT_ITEMS = 10   # a verdict (better / worse, beats chance) needs this many items: below it a 95% interval is
                          # too wide to decide anything but a huge effect (Wilson at 5 of 10: [24%, 76%]; t_9 = 2.26)
                          # and the verdict would turn on one or two items

@@ -840,6 +840,27 @@ def test_svg_chart_is_a_titled_labelled_picture(tmp_path):
     assert float(bars[0].get("height")) > float(bars[2].get("height")) > 0
 
 
+def test_charts_have_round_ticks_and_a_moving_average_over_a_noisy_line(tmp_path):
+    """Ticks at round values covering the data (1, 2, 2.5 or 5 times a power of ten); a noisy per-step line drawn
+    faint with its trailing moving average over it, so a trend shows."""
+    import xml.etree.ElementTree as ET
+    from almost import moving_average, nice_ticks, svg_chart
+    assert nice_ticks(-2.06, -1.22) == [-2.2, -2.0, -1.8, -1.6, -1.4, -1.2]
+    assert nice_ticks(0, 0.77) == [0, 0.2, 0.4, 0.6, 0.8] and nice_ticks(1, 40, 6) == [0, 10, 20, 30, 40]
+    assert moving_average([(1, 1.0), (2, 3.0), (3, 5.0), (4, 7.0)], 2) == [(1, 1.0), (2, 2.0), (3, 4.0), (4, 6.0)]
+    noisy = [(i, (-1) ** i * 0.5 + 0.02 * i) for i in range(1, 41)]
+    svg_chart(str(tmp_path / "n.svg"), "PPO: reward", "PPO step", "score", {"PPO policy": noisy}, smooth=5)
+    root = ET.parse(tmp_path / "n.svg").getroot()
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"0", "10", "20", "30", "40"} <= set(texts) and "PPO policy (5-step average)" in texts
+    assert all(float(t) == round(float(t), 2) for t in texts if t.replace(".", "").replace("-", "").isdigit())
+    lines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 and float(lines[0].get("stroke-opacity")) < 1 == float(lines[1].get("stroke-opacity"))
+    ys = [float(p.split(",")[1]) for p in lines[1].get("points").split()]
+    assert max(ys[5:]) - min(ys[5:]) < 0.5 * (max(float(p.split(",")[1]) for p in lines[0].get("points").split()) -
+                                              min(float(p.split(",")[1]) for p in lines[0].get("points").split()))
+
+
 @pytest.mark.slow
 def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path, monkeypatch):
     """--profile=chat on SmolLM2, made small (few queries, short answers, one short PPO step, a few evaluation items):
@@ -958,6 +979,9 @@ def test_intervals_are_right_for_small_samples():
     _, (plo, phi) = mean_interval([x - y for x, y in zip(a, b)])
     assert plo > 0 and phi - plo < 0.4
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    from eval import difference_interval                                        # Welch: df 4 here, t_4 = 2.7764
+    d, (lo, hi) = difference_interval([0.0, 1.0, 2.0], [1.0, 2.0, 3.0])
+    assert d == 1.0 and (hi - lo) / 2 == pytest.approx(2.7764 * (2 / 3) ** 0.5, abs=1e-4)
 
 
 def statistics_stdev(xs):
