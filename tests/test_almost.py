@@ -769,7 +769,7 @@ def test_queries_stage_on_a_chat_model_takes_the_authors_query_line(smollm2, tmp
         else:   # the budget or EOS ended it before the stop string: no complete "Query:" line was passed over
             assert not almost.QUERY_STOPS["authors"].search(t) and (not q or ("Query: " + q) in t)
     cfg = almost.Config(profile="paper", out=str(tmp_path), n_queries=3, n_rl_queries=2, query_model=smollm2,
-                        batch_size=8)
+                        batch_size=8, device="cpu")
     almost.resolve(cfg)
     almost.stage_queries(cfg)
     qs = read_records(str(tmp_path / "queries.jsonl"))
@@ -873,6 +873,7 @@ def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path, monkeypatch):
                                                               ("hhh-3shot", "HHH_prompt.txt", 3),
                                                               ("hhh-0shot", "HHH_prompt.txt", 0)))
     almost.main(["--profile=chat", f"--model={m}", f"--out={tmp_path}", "--n_queries=6", "--n_rl_queries=4", "--batch_size=12",
+                 "--device=cpu",
                  f"--generators={gens}", f"--assistant={m}:{d}/Faithful_prompt.txt:3:32", "--n=2",
                  "--selfplay_baseline=false", "--ppo_steps=1", "--eval_max_items=3", "--eval_rm_items=3",
                  "--check_items=3", "--sft_epochs=1"])
