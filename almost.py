@@ -47,8 +47,8 @@ import rm as rmlib
 import sft as sftlib
 from common import (RecordWriter, UserError, derive_seed, out_lock, parse_args, rank, read_json, read_records,
                     read_text, run_cli, user_set, world_size, write_json, write_jsonl, write_text)
-from eval import (MIN_VERDICT_ITEMS, RM_SETS, Config as EvalConfig, decided, difference_interval, evaluate, mean_interval,
-                  policy_answers, results_markdown, spread, wilson)
+from eval import (MIN_VERDICT_ITEMS, RM_SETS, Config as EvalConfig, decided, difference_interval, evaluate,
+                  mean_interval, policy_answers, results_markdown, spread, wilson)
 from model import load
 from sample import generate, shared_prefix_length
 from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
@@ -1222,7 +1222,8 @@ def verdicts(cfg, rs, sft, ev):
         who = (f"{os.path.basename(a['judge'].rstrip('/'))}, which also wrote the answers" if a["judge_is_a_generator"]
                else os.path.basename(a["judge"].rstrip("/")))
         lines.append(f"- Step 1, the rubric's claim {axis}: the judge ({who}) prefers the higher-ranked answer in "
-                     f"{pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}] of {a['n']} queries: **{decided(a['verdict'], a['n'])}**.")
+                     f"{pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}] of {a['n']} queries: "
+                     f"**{decided(a['verdict'], a['n'])}**.")
     sp = read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl"))
     gains = [max(s) - statistics.fmean(s) for r in sp for cs in r["candidates"]
              for s in [[c["score"] for c in cs if not c["bad"]]] if len(s) > 1]
@@ -1246,7 +1247,8 @@ def verdicts(cfg, rs, sft, ev):
         g, (lo, hi) = difference_interval(first, last)
         verdict = "rose" if lo > 0 else "fell" if hi < 0 else "did not change beyond its step-to-step noise"
         lines.append(f"- Step 3, PPO's training reward (the reward model's normalised score of its rollouts), last "
-                     f"{q} steps against the first {q}: {statistics.fmean(first):+.3f} -> {statistics.fmean(last):+.3f}, "
+                     f"{q} steps against the first {q}: {statistics.fmean(first):+.3f} -> "
+                     f"{statistics.fmean(last):+.3f}, "
                      f"a change of {g:+.3f} [{lo:+.3f}, {hi:+.3f}] (Welch t interval over the steps): **{verdict}**.")
     if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
         v = ev["vicuna"]["ppo"]["rm"]
@@ -1260,7 +1262,8 @@ def verdicts(cfg, rs, sft, ev):
             lo, hi = a["ci95"]
             verdict = decided('above chance' if lo > 0.5 else 'not distinguishable from chance', a["n"])
             lines.append(f"- Evaluation, {name} as judge on static HHH ({a['n']} items): {pct(a['accuracy'])} "
-                         f"[{pct(lo)}, {pct(hi)}]: **{verdict}**; TruthfulQA MC1 {pct(m['truthfulqa_mc1']['accuracy'])}.")
+                         f"[{pct(lo)}, {pct(hi)}]: **{verdict}**; TruthfulQA MC1 "
+                         f"{pct(m['truthfulqa_mc1']['accuracy'])}.")
     return lines
 
 

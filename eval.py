@@ -100,7 +100,8 @@ def t_quantile(p, df):
             return float(x >= 1)
         if x > (a + 1) / (a + b + 2):
             return 1 - betainc(b, a, 1 - x)
-        front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
+        log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)
+        front = math.exp(log_front) / a
         f, c, d = 1.0, 1.0, 0.0
         for i in range(400):
             m = i // 2

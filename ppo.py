@@ -483,7 +483,8 @@ def train(cfg):
 
     # the value model reads the rollout without the prompt's BOS when the reward model reads dialogues without one
     # (the paper's format; a chat template may write its own BOS)
-    value_bos = tok.bos_id if dialogue_ids(tok, "x", "y", chat=reward_model.chat, bos=False)[:1] != [tok.bos_id] else None
+    rm_reads_bos = dialogue_ids(tok, "x", "y", chat=reward_model.chat, bos=False)[:1] == [tok.bos_id]
+    value_bos = None if rm_reads_bos else tok.bos_id
     B = cfg.batch_size // world                  # this process's rollout rows; it owns rows [rank * B, (rank + 1) * B)
     rows = range(rank() * B, (rank() + 1) * B)
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="ppo", dynamic_ncols=True,

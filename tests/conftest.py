@@ -90,7 +90,8 @@ def smollm2(smollm2_tokenizer):
     return out
 
 
-CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+CHATML_TEMPLATE = ("{% for m in messages %}"
+                   "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
@@ -107,8 +108,9 @@ def chatml_tokenizer(tmp_path_factory):
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
     texts = [v for p in toy_pairs(300) for v in p.values()] + ["Hi! Hello there. Bye. Goodbye! What is a cat?"]
-    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                     "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     t.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
