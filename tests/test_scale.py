@@ -460,7 +460,7 @@ def test_ppo_on_two_processes_matches_one(tmp_path, reward_model, flags):
     for a, b in zip(one, two):
         for k in ("score_mean", "kl", "response_length", "non_score_reward"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5)
-    assert one[1]["kl"] > 0                                               # the second rollout comes from a new policy
+    assert abs(one[1]["kl"]) > 1e-4                                       # the second rollout comes from a new policy
 
 
 def test_sampling_plan_of_a_30b_generator():
@@ -545,7 +545,7 @@ out["prefix"] = shared_prefix_length(prompts)
 assert (rank() == 0) == (out["prefix"] >= SHARE_PREFIX)
 out["shared"] = generate(sharded, prompts, 12, temperature=1.0, seed=[1, 2])[0]
 assert out["shared"] == generate(alone, prompts, 12, temperature=1.0, seed=[1, 2], share_prefix=0)[0], out
-print(json.dumps({"rank": rank(), **out}))
+open(f"{sys.argv[2]}/out{rank()}.json", "w").write(json.dumps({"rank": rank(), **out}))
 end_distributed()
 """
 
@@ -558,8 +558,8 @@ def test_fsdp_sampling_keeps_the_processes_in_step(tmp_path):
     each other for ever (the timeout fails the test); with it every process gets what one process alone gets."""
     script = tmp_path / "synced.py"
     script.write_text(SYNCED_SAMPLING)
-    r = launch(str(script), [STORIES], 2, tmp_path, timeout=120)
-    outs = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda o: o["rank"])
+    launch(str(script), [STORIES, str(tmp_path)], 2, tmp_path, timeout=120)
+    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in (0, 1)]
     assert len(outs) == 2 and outs[0]["ends"] == [[]] and all(len(t) == 16 for t in outs[1]["ends"])
 
 
