@@ -63,14 +63,14 @@ DATA = os.path.join(HERE, "data")
 PROFILES = {
     # the paper: dialogue prompts (HHH / Faithful), "Query:" lines for query generation; models are the user's
     "paper": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=10000,
-                  n_rl_queries=10000,
+                  n_rl_queries=10000, queries_per_prompt=1,
                   query_model="", generators="", rubric="", rm_model="", rm_preset="", assistant="", user="",
                   sft={}, ppo=dict(steps=1000, lr=1e-6, value_lr=1e-6, batch_size=64, minibatch=8,
                                    max_new_tokens=256)),
     # the bundled story domain (README, "The story profile"): queries are story openings, responses continue
     # them, demonstrations are short stories; the generators differ in model size, shots and demo quality
     "stories": dict(format="story", seeds=os.path.join(DATA, "stories", "seed_openings.txt"), n_queries=300,
-                    n_rl_queries=200,
+                    n_rl_queries=200, queries_per_prompt=32,
                     query_model=os.path.join(DATA, "stories260K"),
                     generators=",".join([
                         f"260K-good-2shot={DATA}/stories260K:{DATA}/stories/good_stories.txt:2:160",
@@ -79,6 +79,9 @@ PROFILES = {
                         f"50K-0shot={DATA}/stories50K::0:160"]),
                     rubric="260K-good-2shot>260K-plain-1shot>50K-plain-1shot>50K-0shot",
                     rm_model=os.path.join(DATA, "stories260K"), rm_preset="tiny",
+                    # the reward models on 500 evenly spaced pairs of each HH test split (of about 2,300): a 95%
+                    # interval of +-4.4 points, enough to tell a story model's accuracy from chance; 0 scores them all
+                    run=dict(eval_rm_items=500),
                     # step 2: stories260K with one good demonstration continues the story; stories260K plays the
                     # user by adding the next sentence; SFT settings for a 260K model on CPU
                     assistant=f"{DATA}/stories260K:{DATA}/stories/good_stories.txt:1:120",
@@ -94,7 +97,7 @@ PROFILES = {
     # paper's prompt files and seed queries; generators differ in prompt quality (the long, well-formatted Faithful
     # dialogues vs the HHH ones) and shots. One model offers no size axis. {model} stands for --model.
     "chat": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=60,
-                 n_rl_queries=50,
+                 n_rl_queries=50, queries_per_prompt=1,
                  query_model="{model}",
                  generators=",".join([f"faithful-3shot={{model}}:{DATA}/almost/Faithful_prompt.txt:3:128",
                                       f"hhh-3shot={{model}}:{DATA}/almost/HHH_prompt.txt:3:128",
@@ -120,6 +123,9 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000): self-play's, 10% held out
     n_rl_queries: int = 0           # 0 = the profile's (stories 200, chat 50, paper 10000): PPO's prompts, a set of
                                     # their own made by the same rules (1a), none a self-play query
+    queries_per_prompt: int = 0     # 1a: samples drawn from one 10-shot prompt (0 = the profile's: 1, a new draw of
+                                    # shots for every sample, as the authors; stories 32, one prompt per sampler call,
+                                    # its prefix computed once: 3x faster there at the same acceptance rate)
     trim_cut: bool = False          # 1b, 2: a dialogue turn cut by the token budget goes back to its last full sentence
                                     # (the chat profile's short budgets; the paper's budgets rarely cut)
     query_line: str = "authors"     # 1a, dialogue format: "authors" (first line starting "Query:") or "first" line
@@ -152,8 +158,9 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     ppo_steps: int = 0              # 0 = the profile's (stories 40, paper 1000)
     ppo_lr: float = 0.0             # 0 = the profile's
     eval_max_items: int = 0         # cap every evaluation set at this many items (0 = all)
-    eval_rm_items: int = -1         # the reward models' pairs from static HHH and each HH test split (-1: as
-                                    # --eval_max_items, 0: all)
+    eval_rm_items: int = -1         # the reward models' pairs from static HHH and each HH test split, evenly spaced
+                                    # (-1: as --eval_max_items, 0: all; the story profile's: 500, the chat's: 221;
+                                    # --eval_max_items given alone caps them too)
     eval_vicuna: bool = True        # Vicuna-80 answers of every policy, judged by the reward model
     eval_max_new_tokens: int = 0    # Vicuna-80 answers' length at most (0 = the profile's: stories 120, else 1024)
     dry_run: bool = False           # print the plan (stages, models, counts, tokens to generate) and stop
@@ -181,13 +188,15 @@ def resolve(cfg):
             raise UserError(f"--model={cfg.model}: a path with ':' or ',' cannot stand in a generator spec; "
                             f"move or link the folder.")
     for k in ("seeds", "query_model", "generators", "rubric", "rm_model", "rm_preset", "n_queries", "n_rl_queries",
-              "assistant", "user"):
+              "queries_per_prompt", "assistant", "user"):
         if not getattr(cfg, k):
             v = prof[k]
             setattr(cfg, k, v.replace("{model}", cfg.model) if isinstance(v, str) else v)
     for k, v in {**prof.get("run", {}), **prof["sft"]}.items():
         if not user_set(cfg, k):   # flags given on the command line win, whatever their value
             setattr(cfg, k, v)
+    if user_set(cfg, "eval_max_items") and not user_set(cfg, "eval_rm_items"):
+        cfg.eval_rm_items = -1     # a cap given for the evaluation sets holds for the reward models' sets too
     if cfg.rm_checkpoint not in ("last", "best"):
         raise UserError(f"--rm_checkpoint={cfg.rm_checkpoint!r}: use last or best.")
     cfg.reward_model = cfg.reward_model or os.path.join(cfg.out, "rm", cfg.rm_checkpoint)
@@ -287,6 +296,10 @@ def query_prompt(tok, fmt, instruction, shots):
 # to continue the list, like the bundled ones, writes no second "Query:" line), stopping where that line ends.
 QUERY_STOPS = {"authors": re.compile(r"^[^\S\n]*Query:.*\n", re.MULTILINE),
                "first": re.compile(r"\S[^\n]*\n|query\s?:", re.IGNORECASE)}
+# The story format's opening is settled (extract_query reads no further) once its line has ended, or its first
+# sentence has with 30 characters or more, or its second sentence has: the sampler stops there instead of writing the
+# rest of a 64-token budget. The queries are the same.
+STORY_QUERY_STOP = re.compile(r"\S[^\n]*\n|^\s*(?:(?![.!?]\s)[^\n]){29,}[.!?]\s|[.!?]\s[^\n]*?[.!?]\s")
 
 
 def extract_query(text, fmt, rule="authors"):
@@ -452,8 +465,9 @@ def stage_queries(cfg):
 
 
 def make_queries(cfg, name, n, others):
-    """Sample queries into {out}/name until it holds n: 10 examples drawn from the seeds and this set's queries, a
-    query kept if it passes the length rule and is novel (ROUGE-L < 0.5) against the seeds, this set and `others`."""
+    """Sample queries into {out}/name until it holds n: 10 examples drawn from the seeds and this set's queries (a
+    draw for every queries_per_prompt samples), a query kept if it passes the length rule and is novel (ROUGE-L < 0.5)
+    against the seeds, this set and `others`."""
     path = os.path.join(cfg.out, name)
     done = read_records(path)
     if len(done) >= n:
@@ -477,16 +491,19 @@ def make_queries(cfg, name, n, others):
                 flag = "--n_queries" if name == "queries.jsonl" else "--n_rl_queries"
                 raise UserError(f"queries: only {len(done) + n_new} of {n} accepted into {path} after {tries} "
                                 f"samples ({rejected}). Lower {flag} or add seeds to {cfg.seeds}.{hint}")
-            prompts = [query_prompt(tok, cfg.format, instruction, rng.sample(pool, min(10, len(pool))))
-                       for _ in range(cfg.batch_size)]
+            prompts = []   # each 10-shot prompt serves queries_per_prompt rows (a shared prefix: computed once)
+            while len(prompts) < cfg.batch_size:
+                prompts += [query_prompt(tok, cfg.format, instruction, rng.sample(pool, min(10, len(pool))))] * \
+                    cfg.queries_per_prompt
+            prompts = prompts[:cfg.batch_size]
             budget = min(64, model.config.max_position_embeddings - max(map(len, prompts)))
             if budget < 16:
                 raise UserError(f"queries: a 10-shot query prompt of {max(map(len, prompts))} tokens leaves no room "
                                 f"in the context window ({model.config.max_position_embeddings}) of "
                                 f"{cfg.query_model}: use shorter seeds or a model with a longer context.")
+            stop = QUERY_STOPS[cfg.query_line] if cfg.format == "dialogue" else STORY_QUERY_STOP
             outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31),
-                               stop_strings=[QUERY_STOPS[cfg.query_line]] if cfg.format == "dialogue" else None,
-                               tokenizer=tok)
+                               stop_strings=[stop], tokenizer=tok)
             for o in outs:
                 tries += 1
                 q = extract_query(tok.decode(o), cfg.format, cfg.query_line)
@@ -737,12 +754,13 @@ def judge_rubric(cfg, responses, judge, model, tok):
 # -----------------------------------------------------------------------------
 # Step 1d. The reward model (rm.py) on the synthetic comparisons
 
-def rm_eval_pairs(cfg, name, path):
+def rm_eval_pairs(cfg, name, path, n=None):
     """The pairs a reward model is scored on: the held-out split whole; static HHH (221) and each HH test split
     (about 2,300 pairs) capped at --eval_rm_items (-1: --eval_max_items; 0: all), evenly spaced through the set. The
-    same items for every reward model and baseline."""
+    same items for every reward model and baseline. n: the number the rm stage scored (rm_stats.json), so that a
+    report made under other flags still reads the same items."""
     ps = rmlib.read_pairs(path)
-    cap = cfg.eval_max_items if cfg.eval_rm_items < 0 else cfg.eval_rm_items
+    cap = n or (cfg.eval_max_items if cfg.eval_rm_items < 0 else cfg.eval_rm_items)
     return ps if name.startswith("held_out") else spread(ps, cap)
 
 
@@ -1062,7 +1080,7 @@ def diversity(texts, n=4):
     d = {f"distinct_{k}": len(set(grams(k))) / max(1, len(grams(k))) for k in (1, 2)}
     per_text = Counter(g for w in words for g in {tuple(w[i:i + n]) for i in range(len(w) - n + 1)})
     phrase, count = per_text.most_common(1)[0] if per_text else ((), 0)
-    return {**d, "top_phrase": " ".join(phrase), "top_phrase_share": count / max(1, len(texts))}
+    return {**d, "top_phrase": " ".join(phrase), "top_phrase_share": count / max(1, len(texts)), "texts": len(texts)}
 
 
 def nice_ticks(lo, hi, n=5):
@@ -1191,9 +1209,19 @@ def small_data_warnings(cfg, which=None):
     return out
 
 
-def verdicts(cfg, rs, sft, ev):
-    """"Did it work?": one line per step against a baseline measured on the same items, with 95% intervals."""
-    lines, pct = [], lambda p: f"{100 * p:.1f}%"
+def verdict(key, claim, line, value, lo=None, hi=None, n=0, holds=None):
+    """One "did it work?" verdict: what is claimed (a short name of the figure and the bar it must clear), its report
+    line, its figure with a 95% interval over n items, and whether the claim held (False too where the data cannot
+    tell; None: a figure that makes no claim). verdicts.json keeps these for each run; seeds.py tabulates them."""
+    if holds is not None:
+        holds = bool(holds and n >= MIN_VERDICT_ITEMS)
+    return dict(key=key, claim=claim, line=line, value=value, lo=lo, hi=hi, n=n, holds=holds)
+
+
+def verdicts(cfg, rs, sft, ev, div=None):
+    """"Did it work?": a verdict (above) per step against a baseline measured on the same items, with 95%
+    intervals. div: the diversity of each policy's Vicuna-80 answers (diversity())."""
+    out, pct = [], lambda p: f"{100 * p:.1f}%"
     if rs:
         sets = {"held_out": ("held-out synthetic pairs", os.path.join(cfg.out, "rm_data", "val_filter.jsonl")),
                 "static_hhh": ("static HHH", RM_SETS["static_hhh"]),
@@ -1202,69 +1230,91 @@ def verdicts(cfg, rs, sft, ev):
         for split, (name, path) in sets.items():
             if split not in rs["filter"]:
                 continue
-            pairs = rm_eval_pairs(cfg, split, path)
+            pairs = rm_eval_pairs(cfg, split, path, rs["filter"][split].get("n"))
             m, n = rs["filter"][split]["accuracy"], len(pairs)
             lo, hi = wilson(round(m * n), n)
             base = prefer_longer(pairs)
             nofilter = rs.get("nofilter", {}).get(split, {}).get("accuracy")
             others = f", without the length rule {pct(nofilter)}" if nofilter is not None else ""
-            verdict = ("beats chance, the longer-answer baseline and the reward model without the length rule"
-                       if lo > max(0.5, base, nofilter or 0) else
-                       "beats chance and the longer-answer baseline, not the reward model without the length rule"
-                       if lo > max(0.5, base) else
-                       "beats chance, not the longer-answer baseline" if lo > 0.5 else "does not beat chance")
-            lines.append(f"- Step 1, reward model on {name} ({n} pairs): {pct(m)} [{pct(lo)}, {pct(hi)}] against "
-                         f"chance 50% and \"prefer the longer answer\" {pct(base)}{others}: **{decided(verdict, n)}**.")
+            text = ("beats chance, the longer-answer baseline and the reward model without the length rule"
+                    if lo > max(0.5, base, nofilter or 0) else
+                    "beats chance and the longer-answer baseline, not the reward model without the length rule"
+                    if lo > max(0.5, base) else
+                    "beats chance, not the longer-answer baseline" if lo > 0.5 else "does not beat chance")
+            line = (f"- Step 1, reward model on {name} ({n} pairs): {pct(m)} [{pct(lo)}, {pct(hi)}] against chance 50% "
+                    f"and \"prefer the longer answer\" {pct(base)}{others}: **{decided(text, n)}**.")
+            out.append(verdict(f"rm_{split}", f"RM accuracy on {name} (> 50%)", line, m, lo, hi, n, holds=lo > 0.5))
     check = read_json(os.path.join(cfg.out, "check_stats.json")) if os.path.isfile(
         os.path.join(cfg.out, "check_stats.json")) else {}
     for axis, a in check.get("axes", {}).items():
         lo, hi = a["ci95"]
         who = (f"{os.path.basename(a['judge'].rstrip('/'))}, which also wrote the answers" if a["judge_is_a_generator"]
                else os.path.basename(a["judge"].rstrip("/")))
-        lines.append(f"- Step 1, the rubric's claim {axis}: the judge ({who}) prefers the higher-ranked answer in "
-                     f"{pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}] of {a['n']} queries: "
-                     f"**{decided(a['verdict'], a['n'])}**.")
+        line = (f"- Step 1, the rubric's claim {axis}: the judge ({who}) prefers the higher-ranked answer in "
+                f"{pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}] of {a['n']} queries: "
+                f"**{decided(a['verdict'], a['n'])}**.")
+        out.append(verdict(f"rubric {axis}", f"the judge agrees with the rubric's {axis} (> 50%)", line,
+                           a["accuracy"], lo, hi, a["n"], holds=lo > 0.5))
     sp = read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl"))
     gains = [max(s) - statistics.fmean(s) for r in sp for cs in r["candidates"]
              for s in [[c["score"] for c in cs if not c["bad"]]] if len(s) > 1]
     if gains:
         g, (lo, hi) = mean_interval(gains)
-        verdict = decided(f"{'raised' if lo > 0 else 'did not raise'} the demonstrations' reward", len(gains))
-        lines.append(f"- Step 2, RM-guided self-play: the chosen candidate scores {g:.3f} [{lo:.3f}, {hi:.3f}] "
-                     f"above the mean candidate of its turn ({len(gains)} turns): **{verdict}** (judged by the reward "
-                     f"model that chose them).")
+        text = decided(f"{'raised' if lo > 0 else 'did not raise'} the demonstrations' reward", len(gains))
+        line = (f"- Step 2, RM-guided self-play: the chosen candidate scores {g:.3f} [{lo:.3f}, {hi:.3f}] above the "
+                f"mean candidate of its turn ({len(gains)} turns): **{text}** (judged by the reward model that chose "
+                f"them).")
+        out.append(verdict("selfplay_gain", "self-play: chosen minus mean candidate, RM score (> 0)", line,
+                           g, lo, hi, len(gains), holds=lo > 0))
     if sft and "scores" in sft.get("sft", {}) and "scores" in sft.get("sft_plain", {}):
         d = [a - b for a, b in zip(sft["sft"]["scores"], sft["sft_plain"]["scores"])]
         g, (lo, hi) = mean_interval(d)                          # paired: each query's difference
-        verdict = decided('better' if lo > 0 else 'worse' if hi < 0 else 'no clear difference', len(d))
-        lines.append(f"- Step 2, SFT on RM-guided against plain self-play, {len(d)} held-out queries: RM score "
-                     f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired t interval): **{verdict}** (the same reward model "
-                     f"judges).")
+        text = decided('better' if lo > 0 else 'worse' if hi < 0 else 'no clear difference', len(d))
+        line = (f"- Step 2, SFT on RM-guided against plain self-play, {len(d)} held-out queries: RM score {g:+.3f} "
+                f"[{lo:+.3f}, {hi:+.3f}] (paired t interval): **{text}** (the same reward model judges).")
+        out.append(verdict("sft_vs_plain", "SFT on RM-guided minus plain self-play, RM score (> 0)", line,
+                           g, lo, hi, len(d), holds=lo > 0))
     ppo_rows = read_records(os.path.join(cfg.out, "ppo", "metrics.jsonl"))
     if len(ppo_rows) >= 8:   # PPO's own training reward: the last quarter of the steps against the first
         q = len(ppo_rows) // 4
         first, last = [r["rm_score_mean"] for r in ppo_rows[:q]], [r["rm_score_mean"] for r in ppo_rows[-q:]]
         g, (lo, hi) = difference_interval(first, last)
-        verdict = "rose" if lo > 0 else "fell" if hi < 0 else "did not change beyond its step-to-step noise"
-        lines.append(f"- Step 3, PPO's training reward (the reward model's normalised score of its rollouts), last "
-                     f"{q} steps against the first {q}: {statistics.fmean(first):+.3f} -> "
-                     f"{statistics.fmean(last):+.3f}, "
-                     f"a change of {g:+.3f} [{lo:+.3f}, {hi:+.3f}] (Welch t interval over the steps): **{verdict}**.")
+        text = decided("rose" if lo > 0 else "fell" if hi < 0 else "did not change beyond its step-to-step noise", q)
+        line = (f"- Step 3, PPO's training reward (the reward model's normalised score of its rollouts), last {q} "
+                f"steps against the first {q}: {statistics.fmean(first):+.3f} -> {statistics.fmean(last):+.3f}, a "
+                f"change of {g:+.3f} [{lo:+.3f}, {hi:+.3f}] (Welch t interval over the steps): **{text}**.")
+        out.append(verdict("ppo_reward", "PPO training reward, last quarter minus first (> 0)", line,
+                           g, lo, hi, q, holds=lo > 0))
+    if div and "sft" in div and "ppo" in div:
+        r = div["ppo"]["distinct_2"] / max(div["sft"]["distinct_2"], 1e-9)
+        text = "kept its diversity" if r >= 0.8 else "collapsed onto what the reward model likes"
+        line = (f"- Step 3, diversity: PPO's distinct-2 is {r:.0%} of the SFT policy's "
+                f"({div['ppo']['distinct_2']:.3f} vs {div['sft']['distinct_2']:.3f}); its most shared 4-gram, "
+                f"\"{div['ppo']['top_phrase']}\", is in {div['ppo']['top_phrase_share']:.0%} of its answers: **{text}** "
+                f"(80% of SFT's is the bar).")
+        out.append(verdict("ppo_diversity", "PPO's distinct-2 over SFT's (>= 80%)", line, r, n=div["ppo"]["texts"],
+                           holds=r >= 0.8))
     if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
         v = ev["vicuna"]["ppo"]["rm"]
-        lines.append(f"- Step 3, PPO against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
-                     f"{v['tie']} / {v['loss']} (mean score {v['mean_score']:.2f} vs {v['mean_score_baseline']:.2f}). "
-                     f"**Caveat: this judge is the reward model PPO optimised**; it shows the reward went up, not that "
-                     f"the answers are better.")
+        line = (f"- Step 3, PPO against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
+                f"{v['tie']} / {v['loss']} (mean score {v['mean_score']:.2f} vs {v['mean_score_baseline']:.2f}). "
+                f"**Caveat: this judge is the reward model PPO optimised**; it shows the reward went up, not that the "
+                f"answers are better.")
+        n = v["win"] + v["tie"] + v["loss"]
+        out.append(verdict("ppo_vicuna_rm", "PPO's wins over SFT on Vicuna-80, RM judge (no claim)", line,
+                           v["win"] / max(n, 1), n=n))
     if ev and ev.get("models"):
         for name, m in ev["models"].items():
-            a = m["static_hhh"]["all"]
+            a, t = m["static_hhh"]["all"], m["truthfulqa_mc1"]
             lo, hi = a["ci95"]
-            verdict = decided('above chance' if lo > 0.5 else 'not distinguishable from chance', a["n"])
-            lines.append(f"- Evaluation, {name} as judge on static HHH ({a['n']} items): {pct(a['accuracy'])} "
-                         f"[{pct(lo)}, {pct(hi)}]: **{verdict}**; TruthfulQA MC1 "
-                         f"{pct(m['truthfulqa_mc1']['accuracy'])}.")
-    return lines
+            text = decided('above chance' if lo > 0.5 else 'not distinguishable from chance', a["n"])
+            line = (f"- Evaluation, {name} as judge on static HHH ({a['n']} items): {pct(a['accuracy'])} "
+                    f"[{pct(lo)}, {pct(hi)}]: **{text}**; TruthfulQA MC1 {pct(t['accuracy'])}.")
+            out.append(verdict(f"judge_{name}", f"{name} as judge on static HHH (> 50%)", line, a["accuracy"],
+                               lo, hi, a["n"], holds=lo > 0.5))
+            out.append(verdict(f"truthfulqa_{name}", f"TruthfulQA MC1, {name} (no claim)", "", t["accuracy"],
+                               *t.get("ci95", (None, None)), n=t.get("n", 0)))
+    return out
 
 
 def stage_report(cfg):
@@ -1314,15 +1364,9 @@ def stage_report(cfg):
         md += ["**Too little data for some steps: their verdicts below are not evidence.**", ""] + \
               [f"- {w.removeprefix('warning: ')}" for w in warnings] + [""]
     md += ["## Did it work?", ""]
-    verdict_lines = verdicts(cfg, rs, sft, ev)
+    vs = verdicts(cfg, rs, sft, ev, div)
+    verdict_lines = [v["line"] for v in vs if v["line"]]
     md += verdict_lines or ["(no stage has run yet)"]
-    if "sft" in div and "ppo" in div:
-        r = div["ppo"]["distinct_2"] / max(div["sft"]["distinct_2"], 1e-9)
-        md.append(f"- Step 3, diversity: PPO's distinct-2 is {r:.0%} of the SFT policy's "
-                  f"({div['ppo']['distinct_2']:.3f} vs {div['sft']['distinct_2']:.3f}); its most shared 4-gram, "
-                  f"\"{div['ppo']['top_phrase']}\", is in {div['ppo']['top_phrase_share']:.0%} of its answers: "
-                  f"**{'kept its diversity' if r >= 0.8 else 'collapsed onto what the reward model likes'}** "
-                  f"(80% of SFT's is the bar).")
     md += ["", "## Figures", "", table]
     if answers:
         qs = read_records(os.path.join(DATA, "vicuna_bench", "question.jsonl"))
@@ -1356,12 +1400,13 @@ def stage_report(cfg):
         sets = {k: v for k, v in sets.items() if k in rs["filter"]}
         series = {f"RM {'with' if k == 'filter' else 'without'} the length rule":
                   [(sets[s][0], v[s]["accuracy"]) for s in sets] for k, v in rs.items()}
-        series["prefer the longer answer"] = [(label, prefer_longer(rm_eval_pairs(cfg, s, f)))
-                                              for s, (label, f) in sets.items()]
+        series["prefer the longer answer"] = [
+            (label, prefer_longer(rm_eval_pairs(cfg, s, f, rs["filter"][s].get("n")))) for s, (label, f) in sets.items()]
         svg_chart(os.path.join(cfg.out, "report_rm.svg"), "Reward models against baselines, same pairs",
                   "evaluation set", "accuracy", series, hlines={"chance": 0.5}, bars=True)
         md += ["![Reward models' accuracy](report_rm.svg)", ""]
     write_text(os.path.join(cfg.out, "report.md"), "\n".join(md))
+    write_json(os.path.join(cfg.out, "verdicts.json"), vs)
     print(table, end="")
     print("\n".join(verdict_lines))
     print(f"report -> {os.path.join(cfg.out, 'report.md')}")

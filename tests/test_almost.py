@@ -1021,3 +1021,51 @@ def test_a_verdict_on_too_few_items_says_so_and_small_data_is_warned_at_the_top(
     assert "Too little data" in top and "25 synthetic comparison pairs" in top and "4 RL prompts" in top
     line = next(x for x in report.splitlines() if "SFT on RM-guided against plain self-play" in x)
     assert "2 held-out queries" in line and "too few items to tell (n = 2)" in line and "[" in line
+
+
+TIMING = ("_per_s", "_time", "time_share", "elapsed", "seconds")
+
+
+def without_timings(x, out):
+    """A record with every clock reading left out (throughput, step times) and the run's folder named "OUT": what the
+    same seed must reproduce."""
+    if isinstance(x, dict):
+        return {k: without_timings(v, out) for k, v in x.items() if not k.endswith(TIMING)}
+    if isinstance(x, list):
+        return [without_timings(v, out) for v in x]
+    return x.replace(str(out), "OUT") if isinstance(x, str) else x
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_run(tmp_path):
+    """Two runs of the whole pipeline with one seed, in two processes: every record, metric, verdict and weight is
+    the same (clock readings aside). Another seed makes other queries."""
+    import subprocess
+    import sys
+    flags = ["--n_queries=8", "--n_rl_queries=4", "--rm_filter_ablation=false", "--selfplay_baseline=false",
+             "--turns=1", "--ppo_steps=8", "--eval_max_items=4", "--eval_vicuna=false", "--device=cpu"]
+    runs = {}
+    for name, seed, stages in (("a", 7, []), ("b", 7, []), ("c", 8, ["--stages=queries"])):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "almost.py"), f"--out={out}", f"--seed={seed}", *flags,
+                            *stages],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = out
+    a, b = runs["a"], runs["b"]
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    compared = 0
+    for f in files:
+        if f.endswith(".safetensors"):
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+        elif f.endswith(".jsonl"):
+            assert [without_timings(r, a) for r in read_records(str(a / f))] == \
+                   [without_timings(r, b) for r in read_records(str(b / f))], f
+        elif f.endswith(".json") and f != "timings.json":
+            assert without_timings(read_json(str(a / f)), a) == without_timings(read_json(str(b / f)), b), f
+        else:
+            continue
+        compared += 1
+    assert compared > 20 and "verdicts.json" in files and "ppo/last/policy/model.safetensors" in files
+    assert read_records(str(a / "queries.jsonl")) != read_records(str(runs["c"] / "queries.jsonl"))
