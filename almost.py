@@ -80,8 +80,10 @@ PROFILES = {
                     rubric="260K-good-2shot>260K-plain-1shot>50K-plain-1shot>50K-0shot",
                     rm_model=os.path.join(DATA, "stories260K"), rm_preset="tiny",
                     # the reward models on 500 evenly spaced pairs of each HH test split (of about 2,300): a 95%
-                    # interval of +-4.4 points, enough to tell a story model's accuracy from chance; 0 scores them all
-                    run=dict(eval_rm_items=500),
+                    # interval of +-4.4 points, enough to tell a story model's accuracy from chance; the policies on
+                    # 200 of TruthfulQA's 790 questions (nine tenths of the eval stage's time; a story model's MC1 is
+                    # no claim) and of static HHH's 221. --eval_rm_items=0 --eval_max_items=0: every item
+                    run=dict(eval_rm_items=500, eval_max_items=200),
                     # step 2: stories260K with one good demonstration continues the story; stories260K plays the
                     # user by adding the next sentence; SFT settings for a 260K model on CPU
                     assistant=f"{DATA}/stories260K:{DATA}/stories/good_stories.txt:1:120",
@@ -157,7 +159,7 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     # step 3 (ppo.py's settings; the story profile sets its own)
     ppo_steps: int = 0              # 0 = the profile's (stories 40, paper 1000)
     ppo_lr: float = 0.0             # 0 = the profile's
-    eval_max_items: int = 0         # cap every evaluation set at this many items (0 = all)
+    eval_max_items: int = 0         # cap every evaluation set at this many items (0 = all; the story profile: 200)
     eval_rm_items: int = -1         # the reward models' pairs from static HHH and each HH test split, evenly spaced
                                     # (-1: as --eval_max_items, 0: all; the story profile's: 500, the chat's: 221;
                                     # --eval_max_items given alone caps them too)
@@ -299,7 +301,7 @@ QUERY_STOPS = {"authors": re.compile(r"^[^\S\n]*Query:.*\n", re.MULTILINE),
 # The story format's opening is settled (extract_query reads no further) once its line has ended, or its first
 # sentence has with 30 characters or more, or its second sentence has: the sampler stops there instead of writing the
 # rest of a 64-token budget. The queries are the same.
-STORY_QUERY_STOP = re.compile(r"\S[^\n]*\n|^\s*(?:(?![.!?]\s)[^\n]){29,}[.!?]\s|[.!?]\s[^\n]*?[.!?]\s")
+STORY_QUERY_STOP = re.compile(r"\S[^\n]*\n|^\s*(?!\s)(?:(?![.!?]\s)[^\n]){29,}[.!?]\s|[.!?]\s[^\n]*?[.!?]\s")
 
 
 def extract_query(text, fmt, rule="authors"):

@@ -1069,3 +1069,68 @@ def test_the_same_seed_gives_the_same_run(tmp_path):
         compared += 1
     assert compared > 20 and "verdicts.json" in files and "ppo/last/policy/model.safetensors" in files
     assert read_records(str(a / "queries.jsonl")) != read_records(str(runs["c"] / "queries.jsonl"))
+
+
+def test_seed_table_counts_the_seeds_each_claim_held_on(tmp_path):
+    """seeds.py: each verdict's figure per seed, its mean and range, and the seeds its claim held on; a seed whose
+    run is finished is not run again."""
+    import seeds
+    from almost import verdict
+    runs = {1: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.2, 0.1, 0.3, 10, holds=True),
+                 verdict("rm_static_hhh", "RM acc (> 50%)", "l", 0.6, 0.55, 0.65, 221, holds=True)], {"rm": 10.0}),
+            2: ([verdict("ppo_reward", "PPO reward (> 0)", "l", -0.1, -0.3, 0.1, 10, holds=False),
+                 verdict("rm_static_hhh", "RM acc (> 50%)", "l", 0.5, 0.45, 0.55, 221, holds=False)], {"rm": 30.0}),
+            3: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.5, 0.4, 0.6, 4, holds=True)], {})}
+    md, rows = seeds.table(runs)
+    ppo, rm = rows
+    assert ppo["held"] == 1 and ppo["of"] == 3          # seed 3 had 4 items: too few to hold
+    assert abs(ppo["mean"] - 0.2) < 1e-12 and (ppo["min"], ppo["max"]) == (-0.1, 0.5)
+    assert rm["held"] == 1 and rm["of"] == 2 and rm["seeds"][3] is None
+    assert "| 1 of 3 |" in md and "60.0% [55.0%, 65.0%] ✓" in md and "-0.100 [-0.300, +0.100] ✗" in md
+    assert "| wall time of the run | 10 s | 30 s | - | 20 s [10, 30] | - |" in md
+    for s in (1, 2):                                    # finished runs are read, not run again
+        (tmp_path / f"seed_{s}").mkdir()
+        (tmp_path / f"seed_{s}" / "verdicts.json").write_text(json.dumps(runs[s][0]))
+    seeds.main([f"--out={tmp_path}", "--seeds=1,2"])
+    assert "2 seeds" in (tmp_path / "seeds.md").read_text() and len(json.load(open(tmp_path / "seeds.json"))) == 2
+    with pytest.raises(UserError, match="at least two different seeds"):
+        seeds.main([f"--out={tmp_path}", "--seeds=1,1"])
+
+
+def test_the_story_stop_rule_never_changes_the_opening():
+    """The sampler stops a story query at the first point where STORY_QUERY_STOP matches the text so far; what
+    extract_query takes from that prefix must equal what it takes from the whole sample. Every prefix of random
+    texts made of sentence pieces, terminators, spaces and newlines is checked, character by character (a token
+    boundary can fall anywhere)."""
+    import random
+    from almost import STORY_QUERY_STOP, extract_query
+    rng = random.Random(0)
+    pieces = ["Once upon a time", " there was a dog", "Tim", " ran", ".", "!", "?", " ", "\n", "3.5", "!!", " Yes.",
+              " a very long sentence that goes on and on", "\n\n", "  "]
+    stopped = 0
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        cut = next((i for i in range(1, len(text) + 1) if STORY_QUERY_STOP.search(text[:i])), None)
+        if cut is not None:
+            stopped += 1
+            assert extract_query(text[:cut], "story") == extract_query(text, "story"), (text, cut)
+    assert stopped > 10000
+
+
+def test_one_query_prompt_serves_queries_per_prompt_rows(tmp_path, monkeypatch):
+    """--queries_per_prompt=k: each draw of 10 shots is the prompt of k rows of a sampler call (the story profile's
+    32: one prompt per call, computed once); 1 draws the shots for every row, as the authors."""
+    seen = []
+
+    def spy(model, prompts, *a, **k):
+        seen.append(prompts)
+        return [[] for _ in prompts], [[] for _ in prompts]    # empty samples: rejected, so the stage gives up
+    monkeypatch.setattr(almost, "generate", spy)
+    for k, distinct in ((4, 2), (1, 8)):
+        cfg = tiny(tmp_path / str(k), batch_size=8, queries_per_prompt=k)
+        seen.clear()
+        with pytest.raises(UserError, match="only 0 of 6 accepted"):
+            almost.make_queries(cfg, "queries.jsonl", 6, others="rl_queries.jsonl")
+        assert seen and all(len(p) == 8 and len({tuple(x) for x in p}) == distinct for p in seen)
+    assert tiny(tmp_path / "d").queries_per_prompt == 32 and \
+        resolve(Config(profile="paper", out=str(tmp_path / "p"))).queries_per_prompt == 1
