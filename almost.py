@@ -51,7 +51,7 @@ from eval import (MIN_VERDICT_ITEMS, RM_SETS, Config as EvalConfig, decided, dif
                   mean_interval, policy_answers, results_markdown, spread, wilson)
 from model import load
 from sample import generate, shared_prefix_length
-from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response
+from tokenizer import TURN_ENDS, dialogue_text, format_dialogue, postprocess_response, trim_to_sentence
 import memory
 from trainer import ScaleConfig, barrier, end_distributed, memory_dry_run, setup_distributed
 
@@ -90,11 +90,12 @@ PROFILES = {
                     user=f"{DATA}/stories260K::0:40",
                     sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10),
                     # PPO: the SFT policy almost never ends a story within the budget, so a missing-EOS penalty
-                    # would give every response the same score; truncated responses keep their RM score instead.
-                    # A small policy lr and a KL coefficient that adapts within the run (target 4 nats) keep the
-                    # policy near the SFT policy: at lr 3e-4 it collapsed onto one story (distinct-2 6% of SFT's)
+                    # would give every response the same score; truncated responses keep their RM score instead,
+                    # scored back to their last full sentence, as the reward model's training answers were cut
+                    # (trim_cut; measured over seeds in docs/reference.md, "PPO on the story profile"). A KL
+                    # coefficient that adapts within the run (target 4 nats) keeps the policy near the SFT policy
                     ppo=dict(steps=40, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=64,
-                             beta=0.15, kl_target=4.0, kl_horizon=640, penalize_missing_eos=False)),
+                             beta=0.15, kl_target=4.0, kl_horizon=640, penalize_missing_eos=False, trim_cut=True)),
     # the paper's method on one real chat model (--model, e.g. SmolLM2-135M-Instruct) sized for 2 CPU cores: the
     # paper's prompt files and seed queries; generators differ in prompt quality (the long, well-formatted Faithful
     # dialogues vs the HHH ones) and shots. One model offers no size axis. {model} stands for --model.
@@ -350,12 +351,6 @@ def turn_prompt(tok, fmt, preamble, demos, shots, turns, role="assistant"):
     if fmt == "dialogue":
         return tok.encode(dialogue_prompt_text(preamble, demos, shots, turns, role), bos=True)
     return [i for d in demos[:shots] for i in tok.encode(d.strip(), bos=True)] + tok.encode(story_so_far(turns))
-
-
-def trim_to_sentence(text):
-    """A story cut by the token budget, back to its last sentence that ends in "." or "!" (not inside a quote)."""
-    ends = [m.end() for m in re.finditer(r"[.!](?=\s|$)", text)]
-    return text[:ends[-1]] if ends else text
 
 
 def story_response(text, ended):
@@ -1298,13 +1293,17 @@ def verdicts(cfg, rs, sft, ev, div=None):
                            holds=r >= 0.8))
     if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
         v = ev["vicuna"]["ppo"]["rm"]
+        n = v["win"] + v["loss"]                                 # the pairs the reward model decides
+        lo, hi = wilson(v["win"], n)
+        text = decided("raised the reward on these unseen prompts" if lo > 0.5 else "lowered it" if hi < 0.5 else
+                       "no clear change", n)
         line = (f"- Step 3, PPO against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
-                f"{v['tie']} / {v['loss']} (mean score {v['mean_score']:.2f} vs {v['mean_score_baseline']:.2f}). "
-                f"**Caveat: this judge is the reward model PPO optimised**; it shows the reward went up, not that the "
-                f"answers are better.")
-        n = v["win"] + v["tie"] + v["loss"]
-        out.append(verdict("ppo_vicuna_rm", "PPO's wins over SFT on Vicuna-80, RM judge (no claim)", line,
-                           v["win"] / max(n, 1), n=n))
+                f"{v['tie']} / {v['loss']} (mean score {v['mean_score']:.2f} vs {v['mean_score_baseline']:.2f}); "
+                f"PPO's answer scores higher in {pct(v['win'] / max(n, 1))} [{pct(lo)}, {pct(hi)}] of the {n} decided "
+                f"pairs: **{text}**. **Caveat: this judge is the reward model PPO optimised**; a higher score shows "
+                f"the reward went up, not that the answers are better.")
+        out.append(verdict("ppo_vicuna_rm", "PPO's answer above SFT's on Vicuna-80 by the RM (> 50%)", line,
+                           v["win"] / max(n, 1), lo, hi, n, holds=lo > 0.5))
     if ev and ev.get("models"):
         for name, m in ev["models"].items():
             a, t = m["static_hhh"]["all"], m["truthfulqa_mc1"]

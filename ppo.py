@@ -31,7 +31,7 @@ from common import UserError, commit_dir, derive_seed, out_lock, parse_args, ran
 from model import Llama, PAD_ID, last_token_index, load_config, lora_disabled
 from rm import RewardModel, read_lines
 from sample import generate
-from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, messages_text
+from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, messages_text, trim_to_sentence
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, frozen_dtype, load_dtype,
                      lora_key, make_optimizer, memory_dry_run, optimizer_step, prepare_for_training, resume_from,
                      save_training_checkpoint, setup_distributed, start_or_resume)
@@ -155,6 +155,8 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     whiten_rewards: bool = False   # whiten the per-token rewards (without re-centring) before GAE
     missing_eos_penalty: float = -1.0   # the score of a response that never emits EOS
     penalize_missing_eos: bool = True   # False: a truncated response keeps its RM score (marked truncated in eos_rate)
+    trim_cut: bool = False         # the reward model scores a truncated response back to its last full sentence
+                                   # (tokenizer.trim_to_sentence), as its training answers were cut (the story profile)
     grad_clip: float = 1.0         # clip the gradients' global norm (policy and value alike)
     log_every: int = 1             # steps between printed sample responses
     save_every: int = 10           # steps between checkpoints (and the last step)
@@ -333,8 +335,10 @@ def score_rollout(policy, ref, value, reward_model, batch, cfg, beta, dev, dtype
             ref_logp = torch.cat([logprobs_of(policy if ref is None else ref, idx[c], mask[c], P, cfg.temperature)[0]
                                   for c in chunks])
         old_values = torch.cat([values_of(value, idx[c], vmask[c], P) for c in chunks])
+        texts = [trim_to_sentence(t) if cfg.trim_cut and not e else t for t, e in zip(batch["texts"], batch["ended"])]
+        trimmed = sum(1 - len(s) / len(t) for s, t in zip(texts, batch["texts"]) if t)   # characters left unscored
         with lora_disabled(reward_model):
-            raw = reward_model.score(batch["prompt_texts"], batch["texts"], normalize=True).to(dev)
+            raw = reward_model.score(batch["prompt_texts"], texts, normalize=True).to(dev)
         score = missing_eos_scores(raw, batch["ended"], cfg.missing_eos_penalty) if cfg.penalize_missing_eos else raw
         # the sampler's logprobs against the recomputed ones: any gap means rollout and training disagree
         mismatch = max((abs(a - b) for t, s, row in zip(batch["toks"], batch["sampled_lp"], old_logp.tolist())
@@ -345,7 +349,7 @@ def score_rollout(policy, ref, value, reward_model, batch, cfg, beta, dev, dtype
         adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)   # returns before whitening
         adv = masked_whiten(adv, rmask)                                     # over the global batch
     batch.update(old_logp=old_logp, ref_logp=ref_logp, old_values=old_values, raw=raw, score=score, adv=adv,
-                 returns=returns, non_score=non_score, mismatch=mismatch)
+                 returns=returns, non_score=non_score, mismatch=mismatch, trimmed=trimmed)
     return batch
 
 
@@ -392,8 +396,8 @@ def step_metrics(batch, stats, cfg, state, t0, t_gen):
     rmask, world = batch["rmask"], world_size()
     kl_seq = ((batch["old_logp"] - batch["ref_logp"]) * rmask).sum(-1)         # per-sequence KL, summed over tokens
     sums = all_sum([kl_seq.sum().item(), batch["score"].sum().item(), batch["raw"].sum().item(),
-                    batch["non_score"].sum().item(), rmask.sum().item(), sum(batch["ended"])])
-    kl, score_mean, raw_mean, non_score_mean, length, eos_rate = [x / cfg.batch_size for x in sums]
+                    batch["non_score"].sum().item(), rmask.sum().item(), sum(batch["ended"]), batch["trimmed"]])
+    kl, score_mean, raw_mean, non_score_mean, length, eos_rate, trimmed = [x / cfg.batch_size for x in sums]
     dt = time.time() - t0
     r_all, v_all = batch["returns"][rmask], batch["old_values"][rmask]
     ev = 1 - (r_all - v_all).var() / r_all.var() if r_all.numel() > 1 and r_all.var() > 0 else torch.tensor(0.0)
@@ -403,6 +407,8 @@ def step_metrics(batch, stats, cfg, state, t0, t_gen):
            "explained_variance": ev.item(), "tokens_per_s": rmask.sum().item() * world / dt,
            "gen_tokens_per_s": sum(map(len, batch["toks"])) / max(t_gen, 1e-9), "gen_time_share": t_gen / dt,
            "step_time": dt, "rollout_logprob_mismatch": batch["mismatch"], "first_minibatch": stats[0]}
+    if cfg.trim_cut:   # the share of the responses' text after the cut that the reward model did not read
+        rec["trimmed_share"] = trimmed
     rec.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
     return rec
 
@@ -449,6 +455,9 @@ def check_config(cfg):
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --minibatch={cfg.minibatch}.")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0: PPO needs a sampling distribution.")
+    if cfg.trim_cut and cfg.penalize_missing_eos:
+        raise UserError("--trim_cut=true changes the score of a response cut by the budget, which "
+                        "--penalize_missing_eos=true replaces with the penalty: turn one of them off.")
     if not cfg.dry_run:
         RewardModel.check(cfg.rm, "--rm")      # the reward, and the value model's start
 

@@ -501,3 +501,11 @@ def postprocess_response(text):
     for end in TURN_ENDS:
         text = text.split(end)[0]
     return text.strip("\n ")
+
+
+def trim_to_sentence(text):
+    """A text cut by a token budget, back to its last sentence that ends in "." or "!" (not inside a quote); unchanged
+    when it holds none. The story profile's answers (step 1b), dialogue turns under --trim_cut (step 2) and the story
+    PPO rollouts the reward model scores (step 3) go through it."""
+    ends = [m.end() for m in re.finditer(r"[.!](?=\s|$)", text)]
+    return text[:ends[-1]] if ends else text

@@ -250,3 +250,46 @@ def test_missing_eos_penalty_replaces_the_score_of_a_response_that_never_ended(t
     rec = metrics(tmp_path / "run")[0]
     assert rec["eos_rate"] == pytest.approx(sum(ended) / 8) and rec["score_mean"] == pytest.approx(out.mean().item())
     assert rec["rm_score_mean"] == pytest.approx(raw.mean().item())
+
+
+@pytest.mark.slow
+def test_trim_cut_scores_a_truncated_response_back_to_its_last_sentence(toy, tmp_path, monkeypatch):
+    """--trim_cut: the reward model reads a response that hit the token budget back to its last full sentence (the
+    story profile's answers went through that rule before the reward model was trained on them); a response that
+    ended with EOS is read whole; without the flag every response is read as sampled. Both kinds in one batch, on a
+    policy that ends about a third of its rollouts."""
+    from tokenizer import trim_to_sentence
+    assert trim_to_sentence('He ran. She said, "Stop." Then the dog') == "He ran."
+    assert trim_to_sentence("no sentence ends here") == "no sentence ends here"
+    seen = []
+    real = rmlib.RewardModel.score
+
+    def spy(self, prompts, responses, *a, **k):
+        seen.append(list(responses))
+        return real(self, prompts, responses, *a, **k)
+    monkeypatch.setattr(rmlib.RewardModel, "score", spy)
+    policy = eos_prone_policy(tmp_path / "policy")
+    runs = {}
+    for trim in (True, False):
+        seen.clear()
+        batches = []
+        monkeypatch.setattr(ppo, "score_rollout", lambda *a, _real=ppo.score_rollout, **k: batches.append(a[4]) or
+                            _real(*a, **k))
+        ppo.train(toy_cfg(toy, tmp_path / f"run{trim}", policy=policy, steps=1, batch_size=8, minibatch=8,
+                          ppo_epochs=1, max_new_tokens=48, trim_cut=trim))
+        monkeypatch.undo()
+        monkeypatch.setattr(rmlib.RewardModel, "score", spy)
+        (b,), (scored,) = batches, seen
+        runs[trim] = (b["texts"], b["ended"], scored)
+    texts, ended, scored = runs[True]
+    assert True in ended and False in ended, ended
+    assert any(trim_to_sentence(t) != t for t, e in zip(texts, ended) if not e), texts   # some cut mid-sentence
+    assert scored == [t if e else trim_to_sentence(t) for t, e in zip(texts, ended)]
+    texts, ended, scored = runs[False]
+    assert scored == texts
+    rec = metrics(tmp_path / "runTrue")[0]
+    texts, _, scored = runs[True]
+    assert rec["trimmed_share"] == pytest.approx(sum(1 - len(s) / len(t) for s, t in zip(scored, texts) if t) / 8)
+    assert 0 < rec["trimmed_share"] < 1 and "trimmed_share" not in metrics(tmp_path / "runFalse")[0]
+    with pytest.raises(ppo.UserError, match="--trim_cut"):
+        ppo.check_config(toy_cfg(toy, tmp_path / "x", trim_cut=True, penalize_missing_eos=True))
