@@ -63,7 +63,8 @@ def table(runs):
         found = [v for v in by_seed.values() if v is not None]
         values = [v["value"] for v in found]
         claims = [v["holds"] for v in found if v["holds"] is not None]
-        rows.append(dict(key=key, claim=found[0]["claim"], n=found[0]["n"],
+        ns = sorted({v["n"] for v in found})
+        rows.append(dict(key=key, claim=found[0]["claim"], n=ns[0] if len(ns) == 1 else f"{ns[0]}-{ns[-1]}",
                          seeds={s: v and {k: v[k] for k in ("value", "lo", "hi", "n", "holds")} for s, v in by_seed.items()},
                          mean=statistics.fmean(values), min=min(values), max=max(values),
                          held=sum(claims) if claims else None, of=len(claims)))
