@@ -198,6 +198,9 @@ def resolve(cfg):
     for k, v in {**prof.get("run", {}), **prof["sft"]}.items():
         if not user_set(cfg, k):   # flags given on the command line win, whatever their value
             setattr(cfg, k, v)
+    if cfg.queries_per_prompt < 1:
+        raise UserError(f"--queries_per_prompt={cfg.queries_per_prompt}: use 1 (a draw of shots for every sample) "
+                        f"or more.")
     if user_set(cfg, "eval_max_items") and not user_set(cfg, "eval_rm_items"):
         cfg.eval_rm_items = -1     # a cap given for the evaluation sets holds for the reward models' sets too
     if cfg.rm_checkpoint not in ("last", "best"):

@@ -249,6 +249,7 @@ def test_whole_pipeline_tiny(tmp_path):
     (["--profile=paper", "--stages=selfplay"], ["--assistant is required"]),
     (["--profile=gpt"], ["--profile='gpt'"]),
     (["--profile=chat"], ["--profile=chat needs --model"]),
+    (["--queries_per_prompt=-2", "--stages=queries"], ["--queries_per_prompt=-2", "use 1"]),
     (["--profile=chat", "--model=/nonexistent/smollm2"], ["--model=/nonexistent/smollm2", "no config.json"]),
     (["--generators=a=/m:/p", "--stages=compare"], ["NAME=MODEL:PROMPT_FILE:SHOTS"]),
     (["--rubric=260K-good-2shot>nope", "--stages=compare"], ["'nope' is not one of the generators"]),
