@@ -1044,7 +1044,7 @@ def test_the_same_seed_gives_the_same_run(tmp_path):
     import subprocess
     import sys
     flags = ["--n_queries=8", "--n_rl_queries=4", "--rm_filter_ablation=false", "--selfplay_baseline=false",
-             "--turns=1", "--ppo_steps=8", "--eval_max_items=4", "--eval_vicuna=false", "--device=cpu"]
+             "--turns=1", "--ppo_steps=2", "--eval_max_items=4", "--eval_vicuna=false", "--device=cpu"]
     runs = {}
     for name, seed, stages in (("a", 7, []), ("b", 7, []), ("c", 8, ["--stages=queries"])):
         out = tmp_path / name
