@@ -1209,13 +1209,14 @@ def small_data_warnings(cfg, which=None):
     return out
 
 
-def verdict(key, claim, line, value, lo=None, hi=None, n=0, holds=None):
+def verdict(key, claim, line, value, lo=None, hi=None, n=0, holds=None, share=True):
     """One "did it work?" verdict: what is claimed (a short name of the figure and the bar it must clear), its report
     line, its figure with a 95% interval over n items, and whether the claim held (False too where the data cannot
-    tell; None: a figure that makes no claim). verdicts.json keeps these for each run; seeds.py tabulates them."""
+    tell; None: a figure that makes no claim). share: the figure is a share (written in %), else a score difference.
+    verdicts.json keeps these for each run; seeds.py tabulates them."""
     if holds is not None:
         holds = bool(holds and n >= MIN_VERDICT_ITEMS)
-    return dict(key=key, claim=claim, line=line, value=value, lo=lo, hi=hi, n=n, holds=holds)
+    return dict(key=key, claim=claim, line=line, value=value, lo=lo, hi=hi, n=n, holds=holds, share=share)
 
 
 def verdicts(cfg, rs, sft, ev, div=None):
@@ -1265,7 +1266,7 @@ def verdicts(cfg, rs, sft, ev, div=None):
                 f"mean candidate of its turn ({len(gains)} turns): **{text}** (judged by the reward model that chose "
                 f"them).")
         out.append(verdict("selfplay_gain", "self-play: chosen minus mean candidate, RM score (> 0)", line,
-                           g, lo, hi, len(gains), holds=lo > 0))
+                           g, lo, hi, len(gains), holds=lo > 0, share=False))
     if sft and "scores" in sft.get("sft", {}) and "scores" in sft.get("sft_plain", {}):
         d = [a - b for a, b in zip(sft["sft"]["scores"], sft["sft_plain"]["scores"])]
         g, (lo, hi) = mean_interval(d)                          # paired: each query's difference
@@ -1273,7 +1274,7 @@ def verdicts(cfg, rs, sft, ev, div=None):
         line = (f"- Step 2, SFT on RM-guided against plain self-play, {len(d)} held-out queries: RM score {g:+.3f} "
                 f"[{lo:+.3f}, {hi:+.3f}] (paired t interval): **{text}** (the same reward model judges).")
         out.append(verdict("sft_vs_plain", "SFT on RM-guided minus plain self-play, RM score (> 0)", line,
-                           g, lo, hi, len(d), holds=lo > 0))
+                           g, lo, hi, len(d), holds=lo > 0, share=False))
     ppo_rows = read_records(os.path.join(cfg.out, "ppo", "metrics.jsonl"))
     if len(ppo_rows) >= 8:   # PPO's own training reward: the last quarter of the steps against the first
         q = len(ppo_rows) // 4
@@ -1284,7 +1285,7 @@ def verdicts(cfg, rs, sft, ev, div=None):
                 f"steps against the first {q}: {statistics.fmean(first):+.3f} -> {statistics.fmean(last):+.3f}, a "
                 f"change of {g:+.3f} [{lo:+.3f}, {hi:+.3f}] (Welch t interval over the steps): **{text}**.")
         out.append(verdict("ppo_reward", "PPO training reward, last quarter minus first (> 0)", line,
-                           g, lo, hi, q, holds=lo > 0))
+                           g, lo, hi, q, holds=lo > 0, share=False))
     if div and "sft" in div and "ppo" in div:
         r = div["ppo"]["distinct_2"] / max(div["sft"]["distinct_2"], 1e-9)
         text = "kept its diversity" if r >= 0.8 else "collapsed onto what the reward model likes"

@@ -44,12 +44,11 @@ def run_seed(cfg, seed):
     return folder
 
 
-def fmt(key, x):
+def fmt(share, x):
     """A verdict's figure as the report writes it: accuracies and shares in %, score differences signed."""
     if x is None:
         return "-"
-    return f"{100 * x:.1f}%" if key.startswith(("rm_", "rubric", "judge_", "truthfulqa_", "ppo_diversity",
-                                                "ppo_vicuna")) else f"{x:+.3f}"
+    return f"{100 * x:.1f}%" if share else f"{x:+.3f}"
 
 
 def table(runs):
@@ -64,7 +63,7 @@ def table(runs):
         values = [v["value"] for v in found]
         claims = [v["holds"] for v in found if v["holds"] is not None]
         ns = sorted({v["n"] for v in found})
-        rows.append(dict(key=key, claim=found[0]["claim"], n=ns[0] if len(ns) == 1 else f"{ns[0]}-{ns[-1]}",
+        rows.append(dict(key=key, claim=found[0]["claim"], share=found[0]["share"], n=ns[0] if len(ns) == 1 else f"{ns[0]}-{ns[-1]}",
                          seeds={s: v and {k: v[k] for k in ("value", "lo", "hi", "n", "holds")} for s, v in by_seed.items()},
                          mean=statistics.fmean(values), min=min(values), max=max(values),
                          held=sum(claims) if claims else None, of=len(claims)))
@@ -78,12 +77,12 @@ def table(runs):
             if v is None:
                 cells.append("-")
                 continue
-            ci = f" [{fmt(r['key'], v['lo'])}, {fmt(r['key'], v['hi'])}]" if v["lo"] is not None else ""
+            ci = f" [{fmt(r['share'], v['lo'])}, {fmt(r['share'], v['hi'])}]" if v["lo"] is not None else ""
             mark = "" if v["holds"] is None else " ✓" if v["holds"] else " ✗"
-            cells.append(f"{fmt(r['key'], v['value'])}{ci}{mark}")
+            cells.append(f"{fmt(r['share'], v['value'])}{ci}{mark}")
         held = "-" if r["held"] is None else f"{r['held']} of {r['of']}"
         md.append(f"| {r['claim']}, n = {r['n']} | " + " | ".join(cells) +
-                  f" | {fmt(r['key'], r['mean'])} [{fmt(r['key'], r['min'])}, {fmt(r['key'], r['max'])}] | {held} |")
+                  f" | {fmt(r['share'], r['mean'])} [{fmt(r['share'], r['min'])}, {fmt(r['share'], r['max'])}] | {held} |")
     if walls:
         md.append("| wall time of the run | " + " | ".join(f"{walls[s]:.0f} s" if s in walls else "-" for s in seeds) +
                   f" | {statistics.fmean(walls.values()):.0f} s [{min(walls.values()):.0f}, "

@@ -1077,11 +1077,11 @@ def test_seed_table_counts_the_seeds_each_claim_held_on(tmp_path):
     run is finished is not run again."""
     import seeds
     from almost import verdict
-    runs = {1: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.2, 0.1, 0.3, 10, holds=True),
+    runs = {1: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.2, 0.1, 0.3, 10, holds=True, share=False),
                  verdict("rm_static_hhh", "RM acc (> 50%)", "l", 0.6, 0.55, 0.65, 221, holds=True)], {"rm": 10.0}),
-            2: ([verdict("ppo_reward", "PPO reward (> 0)", "l", -0.1, -0.3, 0.1, 10, holds=False),
+            2: ([verdict("ppo_reward", "PPO reward (> 0)", "l", -0.1, -0.3, 0.1, 10, holds=False, share=False),
                  verdict("rm_static_hhh", "RM acc (> 50%)", "l", 0.5, 0.45, 0.55, 221, holds=False)], {"rm": 30.0}),
-            3: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.5, 0.4, 0.6, 4, holds=True)], {})}
+            3: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.5, 0.4, 0.6, 4, holds=True, share=False)], {})}
     md, rows = seeds.table(runs)
     ppo, rm = rows
     assert ppo["held"] == 1 and ppo["of"] == 3          # seed 3 had 4 items: too few to hold
