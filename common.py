@@ -210,7 +210,8 @@ def tmp_dir(path):
 
 def commit_dir(tmp, path):
     """Swap a finished temporary folder in place of `path`, keeping files of `path` that tmp does not have
-    (a chat template, say). The old folder is moved aside first, so `path` is never half written."""
+    (a chat template, say), but not old weights or optimizer moments (a run's final checkpoint has none). The old
+    folder is moved aside first, so `path` is never half written."""
     path = os.path.abspath(path)
     umask = os.umask(0)
     os.umask(umask)
@@ -218,7 +219,7 @@ def commit_dir(tmp, path):
         if os.path.isfile(os.path.join(tmp, f)):
             os.chmod(os.path.join(tmp, f), 0o666 & ~umask)
     if os.path.isdir(path):
-        stale = ("model.safetensors", "model.safetensors.index.json")
+        stale = ("model.safetensors", "model.safetensors.index.json", "optimizer.safetensors")
         for f in os.listdir(path):
             src = os.path.join(path, f)
             if (not os.path.exists(os.path.join(tmp, f)) and not f.startswith(stale)

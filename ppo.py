@@ -416,16 +416,18 @@ def step_metrics(batch, stats, cfg, state, t0, t_gen):
 # -----------------------------------------------------------------------------
 # checkpoints and the memory plan
 
-def save_checkpoint(path, policy, tok, value, opts, params, state):
+def save_checkpoint(path, policy, tok, value, opts, params, state, final):
     """policy/, value/ and state in one folder, swapped in atomically (a crash never leaves a mixed checkpoint).
-    Every process calls this (FSDP gathers its shards); process 0 writes."""
+    Every process calls this (FSDP gathers its shards); process 0 writes. The final one holds no optimizer moments
+    (a later run with more --steps goes on with fresh ones)."""
     tmp = path + ".new"
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     save_training_checkpoint(lambda p, files: policy.save_pretrained(p, files={**tok.files(), **files}),
-                             params[0], opts[0], os.path.join(tmp, "policy"), state, policy)
-    save_training_checkpoint(value.save_pretrained, params[1], opts[1], os.path.join(tmp, "value"), state, value)
+                             params[0], opts[0], os.path.join(tmp, "policy"), state, policy, final)
+    save_training_checkpoint(value.save_pretrained, params[1], opts[1], os.path.join(tmp, "value"), state, value,
+                             final)
     if rank() == 0:
         commit_dir(tmp, path)
 
@@ -535,7 +537,7 @@ def train(cfg):
                 tqdm.write(f"  [{batch['score'][i].item():+.2f}] {batch['prompt_texts'][i][:60]!r} -> "
                            f"{batch['texts'][i][:100]!r}")
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            save_checkpoint(last, policy, tok, value, opts, (p_params, v_params), state)
+            save_checkpoint(last, policy, tok, value, opts, (p_params, v_params), state, state["step"] == cfg.steps)
     bar.close()
     return state
 

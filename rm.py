@@ -458,7 +458,8 @@ def train(cfg):
         if evaluating:
             validate(reward_model, val_set, cfg, dev, dtype, state, log, master_process)
         if evaluating or stopping:
-            save_training_checkpoint(reward_model.save_pretrained, params, opt, last, state, reward_model)
+            save_training_checkpoint(reward_model.save_pretrained, params, opt, last, state, reward_model,
+                                     final=state["step"] == total)
         if stopping:
             if master_process:
                 tqdm.write(f"stopping after {cfg.stop_after} steps (--stop_after); rerun to go on from {last}")

@@ -184,7 +184,7 @@ def train(cfg):
             if val_loss < state["best_loss"]:
                 state["best_loss"] = val_loss
                 save(best, {})
-            save_training_checkpoint(save, params, opt, last, state, model)
+            save_training_checkpoint(save, params, opt, last, state, model, final=state["step"] == total)
     return state, model
 
 

@@ -264,7 +264,10 @@ def start_or_resume(cfg, out, last, state, run, optimizers):
                 raise UserError(f"{last} belongs to another run ({k}: {state[k]!r}, now {v!r}). Give a new --out, "
                                 f"or --resume=false to start over there.")
         for params, opt, folder in optimizers:
-            load_optimizer(params, opt, folder)
+            if os.path.isfile(os.path.join(folder, "optimizer.safetensors")):
+                load_optimizer(params, opt, folder)
+            elif rank() == 0 and state["step"] < run.get("total_steps", float("inf")):   # ppo.py --steps raised
+                print(f"{folder} ended its run and holds no optimizer moments: the steps from here start fresh ones")
         if rank() == 0:
             print(f"resuming from {last} at step {state['step']}")
     state.update(run)
@@ -274,22 +277,24 @@ def start_or_resume(cfg, out, last, state, run, optimizers):
     return state, log
 
 
-def save_training_checkpoint(save, params, opt, path, state, module=None):
+def save_training_checkpoint(save, params, opt, path, state, module=None, final=False):
     """A model (save(path, files=...) writes it) plus optimizer moments (safetensors) and trainer state (json),
     in one atomic step; for a LoRA run (module given) also its adapters in PEFT's layout (adapter_config.json,
     adapter_model.safetensors), which a resumed run puts back on its base model. Every process calls this (FSDP
     gathers each sharded moment, a collective); process 0 writes. Moments are stored whole, so a run resumes on any
-    number of processes."""
+    number of processes. The run's `final` checkpoint leaves the moments out: nothing resumes from them, and in
+    fp32 they weigh twice the model (54 GB for a 7B full fine-tune)."""
     from safetensors.torch import save_file
     tensors = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(params if not final else []):
         for k, v in opt.state.get(p, {}).items():
             if torch.is_tensor(v):
                 v = full_tensor(v)
                 if rank() == 0:
                     tensors[f"{i}.{k}"] = v.cpu().contiguous()
-    files = {"optimizer.safetensors": lambda f: save_file(tensors, f),
-             "trainer_state.json": lambda f: write_json(f, state)}
+    files = {"trainer_state.json": lambda f: write_json(f, state)}
+    if not final:
+        files["optimizer.safetensors"] = lambda f: save_file(tensors, f)
     if module is not None and any(".lora_" in n for n, _ in module.named_parameters()):
         trained = {peft_name(module, n): full_tensor(p).cpu().contiguous()
                    for n, p in module.named_parameters() if p.requires_grad}

@@ -122,17 +122,22 @@ def metrics(out):
 
 
 @pytest.mark.slow
-def test_first_minibatch_is_on_policy_and_resume_continues(toy, tmp_path):
+def test_first_minibatch_is_on_policy_and_resume_continues(toy, tmp_path, capsys):
     out = tmp_path / "run"
     ppo.train(toy_cfg(toy, out, steps=2, save_every=1))
+    # the run's final checkpoint leaves out the optimizer moments (nothing resumes from them): a longer run goes on
+    # from it with fresh ones, and says so
+    assert not list((out / "last").glob("*/optimizer.safetensors"))
     rows = metrics(out)
     for r in rows:
         f = r["first_minibatch"]
         assert abs(f["ratio"] - 1) < 1e-6 and f["approx_kl"] < 1e-10 and f["clipfrac"] == 0 and f["value_clipfrac"] == 0
         assert r["rollout_logprob_mismatch"] < 1e-4      # the sampler's logprobs = the training forward's
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-6)  # the policy starts as the reference
+    capsys.readouterr()
     state = ppo.train(toy_cfg(toy, out, steps=3, save_every=1))
     assert state["step"] == 3 and [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert "holds no optimizer moments: the steps from here start fresh ones" in capsys.readouterr().out
     from model import Llama
     Llama.from_pretrained(str(out / "last" / "policy"))
     rmlib.RewardModel.from_pretrained(str(out / "last" / "value"))

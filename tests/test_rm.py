@@ -136,8 +136,10 @@ def test_resume_continues_where_it_stopped(tmp_path):
     full = train(tiny_cfg(tmp_path / "a", data, eval_every=4, log_every=2))
     part = train(tiny_cfg(tmp_path / "b", data, eval_every=4, log_every=2, stop_after=5))
     assert part["step"] == 5 and not (tmp_path / "b" / "rm" / "best" / "trainer_state.json").exists()
+    assert (tmp_path / "b" / "rm" / "last" / "optimizer.safetensors").exists()   # what the resumed run goes on with
     done = train(tiny_cfg(tmp_path / "b", data, eval_every=4, log_every=2))
     assert done["step"] == full["step"] == 10
+    assert not (tmp_path / "b" / "rm" / "last" / "optimizer.safetensors").exists()   # the run is over: no moments
     a = RewardModel.from_pretrained(str(tmp_path / "a" / "rm" / "last"))
     b = RewardModel.from_pretrained(str(tmp_path / "b" / "rm" / "last"))
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):

@@ -362,11 +362,10 @@ def test_rm_ddp_and_fsdp_match_one_process(tmp_path, pairs):
     launch("rm.py", [*args, "--out=fsdp", "--fsdp=true", "--grad_checkpointing=true"], 2, tmp_path)
     for other in ("ddp", "fsdp"):
         assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / f"{other}/last/model.safetensors") < WEIGHT_TOL
-        assert max_diff(tmp_path / "one/last/optimizer.safetensors",
-                        tmp_path / f"{other}/last/optimizer.safetensors") < WEIGHT_TOL
         assert train_losses(tmp_path / "one/metrics.jsonl") == pytest.approx(
             train_losses(tmp_path / f"{other}/metrics.jsonl"), rel=1e-5)
-    # an FSDP checkpoint holds whole tensors: one process resumes it and ends where one process alone ends
+    # an FSDP checkpoint holds whole tensors (weights and optimizer moments; the run's final checkpoint keeps no
+    # moments, so this one stops before the end): one process resumes it and ends where one process alone ends
     launch("rm.py", [*args, "--out=mixed", "--fsdp=true", "--stop_after=1"], 2, tmp_path)
     launch("rm.py", [*args, "--out=mixed"], 1, tmp_path)
     assert max_diff(tmp_path / "one/last/model.safetensors", tmp_path / "mixed/last/model.safetensors") < WEIGHT_TOL
