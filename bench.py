@@ -25,7 +25,7 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
              generation with the 5-shot HHH prompt against the 0-shot prompt (same queries, --new_tokens each, no
              early stop), and against every row computed in full (share_prefix=0); equal tokens, wall time ratios
   novelty    the ROUGE-L novelty filter's time per new query: every entry checked, against the index
-             (almost.NoveltyPool); equal decisions. Synthetic queries (pools of 1,000, 10,000 and 100,000) and the first
+             (comparisons.NoveltyPool); equal decisions. Synthetic queries (pools of 1,000, 10,000 and 100,000) and the first
              human turns of the Anthropic HH test dialogues (pools of 500 and 2,000 novel ones)
   tok_bpe    tokenizer.py's byte-level BPE against transformers' tokenizer (Rust) on the Anthropic HH test dialogues,
              encode tokens/s, with --tokenizer (a folder with tokenizer.json, e.g. SmolLM2's); checks equal ids
@@ -136,20 +136,21 @@ def sampling_work(model, prompts, budget, **kw):
 
 def run_stops_case(cfg):
     import almost
+    import comparisons
     from model import load
     from tokenizer import TURN_ENDS, postprocess_response
     runs = []   # (name, model, tok, prompts, budget, the kept text of an output, stop strings)
-    seeds = almost.read_seeds(os.path.join(HERE, "data", "stories", "seed_openings.txt"))[1][:cfg.queries]
-    for g in almost.parse_generators(almost.PROFILES["stories"]["generators"], "story"):
+    seeds = comparisons.read_seeds(os.path.join(HERE, "data", "stories", "seed_openings.txt"))[1][:cfg.queries]
+    for g in comparisons.parse_generators(almost.PROFILES["stories"]["generators"], "story"):
         model, tok = load(g.model)
-        demos = almost.read_demos(g.prompt_file)
-        prompts = [almost.turn_prompt(tok, "story", *demos, g.shots, [("user", q)]) for q in seeds]
+        demos = comparisons.read_demos(g.prompt_file)
+        prompts = [comparisons.turn_prompt(tok, "story", *demos, g.shots, [("user", q)]) for q in seeds]
         runs.append((g.name, model, tok, prompts, g.max_new_tokens, lambda t, tok=tok: tok.decode(t), None))
     if cfg.model:
         model, tok = load(cfg.model)
-        demos = almost.read_demos(os.path.join(HERE, "data", "almost", "HHH_prompt.txt"))
-        queries = almost.read_seeds(os.path.join(HERE, "data", "almost", "seed_prompts.txt"))[1][:cfg.queries]
-        prompts = [almost.turn_prompt(tok, "dialogue", *demos, 3, [("user", q)]) for q in queries]
+        demos = comparisons.read_demos(os.path.join(HERE, "data", "almost", "HHH_prompt.txt"))
+        queries = comparisons.read_seeds(os.path.join(HERE, "data", "almost", "seed_prompts.txt"))[1][:cfg.queries]
+        prompts = [comparisons.turn_prompt(tok, "dialogue", *demos, 3, [("user", q)]) for q in queries]
         runs.append((f"{os.path.basename(cfg.model.rstrip('/'))}, HHH 3-shot", model, tok, prompts, 200,
                      lambda t, tok=tok: postprocess_response(tok.decode(t)), TURN_ENDS))
     for name, model, tok, prompts, budget, kept, stops in runs:
@@ -171,15 +172,16 @@ def run_stages_case(cfg):
     as the stages run. Same seeds, so the files written must be equal. The reward model that picks self-play's
     candidates is the base model with a fresh head: its choices cost the same as a trained one's."""
     import almost
+    import comparisons
     from common import read_records
     from rm import RewardModel
-    real = almost.generate
+    real = comparisons.generate
     for profile, model in [("stories", "")] + ([("chat", cfg.model)] if cfg.model else []):
         with tempfile.TemporaryDirectory() as d:
             def config(out):
                 return almost.resolve(almost.Config(profile=profile, model=model, out=out, n_queries=cfg.queries,
                                                     reward_model=os.path.join(d, "rm")))
-            queries = almost.read_seeds(config(d).seeds)[1][:cfg.queries]
+            queries = comparisons.read_seeds(config(d).seeds)[1][:cfg.queries]
             RewardModel.from_pretrained(config(d).rm_model).save_pretrained(os.path.join(d, "rm"))
             files, figures = {}, {}
             for mode in ("before", "after"):
@@ -196,13 +198,13 @@ def run_stages_case(cfg):
                         work["texts"] += len(prompts)
                         return real(model, prompts, max_new_tokens, **kw,
                                     on_token=lambda step, ids: work.__setitem__("tokens", work["tokens"] + len(ids)))
-                    almost.generate = counted
+                    comparisons.generate = counted
                     try:
                         t0 = time.perf_counter()
                         stage(run)
                         figures[mode, stage.__name__] = (work["tokens"] / work["texts"], time.perf_counter() - t0)
                     finally:
-                        almost.generate = real
+                        comparisons.generate = real
                 files[mode] = {name: read_records(os.path.join(run.out, name)) for name in sorted(os.listdir(run.out))
                                if name.endswith(".jsonl") and name != "queries.jsonl"}
             for stage in ("stage_responses", "stage_selfplay"):
@@ -216,14 +218,14 @@ def run_stages_case(cfg):
 def run_prefix_case(cfg):
     """The responses stage's generation with the 5-shot HHH prompt (a long prefix every row shares) against the
     0-shot prompt on the same queries and lengths, and against the sampler without prefix sharing."""
-    import almost
+    import comparisons
     from model import load
     if not cfg.model:
         raise UserError("--cases=prefix needs --model: a chat model folder (SmolLM2-135M-Instruct, say).")
     model, tok = load(cfg.model)
-    preamble, demos = almost.read_demos(os.path.join(HERE, "data", "almost", "HHH_prompt.txt"))
-    queries = almost.read_seeds(os.path.join(HERE, "data", "almost", "seed_prompts.txt"))[1][:cfg.queries]
-    prompts = {s: [almost.turn_prompt(tok, "dialogue", preamble, demos, s, [("user", q)]) for q in queries]
+    preamble, demos = comparisons.read_demos(os.path.join(HERE, "data", "almost", "HHH_prompt.txt"))
+    queries = comparisons.read_seeds(os.path.join(HERE, "data", "almost", "seed_prompts.txt"))[1][:cfg.queries]
+    prompts = {s: [comparisons.turn_prompt(tok, "dialogue", preamble, demos, s, [("user", q)]) for q in queries]
                for s in (0, 5)}
     kw = dict(temperature=1.0, top_p=0.9, seed=0, stop_ids=[])   # no early stop: every row makes new_tokens
     runs = [("0-shot", prompts[0], {}), ("5-shot, prefix shared", prompts[5], {}),
@@ -249,7 +251,7 @@ def run_prefix_case(cfg):
 
 def run_novelty_case(cfg):
     import random
-    from almost import NoveltyPool, is_novel, rouge_tokens
+    from comparisons import NoveltyPool, is_novel, rouge_tokens
     rng = random.Random(0)
     common = "what how is the a to of in can i you do for my and why best way should".split()
 

@@ -3,7 +3,9 @@ from collections import Counter
 
 import pytest
 
-from almost import (RecordWriter, is_bad_response, make_comparisons, postprocess_response, read_records, rouge_l)
+from common import RecordWriter, read_records
+from comparisons import is_bad_response, make_comparisons, rouge_l
+from tokenizer import postprocess_response
 from model import UserError
 
 
@@ -136,6 +138,8 @@ import json
 import os
 
 import almost
+import comparisons
+import selfplay
 from almost import Config, resolve
 from common import read_json
 from conftest import ROOT
@@ -151,14 +155,14 @@ def tiny(tmp_path, **kw):
 
 def interrupt_after(monkeypatch, n_calls):
     """Make the sampler fail on its (n_calls + 1)-th call, as a kill would."""
-    real, calls = almost.generate, [0]
+    real, calls = comparisons.generate, [0]
 
     def flaky(*a, **k):
         calls[0] += 1
         if calls[0] > n_calls:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(almost, "generate", flaky)
+    monkeypatch.setattr(comparisons, "generate", flaky)
 
 
 @pytest.mark.slow
@@ -264,7 +268,8 @@ def test_cli_errors(tmp_path, args, words):
 
 
 def test_prompt_formats(stories):
-    from almost import dialogue_prompt_text, extract_query, query_prompt, read_demos, trim_to_sentence, turn_prompt
+    from comparisons import dialogue_prompt_text, extract_query, query_prompt, read_demos, turn_prompt
+    from tokenizer import trim_to_sentence
     model, tok = stories
     pre, demos = read_demos(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"))
     assert len(demos) == 14 and pre.startswith("Below are a series of dialogues")
@@ -292,7 +297,7 @@ def test_paper_profile_dialogue_path_runs(tmp_path):
     the HHH dialogues do not fit a 512-token context; the quality of the text is beside the point)."""
     import subprocess
     import sys
-    from almost import bad_query_length
+    from comparisons import bad_query_length
     d = os.path.join(ROOT, "data")
     gens = (f"a={d}/stories260K:{d}/almost/HHH_prompt.txt:0:48,"
             f"b={d}/stories50K:{d}/almost/HHH_prompt.txt:0:48")
@@ -318,7 +323,7 @@ def test_paper_profile_dialogue_path_runs(tmp_path):
 # step 2: self-play and SFT
 
 def test_best_of_picks_the_arg_max_of_the_good_candidates():
-    from almost import best_of
+    from selfplay import best_of
     assert best_of([0.1, 2.0, -1.0, 1.9], [False] * 4) == 1
     assert best_of([0.1, 2.0, -1.0, 1.9], [False, True, False, False]) == 3   # BAD ones never win
     assert best_of([5.0, 1.0], [True, True]) is None
@@ -698,7 +703,7 @@ def synthetic_queries(n, seed=0):
 
 @pytest.mark.parametrize("threshold", [0.5, 0.7, 0.3])
 def test_indexed_novelty_filter_decides_as_the_exhaustive_check(threshold):
-    from almost import NoveltyPool, is_novel, rouge_tokens
+    from comparisons import NoveltyPool, is_novel, rouge_tokens
     pool, exhaustive = NoveltyPool(threshold), []
     decisions = []
     for k, q in enumerate(synthetic_queries(3000)):
@@ -728,7 +733,7 @@ def test_indexed_novelty_filter_decides_as_the_exhaustive_check(threshold):
 ])
 def test_extract_query_as_the_authors(sample, query):
     """1a's query extraction on the edge cases of the authors' rule (the first line that starts with "Query:")."""
-    from almost import extract_query
+    from comparisons import extract_query
     assert extract_query(sample, "dialogue") == query
 
 
@@ -740,7 +745,7 @@ def test_extract_query_as_the_authors(sample, query):
     ("x" * 250 + "?", True),                      # long with punctuation: dropped
 ])
 def test_query_length_filter_as_the_authors(q, bad):
-    from almost import bad_query_length
+    from comparisons import bad_query_length
     assert bad_query_length(q) is bad
 
 
@@ -757,24 +762,24 @@ def test_queries_stage_on_a_chat_model_takes_the_authors_query_line(smollm2, tmp
     from model import load
     from sample import generate
     model, tok = load(smollm2)
-    instruction, seeds = almost.read_seeds(os.path.join(ROOT, "data", "almost", "seed_prompts.txt"))
-    prompts = [almost.query_prompt(tok, "dialogue", instruction, seeds[i:i + 10]) for i in range(0, 80, 10)]
+    instruction, seeds = comparisons.read_seeds(os.path.join(ROOT, "data", "almost", "seed_prompts.txt"))
+    prompts = [comparisons.query_prompt(tok, "dialogue", instruction, seeds[i:i + 10]) for i in range(0, 80, 10)]
     outs, _ = generate(model, prompts, 64, temperature=1.2, top_p=0.9, seed=3,
-                       stop_strings=[almost.QUERY_STOPS["authors"]], tokenizer=tok)
+                       stop_strings=[comparisons.QUERY_STOPS["authors"]], tokenizer=tok)
     texts = [tok.decode(o) for o in outs]
-    found = [(t, almost.extract_query(t, "dialogue")) for t in texts]
+    found = [(t, comparisons.extract_query(t, "dialogue")) for t in texts]
     assert any(q for _, q in found), texts
     for (t, q), o in zip(found, outs):
         if q and t.endswith("\n"):   # the line is complete and nothing was generated past the token that ended it
             assert not tok.decode(o[:-1]).endswith("\n") and ("Query: " + q) in t
         else:   # the budget or EOS ended it before the stop string: no complete "Query:" line was passed over
-            assert not almost.QUERY_STOPS["authors"].search(t) and (not q or ("Query: " + q) in t)
+            assert not comparisons.QUERY_STOPS["authors"].search(t) and (not q or ("Query: " + q) in t)
     cfg = almost.Config(profile="paper", out=str(tmp_path), n_queries=3, n_rl_queries=2, query_model=smollm2,
                         batch_size=8, device="cpu")
     almost.resolve(cfg)
     almost.stage_queries(cfg)
     qs = read_records(str(tmp_path / "queries.jsonl"))
-    assert len(qs) == 3 and all(not almost.bad_query_length(q["query"]) for q in qs)
+    assert len(qs) == 3 and all(not comparisons.bad_query_length(q["query"]) for q in qs)
 
 
 @pytest.mark.slow
@@ -783,7 +788,7 @@ def test_selfplay_says_when_a_turn_has_no_room_and_later_shots_fixes_it(tmp_path
     not. The stage says how many dialogues ended early and why; --later_shots=0 gives the second turn room."""
     from model import load
     from rm import RewardModel
-    monkeypatch.setattr(almost, "is_bad_response", lambda text: False)    # every candidate usable: turn 2 is reached
+    monkeypatch.setattr(selfplay, "is_bad_response", lambda text: False)    # every candidate usable: turn 2 is reached
     s = os.path.join(ROOT, "data", "stories260K")
     _, tok = load(s)
     demo = "\n\nHuman: Tell me a story.\n\nAssistant: " + "Tom and Lily played in the park with a big red ball. " * 40
@@ -814,7 +819,7 @@ def test_selfplay_says_when_a_turn_has_no_room_and_later_shots_fixes_it(tmp_path
 
 
 def test_diversity_sees_a_collapse():
-    from almost import diversity
+    from report import diversity
     varied = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light"]
     same = ["a boy named tim"] * 3
     v, c = diversity(varied), diversity(same)
@@ -824,7 +829,7 @@ def test_diversity_sees_a_collapse():
 
 def test_svg_chart_is_a_titled_labelled_picture(tmp_path):
     import xml.etree.ElementTree as ET
-    from almost import svg_chart
+    from report import svg_chart
     svg_chart(str(tmp_path / "l.svg"), "PPO: KL", "PPO step", "KL (nats)", {"policy": [(1, 0.0), (2, 3.5), (3, 2.0)]})
     svg_chart(str(tmp_path / "b.svg"), "RM accuracy", "set", "accuracy", {"rm": [("held out", 0.7), ("hhh", 0.6)],
               "longer": [("held out", 0.65), ("hhh", 0.62)]}, hlines={"chance": 0.5}, bars=True)
@@ -845,7 +850,7 @@ def test_charts_have_round_ticks_and_a_moving_average_over_a_noisy_line(tmp_path
     """Ticks at round values covering the data (1, 2, 2.5 or 5 times a power of ten); a noisy per-step line drawn
     faint with its trailing moving average over it, so a trend shows."""
     import xml.etree.ElementTree as ET
-    from almost import moving_average, nice_ticks, svg_chart
+    from report import moving_average, nice_ticks, svg_chart
     assert nice_ticks(-2.06, -1.22) == [-2.2, -2.0, -1.8, -1.6, -1.4, -1.2]
     assert nice_ticks(0, 0.77) == [0, 0.2, 0.4, 0.6, 0.8] and nice_ticks(1, 40, 6) == [0, 10, 20, 30, 40]
     assert moving_average([(1, 1.0), (2, 3.0), (3, 5.0), (4, 7.0)], 2) == [(1, 1.0), (2, 2.0), (3, 4.0), (4, 6.0)]
@@ -910,12 +915,12 @@ def test_trim_cut_takes_a_budget_cut_turn_back_to_its_last_sentence(stories, mon
     cut = tok.encode("The dog ran home. Then it sat down and")
     ended = tok.encode("The dog ran home. Then it sat down\n\nHuman: and")
     outs = {}
-    monkeypatch.setattr(almost, "generate", lambda m, prompts, budget, **kw: ([outs["ids"][:budget]], None))
+    monkeypatch.setattr(comparisons, "generate", lambda m, prompts, budget, **kw: ([outs["ids"][:budget]], None))
     for ids, trim, want in ((cut, True, "The dog ran home."), (cut, False, tok.decode(cut).strip()),
                             (ended, True, tok.decode(ended).split("\n\nHuman:")[0].strip())):
         outs["ids"] = ids
-        g = almost.Generator("g", "", "", 0, len(ids))
-        assert almost.sample_turns(model, tok, [[1, 2, 3]], g, "dialogue", "assistant", 0, trim_cut=trim) == [want]
+        g = comparisons.Generator("g", "", "", 0, len(ids))
+        assert comparisons.sample_turns(model, tok, [[1, 2, 3]], g, "dialogue", "assistant", 0, trim_cut=trim) == [want]
 
 
 def test_a_capped_evaluation_set_keeps_its_mix():
@@ -940,7 +945,7 @@ def test_rl_prompts_are_their_own_set(tmp_path, capsys):
     sp = [q["query"] for q in read_records(os.path.join(cfg.out, "queries.jsonl"))]
     rl = [q["query"] for q in read_records(os.path.join(cfg.out, "rl_queries.jsonl"))]
     assert len(sp) == len(rl) == 8 and not set(sp) & set(rl)
-    assert max(almost.rouge_l(a, b) for a in sp for b in rl) < 0.5
+    assert max(comparisons.rouge_l(a, b) for a in sp for b in rl) < 0.5
     os.remove(os.path.join(cfg.out, "rl_queries.jsonl"))
     with pytest.raises(almost.UserError, match="no SFT policy"):
         almost.stage_ppo(cfg)
@@ -1076,7 +1081,7 @@ def test_seed_table_counts_the_seeds_each_claim_held_on(tmp_path):
     """seeds.py: each verdict's figure per seed, its mean and range, and the seeds its claim held on; a seed whose
     run is finished is not run again."""
     import seeds
-    from almost import verdict
+    from report import verdict
     runs = {1: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.2, 0.1, 0.3, 10, holds=True, share=False),
                  verdict("rm_static_hhh", "RM acc (> 50%)", "l", 0.6, 0.55, 0.65, 221, holds=True)], {"rm": 10.0}),
             2: ([verdict("ppo_reward", "PPO reward (> 0)", "l", -0.1, -0.3, 0.1, 10, holds=False, share=False),
@@ -1104,7 +1109,7 @@ def test_the_story_stop_rule_never_changes_the_opening():
     texts made of sentence pieces, terminators, spaces and newlines is checked, character by character (a token
     boundary can fall anywhere)."""
     import random
-    from almost import STORY_QUERY_STOP, extract_query
+    from comparisons import STORY_QUERY_STOP, extract_query
     rng = random.Random(0)
     pieces = ["Once upon a time", " there was a dog", "Tim", " ran", ".", "!", "?", " ", "\n", "3.5", "!!", " Yes.",
               " a very long sentence that goes on and on", "\n\n", "  "]
@@ -1126,7 +1131,7 @@ def test_one_query_prompt_serves_queries_per_prompt_rows(tmp_path, monkeypatch):
     def spy(model, prompts, *a, **k):
         seen.append(prompts)
         return [[] for _ in prompts], [[] for _ in prompts]    # empty samples: rejected, so the stage gives up
-    monkeypatch.setattr(almost, "generate", spy)
+    monkeypatch.setattr(comparisons, "generate", spy)
     for k, distinct in ((4, 2), (1, 8)):
         cfg = tiny(tmp_path / str(k), batch_size=8, queries_per_prompt=k)
         seen.clear()

@@ -312,11 +312,11 @@ def test_shared_prefix_is_computed_once_with_the_same_output(stories, monkeypatc
 def test_shared_prefix_on_a_real_chat_model(smollm2):
     """SmolLM2 (GQA 9/3, byte-level BPE) with a one-shot HHH prompt: sharing the prompt's prefix gives the tokens and
     logprobs of computing every row in full, greedy and sampled."""
-    import almost
+    import comparisons
     from model import load
     model, tok = load(smollm2)
-    preamble, demos = almost.read_demos(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"))
-    prompts = [almost.turn_prompt(tok, "dialogue", preamble, demos, 1, [("user", q)])
+    preamble, demos = comparisons.read_demos(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"))
+    prompts = [comparisons.turn_prompt(tok, "dialogue", preamble, demos, 1, [("user", q)])
                for q in ("How do I boil an egg?", "What is the capital of France?", "Tell me a joke.")]
     for kw in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3)):
         shared, slp = generate(model, prompts, 16, stop_ids=[], **kw)
