@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass, replace
 
 from common import UserError, parse_args, run_cli
-from model import LORA_TARGETS, LlamaConfig, load_config
+from lora import LORA_TARGETS
+from model import LlamaConfig, load_config
 
 GiB = 2**30
 

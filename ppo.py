@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from common import UserError, commit_dir, derive_seed, out_lock, parse_args, rank, read_json, run_cli, world_size
-from model import Llama, PAD_ID, last_token_index, load_config, lora_disabled
+from lora import lora_disabled
+from model import Llama, PAD_ID, last_token_index, load_config
 from rm import RewardModel, read_lines
 from sample import generate
 from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, messages_text, trim_to_sentence

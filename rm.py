@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import UserError, decode_text, out_lock, parse_args, run_cli, user_set
-from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, reshard, tensor_names
+from lora import reshard
+from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, tensor_names
 from tokenizer import dialogue_ids, messages_text, split_dialogue
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
                      load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,

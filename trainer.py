@@ -22,7 +22,8 @@ import torch
 
 import memory
 from common import MetricsLog, UserError, derive_seed, rank, read_json, world_size, write_json
-from model import DTYPES, LORA_TARGETS, Block, Llama, LoRALinear, add_lora, default_dtype, full_tensor, hf_name
+from lora import LORA_TARGETS, LoRALinear, add_lora, full_tensor
+from model import DTYPES, Block, Llama, default_dtype, hf_name
 
 
 @dataclass

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, STORIES, eos_prone_policy, toy_pairs, write_jsonl
-from model import (LORA_TARGETS, Llama, LlamaConfig, LoRALinear, UserError, add_lora, lora_disabled, merge_lora,
-                   plain_state)
+from lora import LORA_TARGETS, LoRALinear, add_lora, lora_disabled, merge_lora, plain_state
+from model import Llama, LlamaConfig, UserError
 
 import memory
 
@@ -599,7 +599,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 from common import rank
-from model import full_tensor
+from lora import full_tensor
 from rm import RewardModel, TrainConfig, read_pairs, tokenize_pairs, train_step
 from trainer import end_distributed, setup_distributed, sync_grads
 from trainer import prepare_for_training
