@@ -388,9 +388,6 @@ STAGES = {"queries": stage_queries, "responses": stage_responses, "compare": sta
 
 
 def main(argv):
-    if argv and argv[0] == "eval":
-        raise UserError("the evaluation suite moved to eval.py: python eval.py --models=NAME=FOLDER,... --rm=FOLDER "
-                        "(python eval.py --help lists its flags).")
     cfg = resolve(parse_args(Config, argv))
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     for s in stages:

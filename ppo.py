@@ -16,13 +16,13 @@ A PPO step, as train() runs it:
                   (LlamaForSequenceClassification) every --save_every steps; a rerun resumes
 docs/ppo.md lists the implementation details that make this work and where each of them lives below.
 """
-import contextlib
 import json
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -210,13 +210,37 @@ def encode_prompts(cfg, tok, ctx, master_process):
 # -----------------------------------------------------------------------------
 # the four models and their forward on a rollout: one token layout for every pass, the same as the sampler's
 
-def load_models(cfg, dev, dtype, last):
+@dataclass
+class Models:
+    """The four models of a PPO step, on one device, computing in one dtype: the policy and the value model are
+    trained; the reference (the SFT policy) and the reward model are frozen. With LoRA (and no FSDP) there is one copy
+    of each trunk: ref is None and the reference is the policy with its adapters off (reference_logprobs)."""
+    policy: Llama
+    ref: Optional[Llama]
+    value: RewardModel
+    reward_model: RewardModel
+    value_bos: Optional[int]    # the BOS id the value model leaves out of a prompt, as the reward model reads it
+    device: torch.device
+    dtype: torch.dtype
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def reference_logprobs(self, idx, mask, P, temperature):
+        """The reference's logprobs of the response tokens (B, R)."""
+        if self.ref is not None:
+            return logprobs_of(self.ref, idx, mask, P, temperature)[0]
+        with lora_disabled(self.policy):
+            return logprobs_of(self.policy, idx, mask, P, temperature)[0]
+
+
+def load_models(cfg, tok, dev, dtype, last):
     """The policy and the value model (trained), the frozen reference and reward model. With LoRA (and no FSDP)
     there is one copy of each trunk: the reference is the policy with its adapters off, the reward model the value
     trunk with its adapters off and the RM's own head. Otherwise the frozen copies are stored as the trained models
     compute (frozen_dtype), so the reference gives the policy's logprobs exactly at step 0 in every precision.
     The value model predicts returns, which are sums of the *normalised* score (reward_scale_value_model).
-    Returns (policy, ref or None, value, reward model, resuming, policy params, value params)."""
+    Returns (Models, resuming, policy params, value params)."""
     lora = cfg.lora_rank > 0
     policy_from, policy_adapters, resuming = resume_from(cfg, cfg.policy, os.path.join(last, "policy"))
     value_from, value_adapters, _ = resume_from(cfg, cfg.rm, os.path.join(last, "value"))
@@ -242,7 +266,11 @@ def load_models(cfg, dev, dtype, last):
     for m in (policy, ref, reward_model, value):
         if m is not None:
             m.eval()   # no dropout anywhere: LLaMA has none, and eval() keeps it that way
-    return policy, ref, value, reward_model, resuming, p_params, v_params
+    # the value model reads the rollout without the prompt's BOS when the reward model reads dialogues without one
+    # (the paper's format; a chat template may write its own BOS)
+    rm_reads_bos = dialogue_ids(tok, "x", "y", chat=reward_model.chat, bos=False)[:1] == [tok.bos_id]
+    models = Models(policy, ref, value, reward_model, None if rm_reads_bos else tok.bos_id, dev, dtype)
+    return models, resuming, p_params, v_params
 
 
 @torch.no_grad()
@@ -309,76 +337,103 @@ def values_of(value_model, idx, mask, P):
 # -----------------------------------------------------------------------------
 # the phases of a PPO step
 
-def rollout(policy, prompts, cfg, eos, seeds, dev, dtype):
+@dataclass
+class Rollout:
+    """One PPO step's episodes (this process's B rows): what the rollout sampled, its token layout, and what
+    score_rollout computes on it."""
+    prompt_texts: list          # B prompts, as text
+    toks: list                  # B sampled responses, token ids without the EOS
+    sampled_lp: list            # B lists: the sampler's logprobs of those tokens
+    ended: list                 # B bools: the response emitted EOS before max_new_tokens
+    texts: list                 # B decoded responses
+    idx: torch.Tensor           # (B, P+R) left-padded prompts, then right-padded responses (with their EOS)
+    mask: torch.Tensor          # (B, P+R) the real tokens
+    vmask: torch.Tensor         # (B, P+R) the tokens the value model reads (without_bos)
+    rmask: torch.Tensor         # (B, R) the response tokens
+    P: int                      # the prompts' padded width
+    # 2, 3. score_rollout
+    old_logp: torch.Tensor = None    # (B, R) the policy's logprobs before this step's updates
+    ref_logp: torch.Tensor = None    # (B, R) the reference's
+    old_values: torch.Tensor = None  # (B, R) the value model's, on the normalised score's scale
+    raw: torch.Tensor = None         # (B,) the reward model's normalised score
+    score: torch.Tensor = None       # (B,) the score rewarded (raw, or the missing-EOS penalty)
+    non_score: torch.Tensor = None   # (B, R) the KL part of the per-token rewards
+    adv: torch.Tensor = None         # (B, R) GAE advantages, whitened over the global batch
+    returns: torch.Tensor = None     # (B, R) GAE returns, the value model's targets
+    mismatch: float = 0.0            # the largest gap between the sampler's and the recomputed logprobs
+    trimmed: float = 0.0             # the share of each cut response's text the reward model did not read, summed
+
+
+def rollout(models, prompts, prompt_texts, seeds, tok, cfg):
     """1. Sample one response per prompt with THE sampler, stopping at EOS, at temperature T with top-k 0 and top-p 1
     (the distribution the logprobs are recomputed under). The EOS is part of the response; a response that never
-    emits it ends at max_new_tokens. Returns (sampled tokens, sampler logprobs, ended, response ids)."""
-    policy.eval()
-    with autocast(dev, dtype):
-        toks, sampled_lp = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
+    emits it ends at max_new_tokens."""
+    eos = tok.eos_id
+    models.policy.eval()
+    with models.autocast():
+        toks, sampled_lp = generate(models.policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
                                     top_p=1.0, stop_ids=[eos], seed=seeds)
     ended = [len(t) < cfg.max_new_tokens for t in toks]
     responses = [t + [eos] if e else t for t, e in zip(toks, ended)]
-    return toks, sampled_lp, ended, [r if r else [eos] for r in responses]
+    idx, mask, rmask, P = layout(prompts, [r if r else [eos] for r in responses])
+    dev = models.device
+    return Rollout(prompt_texts, toks, sampled_lp, ended, [tok.decode(t) for t in toks], idx.to(dev), mask.to(dev),
+                   without_bos(idx, mask, P, models.value_bos).to(dev), rmask.to(dev), P)
 
 
 @torch.no_grad()
-def score_rollout(policy, ref, value, reward_model, batch, cfg, beta, dev, dtype):
+def score_rollout(models, r, cfg, beta):
     """2 and 3. Recompute the logprobs of the policy and the reference (at the same T) and the values on the rollout's
     layout, in minibatch-sized chunks so the (rows, T, vocab) logits never exceed a training step's; the reward
     model's normalised score (or the missing-EOS penalty); the KL-shaped per-token rewards; GAE; whitening."""
-    idx, mask, vmask, rmask, P = batch["idx"], batch["mask"], batch["vmask"], batch["rmask"], batch["P"]
     chunk = cfg.minibatch // world_size()
-    chunks = [slice(i, i + chunk) for i in range(0, len(idx), chunk)]
-    with autocast(dev, dtype):
-        old_logp = torch.cat([logprobs_of(policy, idx[c], mask[c], P, cfg.temperature)[0] for c in chunks])
-        with lora_disabled(policy) if ref is None else contextlib.nullcontext():
-            ref_logp = torch.cat([logprobs_of(policy if ref is None else ref, idx[c], mask[c], P, cfg.temperature)[0]
-                                  for c in chunks])
-        old_values = torch.cat([values_of(value, idx[c], vmask[c], P) for c in chunks])
-        texts = [trim_to_sentence(t) if cfg.trim_cut and not e else t for t, e in zip(batch["texts"], batch["ended"])]
-        trimmed = sum(1 - len(s) / len(t) for s, t in zip(texts, batch["texts"]) if t)   # characters left unscored
-        with lora_disabled(reward_model):
-            raw = reward_model.score(batch["prompt_texts"], texts, normalize=True).to(dev)
-        score = missing_eos_scores(raw, batch["ended"], cfg.missing_eos_penalty) if cfg.penalize_missing_eos else raw
+    chunks = [slice(i, i + chunk) for i in range(0, len(r.idx), chunk)]
+    T = cfg.temperature
+    with models.autocast():
+        r.old_logp = torch.cat([logprobs_of(models.policy, r.idx[c], r.mask[c], r.P, T)[0] for c in chunks])
+        r.ref_logp = torch.cat([models.reference_logprobs(r.idx[c], r.mask[c], r.P, T) for c in chunks])
+        r.old_values = torch.cat([values_of(models.value, r.idx[c], r.vmask[c], r.P) for c in chunks])
+        texts = [trim_to_sentence(t) if cfg.trim_cut and not e else t for t, e in zip(r.texts, r.ended)]
+        r.trimmed = sum(1 - len(s) / len(t) for s, t in zip(texts, r.texts) if t)   # characters left unscored
+        with lora_disabled(models.reward_model):
+            r.raw = models.reward_model.score(r.prompt_texts, texts, normalize=True).to(models.device)
+        r.score = missing_eos_scores(r.raw, r.ended, cfg.missing_eos_penalty) if cfg.penalize_missing_eos else r.raw
         # the sampler's logprobs against the recomputed ones: any gap means rollout and training disagree
-        mismatch = max((abs(a - b) for t, s, row in zip(batch["toks"], batch["sampled_lp"], old_logp.tolist())
-                        for a, b in zip(s, row[:len(t)])), default=0.0)
-        rewards, non_score = token_rewards(score, old_logp, ref_logp, rmask, beta)
+        r.mismatch = max((abs(a - b) for t, s, row in zip(r.toks, r.sampled_lp, r.old_logp.tolist())
+                          for a, b in zip(s, row[:len(t)])), default=0.0)
+        rewards, r.non_score = token_rewards(r.score, r.old_logp, r.ref_logp, r.rmask, beta)
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, rmask, shift_mean=False)
-        adv, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)   # returns before whitening
-        adv = masked_whiten(adv, rmask)                                     # over the global batch
-    batch.update(old_logp=old_logp, ref_logp=ref_logp, old_values=old_values, raw=raw, score=score, adv=adv,
-                 returns=returns, non_score=non_score, mismatch=mismatch, trimmed=trimmed)
-    return batch
+            rewards = masked_whiten(rewards, r.rmask, shift_mean=False)
+        adv, r.returns = gae(rewards, r.old_values, r.rmask, cfg.gamma, cfg.lam)   # returns before whitening
+        r.adv = masked_whiten(adv, r.rmask)                                        # over the global batch
+    return r
 
 
-def ppo_epochs(policy, value, batch, opts, params, cfg, g, dev, dtype):
+def ppo_epochs(models, r, opts, params, cfg, g):
     """4. ppo_epochs passes over the rollout batch, each in minibatches of a fresh permutation, one gradient step on
     ppo_loss per minibatch. A global minibatch is minibatch / world rows of every process; each process's loss is its
     tokens' sum over the global minibatch's token count, and the gradients are summed over the processes. Returns the
     statistics of every minibatch."""
+    policy, value = models.policy, models.value
     policy.train()
     value.train()
-    B, world, stats = len(batch["idx"]), world_size(), []
+    B, world, stats = len(r.idx), world_size(), []
     for epoch in range(cfg.ppo_epochs):
         for mb in torch.randperm(B, generator=g).split(cfg.minibatch // world):
-            mb = mb.to(dev)
-            m = batch["rmask"][mb]
+            mb = mb.to(models.device)
+            m = r.rmask[mb]
             n_tok, = all_sum([m.sum().item()])
-            with autocast(dev, dtype):
-                logp, entropy = logprobs_of(policy, batch["idx"][mb], batch["mask"][mb], batch["P"], cfg.temperature)
-                v = values_of(value, batch["idx"][mb], batch["vmask"][mb], batch["P"])
-            policy_loss, value_loss, ratio = ppo_loss(logp, batch["old_logp"][mb], v, batch["old_values"][mb],
-                                                      batch["adv"][mb], batch["returns"][mb], m, n_tok, cfg.clip,
-                                                      cfg.value_clip)
+            with models.autocast():
+                logp, entropy = logprobs_of(policy, r.idx[mb], r.mask[mb], r.P, cfg.temperature)
+                v = values_of(value, r.idx[mb], r.vmask[mb], r.P)
+            policy_loss, value_loss, ratio = ppo_loss(logp, r.old_logp[mb], v, r.old_values[mb], r.adv[mb],
+                                                      r.returns[mb], m, n_tok, cfg.clip, cfg.value_clip)
             (policy_loss + cfg.vf_coef * value_loss).backward()
             optimizer_step(params[0], opts[0], cfg, cfg.grad_clip)
             optimizer_step(params[1], opts[1], cfg, cfg.grad_clip)
             with torch.no_grad():   # this process's share of the minibatch
                 share = n_tok / max(m.sum().item(), 1)
-                old_logp, old_v = batch["old_logp"][mb], batch["old_values"][mb]
+                old_logp, old_v = r.old_logp[mb], r.old_values[mb]
                 stats.append({"policy_loss": policy_loss.item() * share, "value_loss": value_loss.item() * share,
                               "ratio": masked_mean(ratio, m).item(),
                               "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, m).item(),
@@ -390,24 +445,24 @@ def ppo_epochs(policy, value, batch, opts, params, cfg, g, dev, dtype):
     return stats
 
 
-def step_metrics(batch, stats, cfg, state, t0, t_gen):
+def step_metrics(r, stats, cfg, state, t0, t_gen):
     """6. The step's metrics: means over the global batch; the std, explained variance, minibatch statistics and
     speeds are this process's. The first minibatch's statistics are kept apart: on it the ratio must be 1, the
     approximate KL and the clip fraction 0 (the rollout and training forwards agree)."""
-    rmask, world = batch["rmask"], world_size()
-    kl_seq = ((batch["old_logp"] - batch["ref_logp"]) * rmask).sum(-1)         # per-sequence KL, summed over tokens
-    sums = all_sum([kl_seq.sum().item(), batch["score"].sum().item(), batch["raw"].sum().item(),
-                    batch["non_score"].sum().item(), rmask.sum().item(), sum(batch["ended"]), batch["trimmed"]])
+    rmask, world = r.rmask, world_size()
+    kl_seq = ((r.old_logp - r.ref_logp) * rmask).sum(-1)                       # per-sequence KL, summed over tokens
+    sums = all_sum([kl_seq.sum().item(), r.score.sum().item(), r.raw.sum().item(), r.non_score.sum().item(),
+                    rmask.sum().item(), sum(r.ended), r.trimmed])
     kl, score_mean, raw_mean, non_score_mean, length, eos_rate, trimmed = [x / cfg.batch_size for x in sums]
     dt = time.time() - t0
-    r_all, v_all = batch["returns"][rmask], batch["old_values"][rmask]
+    r_all, v_all = r.returns[rmask], r.old_values[rmask]
     ev = 1 - (r_all - v_all).var() / r_all.var() if r_all.numel() > 1 and r_all.var() > 0 else torch.tensor(0.0)
     rec = {"step": state["step"] + 1, "score_mean": score_mean,
-           "score_std": batch["score"].std().item() if len(rmask) > 1 else 0.0, "rm_score_mean": raw_mean, "kl": kl,
+           "score_std": r.score.std().item() if len(rmask) > 1 else 0.0, "rm_score_mean": raw_mean, "kl": kl,
            "beta": state["beta"], "non_score_reward": non_score_mean, "response_length": length, "eos_rate": eos_rate,
            "explained_variance": ev.item(), "tokens_per_s": rmask.sum().item() * world / dt,
-           "gen_tokens_per_s": sum(map(len, batch["toks"])) / max(t_gen, 1e-9), "gen_time_share": t_gen / dt,
-           "step_time": dt, "rollout_logprob_mismatch": batch["mismatch"], "first_minibatch": stats[0]}
+           "gen_tokens_per_s": sum(map(len, r.toks)) / max(t_gen, 1e-9), "gen_time_share": t_gen / dt,
+           "step_time": dt, "rollout_logprob_mismatch": r.mismatch, "first_minibatch": stats[0]}
     if cfg.trim_cut:   # the share of the responses' text after the cut that the reward model did not read
         rec["trimmed_share"] = trimmed
     rec.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
@@ -481,7 +536,8 @@ def train(cfg):
     prompt_texts, prompt_ids = encode_prompts(cfg, tok, load_config(cfg.policy).max_position_embeddings,
                                               master_process)
     last = os.path.join(cfg.out, "last")
-    policy, ref, value, reward_model, resuming, p_params, v_params = load_models(cfg, dev, dtype, last)
+    models, resuming, p_params, v_params = load_models(cfg, tok, dev, dtype, last)
+    policy, value = models.policy, models.value
     opts = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
     run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm), "lora": lora_key(cfg),
            "value_scale": "normalised"}
@@ -493,10 +549,6 @@ def train(cfg):
               f"{str(dtype).removeprefix('torch.')}; policy: {describe(p_params, policy, cfg)}; value: "
               f"{describe(v_params, value, cfg)}")
 
-    # the value model reads the rollout without the prompt's BOS when the reward model reads dialogues without one
-    # (the paper's format; a chat template may write its own BOS)
-    rm_reads_bos = dialogue_ids(tok, "x", "y", chat=reward_model.chat, bos=False)[:1] == [tok.bos_id]
-    value_bos = None if rm_reads_bos else tok.bos_id
     B = cfg.batch_size // world                  # this process's rollout rows; it owns rows [rank * B, (rank + 1) * B)
     rows = range(rank() * B, (rank() + 1) * B)
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="ppo", dynamic_ncols=True,
@@ -509,22 +561,15 @@ def train(cfg):
         else:
             pick = torch.randint(len(prompt_ids), (cfg.batch_size,), generator=g).tolist()
         pick = [pick[j] for j in rows]
-        prompts = [prompt_ids[i] for i in pick]
 
         # 1. rollout
-        toks, sampled_lp, ended, responses = rollout(policy, prompts, cfg, tok.eos_id,
-                                                     [derive_seed(cfg.seed, "sampling", step, j) for j in rows],
-                                                     dev, dtype)
+        batch = rollout(models, [prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick],
+                        [derive_seed(cfg.seed, "sampling", step, j) for j in rows], tok, cfg)
         t_gen = time.time() - t0
-        idx, mask, rmask, P = layout(prompts, responses)
-        batch = {"idx": idx.to(dev), "mask": mask.to(dev), "vmask": without_bos(idx, mask, P, value_bos).to(dev),
-                 "rmask": rmask.to(dev), "P": P, "toks": toks,
-                 "sampled_lp": sampled_lp, "ended": ended, "texts": [tok.decode(t) for t in toks],
-                 "prompt_texts": [prompt_texts[i] for i in pick]}
         # 2, 3. score, rewards, advantages
-        batch = score_rollout(policy, ref, value, reward_model, batch, cfg, state["beta"], dev, dtype)
+        score_rollout(models, batch, cfg, state["beta"])
         # 4. PPO epochs
-        stats = ppo_epochs(policy, value, batch, opts, (p_params, v_params), cfg, g, dev, dtype)
+        stats = ppo_epochs(models, batch, opts, (p_params, v_params), cfg, g)
         # 5. KL control, once per rollout batch, on the per-sequence KL of the global batch
         rec = step_metrics(batch, stats, cfg, state, t0, t_gen)
         if cfg.adaptive_kl:
@@ -534,9 +579,9 @@ def train(cfg):
         log(rec)
         bar.set_postfix(score=f"{rec['rm_score_mean']:.3f}", kl=f"{rec['kl']:.2f}", len=f"{rec['response_length']:.0f}")
         if state["step"] % cfg.log_every == 0 and master_process:
-            for i in range(min(cfg.samples_per_log, len(toks))):
-                tqdm.write(f"  [{batch['score'][i].item():+.2f}] {batch['prompt_texts'][i][:60]!r} -> "
-                           f"{batch['texts'][i][:100]!r}")
+            for i in range(min(cfg.samples_per_log, len(batch.toks))):
+                tqdm.write(f"  [{batch.score[i].item():+.2f}] {batch.prompt_texts[i][:60]!r} -> "
+                           f"{batch.texts[i][:100]!r}")
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
             save_checkpoint(last, policy, tok, value, opts, (p_params, v_params), state, state["step"] == cfg.steps)
     bar.close()

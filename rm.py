@@ -476,9 +476,6 @@ BUNDLED_PAIRS = os.path.join(HERE, "data", "stories", "comparisons.jsonl")
 
 
 def main(argv):
-    if argv and argv[0] == "eval":
-        raise UserError("the reward model's evaluation moved to eval.py: python eval.py --rm=FOLDER [--data=PAIRS] "
-                        "(the same flags, --max_items for --max_pairs).")
     cfg = parse_args(TrainConfig, argv)
     if not cfg.data and not cfg.model and not cfg.preset:
         # no arguments: the synthetic comparisons the bundled story profile made (almost.py), tiny preset, in a

@@ -125,6 +125,56 @@ def all_ranks(flag, device):
     return bool(t.item())
 
 
+def seeded(seed, rows, device):
+    """The sampler's random generator: None (torch's global one), one for the batch (an int), or one per row (a
+    list of rows ints: a row then samples the same whatever batch it is in)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != rows:
+            raise ValueError(f"{len(seed)} seeds for {rows} prompts")
+        return [torch.Generator(device=device).manual_seed(s) for s in seed]
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def prefill(model, prompts, max_new_tokens, share_prefix, sync, device):
+    """1) The prompts into a new KV cache with room for max_new_tokens more: the prefix every row shares, when it is
+    share_prefix tokens or longer, once (a batch of one; under sync every process prefills one, or none does), then
+    every row's own tokens at once, left-padded. Returns (cache, the logits after each row's last token (B, V))."""
+    P = shared_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
+    use_prefix = P >= share_prefix > 0
+    if sync:   # the prefix's prefill is one forward more: every process runs it, or none does
+        use_prefix = all_ranks(use_prefix, device)
+    prefix = None
+    if use_prefix:
+        prefix = model.new_cache(1, P)
+        model(torch.tensor([prompts[0][:P]], device=device), cache=prefix, logits="none")
+    else:
+        P = 0
+    idx, mask = pad_batch([p[P:] for p in prompts], left=True, device=device)  # (B, T0), left padding
+    B, T0 = idx.shape
+    cache = model.new_cache(B, T0 + max_new_tokens, prefix=prefix)
+    return cache, model(idx, mask=mask, cache=cache, logits="last")[:, -1]
+
+
+class StopStrings:
+    """The stopping rule on text: a row ends as soon as the decoded text of its new tokens contains one of the plain
+    strings, or a compiled pattern matches it. Each new token decodes the row's text again (a string may span tokens
+    or start inside one) and searches only where a plain string could end in the newest token's text."""
+
+    def __init__(self, stop_strings, tokenizer, rows):
+        self.plain = [s for s in stop_strings if isinstance(s, str)]
+        self.patterns = [s for s in stop_strings if not isinstance(s, str)]
+        self.longest = max(map(len, self.plain or [""]))
+        self.tokenizer, self.ids, self.seen = tokenizer, [[] for _ in range(rows)], [0] * rows
+
+    def complete(self, row, token):
+        """Add token to the row's text; True when a stop string is now in it."""
+        self.ids[row].append(token)
+        text = self.tokenizer.decode(self.ids[row])
+        tail = text[max(0, self.seen[row] - self.longest):]
+        self.seen[row] = len(text)
+        return any(s in tail for s in self.plain) or any(p.search(text) for p in self.patterns)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=None, seed=None,
              on_token=None, stop_strings=None, tokenizer=None, compact=True, share_prefix=SHARE_PREFIX, sync=None):
@@ -140,10 +190,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     stop_strings: a row also ends as soon as the decoded text of its new tokens (tokenizer.decode) contains one of
     these strings, which may span several tokens or start inside one. Its tokens and logprobs then end with the
     token that completed the string; the caller cuts the text at the string (text[:text.find(s)]). An item may
-    also be a compiled regular expression, searched in the whole text (almost.QUERY_STOPS: "a line that starts with
+    also be a compiled regular expression, searched in the whole text (comparisons.QUERY_STOPS: "a line that starts with
     Query: is complete").
     A row that has ended leaves the batch: its slots of the KV cache are dropped and no forward pass is spent on it
-    (compact=False keeps it in the batch to the end, as this sampler once did: bench.py measures the difference).
+    (compact=False keeps it in the batch to the end: the baseline bench.py measures against).
     sync: every torchrun process runs the same number of forwards (the model is sharded, so each forward is a
     collective): the batch decodes until the rows of every process have ended, a process whose rows have all ended
     keeps one finished row as a placeholder (its tokens are dropped), and the shared prefix is prefilled in every
@@ -158,45 +208,22 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     check_lengths(model, prompts, max_new_tokens)
     device = model.embed_tokens.weight.device
     stop = torch.tensor(model.eos_ids if stop_ids is None else list(stop_ids), dtype=torch.long, device=device)
-    generator = None
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != len(prompts):
-            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
-        generator = [torch.Generator(device=device).manual_seed(s) for s in seed]
-    elif seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-
+    generator = seeded(seed, len(prompts), device)
     sync = is_sharded(model) if sync is None else sync and world_size() > 1
     if sync and len(set(all_values(max_new_tokens, device))) > 1:   # the processes leave the loop together
         raise ValueError("under FSDP every process must sample with the same max_new_tokens")
     was_training = model.training
     model.eval()
-
-    # 1) prefill: the prefix every row shares once (batch of one), then every row's own tokens at once
-    P = shared_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
-    prefix = None
-    use_prefix = P >= share_prefix > 0
-    if sync:   # the prefix's prefill is one forward more: every process runs it, or none does
-        use_prefix = all_ranks(use_prefix, device)
-    if use_prefix:
-        prefix = model.new_cache(1, P)
-        model(torch.tensor([prompts[0][:P]], device=device), cache=prefix, logits="none")
-    else:
-        P = 0
-    idx, mask = pad_batch([p[P:] for p in prompts], left=True, device=device)  # (B, T0), left padding
-    B, T0 = idx.shape
-    cache = model.new_cache(B, T0 + max_new_tokens, prefix=prefix)
-    logits = model(idx, mask=mask, cache=cache, logits="last")[:, -1]          # (B, V)
-    # 2) decode one token a step; a row that ends leaves the batch and the cache (rows: the original index of each
-    # row still in the batch)
+    # 1) prefill the prompts; 2) decode one token a step; a row that ends leaves the batch and the cache (rows: the
+    # original index of each row still in the batch)
+    cache, logits = prefill(model, prompts, max_new_tokens, share_prefix, sync, device)   # (B, V)
+    B = len(prompts)
+    stops = StopStrings(stop_strings, tokenizer, B) if stop_strings else None
     rows = torch.arange(B, device=device)
     toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    plain = [s for s in stop_strings or [] if isinstance(s, str)]
-    patterns = [s for s in stop_strings or [] if not isinstance(s, str)]
-    texts, seen, longest = [[] for _ in range(B)], [0] * B, max(map(len, plain or [""]))
     for step in range(max_new_tokens):
         nxt, lp = sample_next(logits, temperature, top_k, top_p, generator, rows if len(rows) < B else None, B)
         toks[rows, step], lps[rows, step] = nxt, lp.float()
@@ -204,16 +231,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             on_token(step, nxt)
         ended = torch.isin(nxt, stop) & ~done[rows]                            # (b,): a stop id is not kept
         n_new[rows[ended]] = step
-        if stop_strings:   # decode each row's new text; search only where a string could end in this token's text
+        if stops is not None:   # decode each row's new text and search it
             hit = ended.tolist()
             for j, (r, t, d) in enumerate(zip(rows.tolist(), nxt.tolist(), done[rows].tolist())):
-                if d or hit[j]:
-                    continue
-                texts[r].append(t)
-                text = tokenizer.decode(texts[r])
-                if any(s in text[max(0, seen[r] - longest):] for s in plain) or any(p.search(text) for p in patterns):
+                if not (d or hit[j]) and stops.complete(r, t):
                     hit[j], n_new[r] = True, step + 1                          # keep the token that completed it
-                seen[r] = len(text)
             ended = torch.tensor(hit, device=device)
         done[rows[ended]] = True
         if step == max_new_tokens - 1 or (all_ranks(bool(done.all()), device) if sync else bool(done.all())):

@@ -210,10 +210,11 @@ def test_a_fresh_value_model_predicts_the_normalised_score(toy, tmp_path):
     from model import last_token_index
     from tokenizer import Tokenizer, dialogue_ids
     cfg = toy_cfg(toy, tmp_path / "run")
-    _, _, value, reward_model, _, _, _ = ppo.load_models(cfg, torch.device("cpu"), torch.float32, str(tmp_path / "no"))
+    tok = Tokenizer(STORIES)
+    models, *_ = ppo.load_models(cfg, tok, torch.device("cpu"), torch.float32, str(tmp_path / "no"))
+    value, reward_model = models.value, models.reward_model
     n = reward_model.normalizer
     assert abs(n["mean"]) > 0.1 or abs(n["std"] - 1) > 0.1, n
-    tok = Tokenizer(STORIES)
     prompts = [dialogue_ids(tok, "Tell me about Lily and the dog."), dialogue_ids(tok, "Tom")]
     responses = [tok.encode(" Lily was happy.") + [tok.eos_id], tok.encode(" Tom was very sad all day.")]
     idx, mask, rmask, P = layout(prompts, responses)
@@ -278,14 +279,14 @@ def test_trim_cut_scores_a_truncated_response_back_to_its_last_sentence(toy, tmp
     for trim in (True, False):
         seen.clear()
         batches = []
-        monkeypatch.setattr(ppo, "score_rollout", lambda *a, _real=ppo.score_rollout, **k: batches.append(a[4]) or
+        monkeypatch.setattr(ppo, "score_rollout", lambda *a, _real=ppo.score_rollout, **k: batches.append(a[1]) or
                             _real(*a, **k))
         ppo.train(toy_cfg(toy, tmp_path / f"run{trim}", policy=policy, steps=1, batch_size=8, minibatch=8,
                           ppo_epochs=1, max_new_tokens=48, trim_cut=trim))
         monkeypatch.undo()
         monkeypatch.setattr(rmlib.RewardModel, "score", spy)
         (b,), (scored,) = batches, seen
-        runs[trim] = (b["texts"], b["ended"], scored)
+        runs[trim] = (b.texts, b.ended, scored)
     texts, ended, scored = runs[True]
     assert True in ended and False in ended, ended
     assert any(trim_to_sentence(t) != t for t, e in zip(texts, ended) if not e), texts   # some cut mid-sentence
