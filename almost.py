@@ -26,6 +26,7 @@ resume from their last/ checkpoints.
 """
 import os
 import random
+import shlex
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -151,6 +152,11 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     # step 3 (ppo.py's settings; the story profile sets its own)
     ppo_steps: int = 0              # 0 = the profile's (stories 80, chat 12, paper 1000)
     ppo_lr: float = 0.0             # 0 = the profile's
+    # any flag of a trainer, in its own words (python rm.py --help, sft.py --help, ppo.py --help), as one string;
+    # they win over the profile and the shortcuts above: --ppo_args="--kl_target=6 --lam=1.0"
+    rm_args: str = ""               # rm.py flags for the reward models (both, with and without the length rule)
+    sft_args: str = ""              # sft.py flags for the SFT runs (both, on RM-guided and on plain self-play)
+    ppo_args: str = ""              # ppo.py flags for the PPO run
     eval_max_items: int = 0         # cap every evaluation set at this many items (0 = all; the story profile: 200)
     eval_rm_items: int = -1         # the reward models' pairs from static HHH and each HH test split, evenly spaced
                                     # (-1: as --eval_max_items, 0: all; the story profile's: 500, the chat's: 221;
@@ -165,6 +171,28 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
 def scale_flags(cfg):
     """The device / precision / LoRA / checkpointing / FSDP flags, handed to each trainer."""
     return {f.name: getattr(cfg, f.name) for f in fields(ScaleConfig)}
+
+
+PIPELINE_OWNED = ("data", "val_data", "model", "out", "policy", "rm", "prompts", "dry_run")
+
+
+def trainer_config(cls, flag, args, **settings):
+    """A trainer's own Config, parsed by its own parser from `args` (the --rm_args / --sft_args / --ppo_args string),
+    with the pipeline's `settings` (its files and folders, the profile's values, the shortcut flags) where args is
+    silent. The files and folders that connect the stages are the pipeline's to choose."""
+    try:
+        cfg = parse_args(cls, shlex.split(args))
+    except (UserError, ValueError) as e:
+        raise UserError(f"{flag}={args!r}: {e}") from None
+    for k in sorted(cfg._given & set(PIPELINE_OWNED)):
+        raise UserError(f"{flag}: --{k} is set by the pipeline (the stages read each other's files); leave it out.")
+    default = cls()
+    for k, v in settings.items():
+        if k not in cfg._given:
+            setattr(cfg, k, v)
+            if v != getattr(default, k):
+                cfg._given.add(k)   # a preset (rm.py's) must not replace what the pipeline chose
+    return cfg
 
 
 def resolve(cfg):
@@ -201,6 +229,8 @@ def resolve(cfg):
     cfg.rollout_batch = prof["ppo"].get("batch_size", 16)   # PPO's rollout batch: the fewest RL prompts that mean anything
     if cfg.query_line not in QUERY_STOPS:
         raise UserError(f"--query_line={cfg.query_line!r}: use one of {', '.join(QUERY_STOPS)}.")
+    for cls, flag in ((rmlib.TrainConfig, "--rm_args"), (sftlib.Config, "--sft_args"), (ppolib.Config, "--ppo_args")):
+        trainer_config(cls, flag, getattr(cfg, flag[2:]))   # a bad trainer flag ends here, before any stage runs
     return cfg
 
 
@@ -221,6 +251,12 @@ def stage_compare_and_warn(cfg):
 def stage_selfplay_and_warn(cfg):
     stage_selfplay(cfg)
     warn(cfg, ["dialogues"])
+
+
+def rm_config(cfg, data, val_data, out):
+    """rm.py's Config for the rm stage: the profile's base model and preset, the scale flags, --rm_args."""
+    return trainer_config(rmlib.TrainConfig, "--rm_args", cfg.rm_args, data=data, val_data=val_data,
+                          model=cfg.rm_model, out=out, preset=cfg.rm_preset, seed=cfg.seed, **scale_flags(cfg))
 
 
 def stage_rm(cfg):
@@ -248,10 +284,8 @@ def stage_rm(cfg):
     stats = {}
     for k in variants:
         out = os.path.join(cfg.out, "rm" if k == "filter" else "rm_nofilter")
-        tc = rmlib.TrainConfig(data=os.path.join(data_dir, f"train_{k}.jsonl"),
-                               val_data=os.path.join(data_dir, "val_filter.jsonl"), model=cfg.rm_model, out=out,
-                               preset=cfg.rm_preset, seed=cfg.seed, **scale_flags(cfg))
-        rmlib.train(tc)
+        rmlib.train(rm_config(cfg, os.path.join(data_dir, f"train_{k}.jsonl"),
+                              os.path.join(data_dir, "val_filter.jsonl"), out))
         barrier()   # under torchrun: the other processes wait here for process 0's checkpoint
         if rank() != 0:
             continue
@@ -271,10 +305,12 @@ def stage_rm(cfg):
 
 
 def sft_config(cfg, data, out, base):
-    """sft.py's Config for the sft stage: the --sft_* flags and the scale flags."""
-    return sftlib.Config(data=data, model=base, out=out, lr=cfg.sft_lr, batch_size=cfg.sft_batch,
-                         micro_batch=cfg.sft_micro_batch, epochs=cfg.sft_epochs, max_length=cfg.sft_max_length,
-                         eval_every=cfg.sft_eval_every, seed=cfg.seed, **scale_flags(cfg))
+    """sft.py's Config for the sft stage: the --sft_* flags (the profile's where not given), the scale flags,
+    --sft_args."""
+    return trainer_config(sftlib.Config, "--sft_args", cfg.sft_args, data=data, model=base, out=out, lr=cfg.sft_lr,
+                          batch_size=cfg.sft_batch, micro_batch=cfg.sft_micro_batch, epochs=cfg.sft_epochs,
+                          max_length=cfg.sft_max_length, eval_every=cfg.sft_eval_every, seed=cfg.seed,
+                          **scale_flags(cfg))
 
 
 @torch.no_grad()
@@ -315,9 +351,10 @@ def ppo_settings(cfg):
 
 
 def ppo_config(cfg, policy, prompts):
-    """ppo.py's Config for the ppo stage: ppo_settings and the scale flags."""
-    return ppolib.Config(policy=policy, rm=cfg.reward_model, prompts=prompts, out=os.path.join(cfg.out, "ppo"),
-                         seed=cfg.seed, **scale_flags(cfg), **ppo_settings(cfg))
+    """ppo.py's Config for the ppo stage: ppo_settings, the scale flags, --ppo_args."""
+    return trainer_config(ppolib.Config, "--ppo_args", cfg.ppo_args, policy=policy, rm=cfg.reward_model,
+                          prompts=prompts, out=os.path.join(cfg.out, "ppo"), seed=cfg.seed, **scale_flags(cfg),
+                          **ppo_settings(cfg))
 
 
 def stage_ppo(cfg):
@@ -373,8 +410,7 @@ def stage_eval(cfg):
 def trainer_dry_runs(cfg, stages):
     """Each trainer stage's memory plan, its own dry run (cfg.dry_run is on) as the stage would call it."""
     base = cfg.sft_model or (cfg.assistant and parse_generator("--assistant", cfg.assistant, cfg.format).model)
-    runs = {"rm": lambda: rmlib.train(rmlib.TrainConfig(model=cfg.rm_model, preset=cfg.rm_preset, seed=cfg.seed,
-                                                          **scale_flags(cfg))),
+    runs = {"rm": lambda: rmlib.train(rm_config(cfg, "", "", os.path.join(cfg.out, "rm"))),
             "sft": lambda: sftlib.train(sft_config(cfg, "", os.path.join(cfg.out, "sft"), base)),
             # the SFT policy does not exist yet: its base stands in (same shape)
             "ppo": lambda: ppolib.train(ppo_config(cfg, base, os.path.join(cfg.out, "ppo_prompts.jsonl")))}

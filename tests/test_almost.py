@@ -969,6 +969,32 @@ def test_flags_given_win_over_the_profile_and_the_preset_whatever_their_value():
         assert cfg.epochs == epochs
 
 
+
+def test_trainer_args_reach_each_trainer_in_its_own_flags():
+    """--rm_args / --sft_args / --ppo_args hand a trainer any of its own flags: they win over the profile, the shortcut
+    flags and rm.py's preset (at the default's value too); the rest stays the profile's; the folders that connect
+    the stages stay the pipeline's; a bad flag names the string it came from."""
+    import almost
+    import rm as rmlib
+    from common import UserError, parse_args
+    cfg = resolve(parse_args(Config, ["--ppo_args=--kl_target=6 --lam=1.0", "--sft_args=--lr=2e-5 --warmup=0.1",
+                                      "--rm_args=--lr=1e-3 --epochs=1", "--ppo_steps=5"]))
+    ppo = almost.ppo_config(cfg, "policy", "prompts.jsonl")
+    assert (ppo.kl_target, ppo.lam, ppo.steps, ppo.max_new_tokens) == (6.0, 1.0, 5, 120)   # the profile's 120 tokens
+    assert (ppo.policy, ppo.out) == ("policy", os.path.join("out", "ppo"))
+    sft = almost.sft_config(cfg, "d.jsonl", "o", "base")
+    assert (sft.lr, sft.warmup, sft.batch_size) == (2e-5, 0.1, 16)          # 2e-5 is sft.py's default, the profile's 5e-4
+    tc = almost.rm_config(cfg, "train.jsonl", "val.jsonl", "o")
+    rmlib.check_config(tc)                                                 # the tiny preset: lr 1e-3, epochs 3
+    assert (tc.lr, tc.epochs, tc.batch_size, tc.model) == (1e-3, 1.0, 32, cfg.rm_model)
+    plain = resolve(parse_args(Config, []))
+    assert almost.ppo_config(plain, "p", "q").kl_target == 4.0 and almost.sft_config(plain, "d", "o", "b").lr == 5e-4
+    for argv, words in [(["--ppo_args=--out=elsewhere"], "--out is set by the pipeline"),
+                        (["--sft_args=--bogus=1"], "unknown flag --bogus"), (["--rm_args=--lr=fast"], "expected a float")]:
+        with pytest.raises(UserError, match=words) as e:   # before any stage runs
+            resolve(parse_args(Config, argv))
+        assert argv[0].split("=")[0] in str(e.value)
+
 def test_intervals_are_right_for_small_samples():
     """t intervals against textbook values (n = 2, 5, 30), a paired interval as the t interval of the differences
     (narrower than treating the two samples as unpaired when the items move together), and Wilson for proportions."""
