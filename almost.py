@@ -28,7 +28,8 @@ import os
 import random
 import shlex
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
 
 import torch
 
@@ -37,7 +38,7 @@ import rm as rmlib
 import sft as sftlib
 from common import (UserError, out_lock, parse_args, rank, read_json, read_records, run_cli, user_set, world_size,
                     write_json, write_jsonl)
-from comparisons import (QUERY_STOPS, make_queries, parse_generator, parse_generators, parse_rubric, stage_compare,
+from comparisons import (QUERY_STOPS, Generator, make_queries, parse_generator, parse_generators, parse_rubric, stage_compare,
                          stage_queries, stage_responses)
 from eval import RM_SETS, Config as EvalConfig, evaluate
 from report import print_plan, rm_eval_pairs, small_data_warnings, stage_check, stage_report
@@ -49,63 +50,87 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # profiles: the paper's generators on LLaMA folders you supply, or the bundled story models
 
 DATA = os.path.join(HERE, "data")
+STORIES260K, STORIES50K = os.path.join(DATA, "stories260K"), os.path.join(DATA, "stories50K")
+GOOD_STORIES, PLAIN_STORIES = os.path.join(DATA, "stories", "good_stories.txt"), os.path.join(DATA, "stories",
+                                                                                              "plain_stories.txt")
+HHH, FAITHFUL = os.path.join(DATA, "almost", "HHH_prompt.txt"), os.path.join(DATA, "almost", "Faithful_prompt.txt")
+MODEL = "{model}"   # the chat profile's stand-in for --model
+
+
+@dataclass
+class Profile:
+    """Every setting a run takes from its profile unless a flag says otherwise (each field is the flag of that name;
+    run, sft and ppo hold more almost.py flags and ppo.py's settings)."""
+    format: str                     # "story" or "dialogue": the prompts' and answers' shape
+    seeds: str                      # 1a: the seed pool
+    n_queries: int                  # 1a: self-play's queries (10% held out)
+    n_rl_queries: int               # 1a: PPO's prompts, a set of their own
+    queries_per_prompt: int         # 1a: samples drawn from one 10-shot prompt
+    query_model: str                # 1a: the model that writes queries ("": --query_model is required)
+    generators: list                # 1b: the prompted configurations (comparisons.Generator), ranked by the rubric
+    rubric: str                     # 1c: generator names best first, ">" between ranks
+    rm_model: str                   # 1d: the reward model's base model
+    rm_preset: str                  # 1d: rm.py's preset
+    assistant: Optional[Generator]  # 2: the assistant of self-play (its model is also SFT's base)
+    user: Optional[Generator]       # 2: the model that plays the human
+    run: dict = field(default_factory=dict)   # more almost.py flags
+    sft: dict = field(default_factory=dict)   # almost.py's --sft_* flags
+    ppo: dict = field(default_factory=dict)   # ppo.py's settings
+
+
 PROFILES = {
     # the paper: dialogue prompts (HHH / Faithful), "Query:" lines for query generation; models are the user's
-    "paper": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=10000,
-                  n_rl_queries=10000, queries_per_prompt=1,
-                  query_model="", generators="", rubric="", rm_model="", rm_preset="", assistant="", user="",
-                  sft={}, ppo=dict(steps=1000, lr=1e-6, value_lr=1e-6, batch_size=64, minibatch=8,
-                                   max_new_tokens=256)),
+    "paper": Profile(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=10000,
+                     n_rl_queries=10000, queries_per_prompt=1, query_model="", generators=[], rubric="", rm_model="",
+                     rm_preset="", assistant=None, user=None,
+                     ppo=dict(steps=1000, lr=1e-6, value_lr=1e-6, batch_size=64, minibatch=8, max_new_tokens=256)),
     # the bundled story domain (README, "The story profile"): queries are story openings, responses continue
     # them, demonstrations are short stories; the generators differ in model size, shots and demo quality
-    "stories": dict(format="story", seeds=os.path.join(DATA, "stories", "seed_openings.txt"), n_queries=300,
-                    n_rl_queries=200, queries_per_prompt=32,
-                    query_model=os.path.join(DATA, "stories260K"),
-                    generators=",".join([
-                        f"260K-good-2shot={DATA}/stories260K:{DATA}/stories/good_stories.txt:2:160",
-                        f"260K-plain-1shot={DATA}/stories260K:{DATA}/stories/plain_stories.txt:1:160",
-                        f"50K-plain-1shot={DATA}/stories50K:{DATA}/stories/plain_stories.txt:1:160",
-                        f"50K-0shot={DATA}/stories50K::0:160"]),
-                    rubric="260K-good-2shot>260K-plain-1shot>50K-plain-1shot>50K-0shot",
-                    rm_model=os.path.join(DATA, "stories260K"), rm_preset="tiny",
-                    # the reward models on 500 evenly spaced pairs of each HH test split (of about 2,300): a 95%
-                    # interval of +-4.4 points, enough to tell a story model's accuracy from chance; the policies on
-                    # 200 of TruthfulQA's 790 questions (nine tenths of the eval stage's time; a story model's MC1 is
-                    # no claim) and of static HHH's 221. --eval_rm_items=0 --eval_max_items=0: every item
-                    run=dict(eval_rm_items=500, eval_max_items=200),
-                    # step 2: stories260K with one good demonstration continues the story; stories260K plays the
-                    # user by adding the next sentence; SFT settings for a 260K model on CPU
-                    assistant=f"{DATA}/stories260K:{DATA}/stories/good_stories.txt:1:120",
-                    user=f"{DATA}/stories260K::0:40",
-                    sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10),
-                    # PPO: responses as long as the evaluations' (120 tokens): the reward model's strongest feature
-                    # is length, and a shorter budget cuts every rollout at the same length. The SFT policy almost
-                    # never ends a story within the budget, so a missing-EOS penalty would give every response the
-                    # same score; a truncated response keeps its RM score instead, read back to its last full
-                    # sentence, as the reward model's training answers were cut (trim_cut). 80 steps: enough for
-                    # the rise to clear the step-to-step noise on every seed tried (docs/reference.md, "PPO on the
-                    # story profile, over seeds"). A KL coefficient that adapts within the run (target 4 nats)
-                    # keeps the policy near the SFT policy
-                    ppo=dict(steps=80, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=120,
-                             beta=0.15, kl_target=4.0, kl_horizon=640, penalize_missing_eos=False, trim_cut=True)),
+    "stories": Profile(
+        format="story", seeds=os.path.join(DATA, "stories", "seed_openings.txt"), n_queries=300, n_rl_queries=200,
+        queries_per_prompt=32, query_model=STORIES260K,
+        generators=[Generator("260K-good-2shot", STORIES260K, GOOD_STORIES, shots=2, max_new_tokens=160),
+                    Generator("260K-plain-1shot", STORIES260K, PLAIN_STORIES, shots=1, max_new_tokens=160),
+                    Generator("50K-plain-1shot", STORIES50K, PLAIN_STORIES, shots=1, max_new_tokens=160),
+                    Generator("50K-0shot", STORIES50K, "", shots=0, max_new_tokens=160)],
+        rubric="260K-good-2shot>260K-plain-1shot>50K-plain-1shot>50K-0shot",
+        rm_model=STORIES260K, rm_preset="tiny",
+        # step 2: stories260K with one good demonstration continues the story; stories260K plays the user by adding
+        # the next sentence; SFT settings for a 260K model on CPU
+        assistant=Generator("assistant", STORIES260K, GOOD_STORIES, shots=1, max_new_tokens=120),
+        user=Generator("user", STORIES260K, "", shots=0, max_new_tokens=40),
+        # the reward models on 500 evenly spaced pairs of each HH test split (of about 2,300): a 95% interval of
+        # +-4.4 points, enough to tell a story model's accuracy from chance; the policies on 200 of TruthfulQA's 790
+        # questions (nine tenths of the eval stage's time; a story model's MC1 is no claim) and of static HHH's 221.
+        # --eval_rm_items=0 --eval_max_items=0: every item
+        run=dict(eval_rm_items=500, eval_max_items=200),
+        sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10),
+        # PPO: responses as long as the evaluations' (120 tokens): the reward model's strongest feature is length,
+        # and a shorter budget cuts every rollout at the same length. The SFT policy almost never ends a story within
+        # the budget, so a missing-EOS penalty would give every response the same score; a truncated response keeps
+        # its RM score instead, read back to its last full sentence, as the reward model's training answers were cut
+        # (trim_cut). 80 steps: enough for the rise to clear the step-to-step noise on every seed tried
+        # (docs/reference.md, "PPO on the story profile, over seeds"). A KL coefficient that adapts within the run
+        # (target 4 nats) keeps the policy near the SFT policy
+        ppo=dict(steps=80, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=120, beta=0.15,
+                 kl_target=4.0, kl_horizon=640, penalize_missing_eos=False, trim_cut=True)),
     # the paper's method on one real chat model (--model, e.g. SmolLM2-135M-Instruct) sized for 2 CPU cores: the
     # paper's prompt files and seed queries; generators differ in prompt quality (the long, well-formatted Faithful
-    # dialogues vs the HHH ones) and shots. One model offers no size axis. {model} stands for --model.
-    "chat": dict(format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=60,
-                 n_rl_queries=50, queries_per_prompt=1,
-                 query_model="{model}",
-                 generators=",".join([f"faithful-3shot={{model}}:{DATA}/almost/Faithful_prompt.txt:3:128",
-                                      f"hhh-3shot={{model}}:{DATA}/almost/HHH_prompt.txt:3:128",
-                                      f"hhh-0shot={{model}}:{DATA}/almost/HHH_prompt.txt:0:128"]),
-                 rubric="faithful-3shot>hhh-3shot>hhh-0shot", rm_model="{model}", rm_preset="chat",
-                 assistant=f"{{model}}:{DATA}/almost/Faithful_prompt.txt:3:128",
-                 user=f"{{model}}:{DATA}/almost/HHH_prompt.txt:1:40",
-                 run=dict(turns=1, trim_cut=True, eval_max_items=100, eval_rm_items=221, eval_vicuna=False),
-                 sft=dict(sft_lr=2e-5, sft_batch=8, sft_micro_batch=4, sft_epochs=2.0, sft_eval_every=5,
-                          sft_max_length=384),
-                 # PPO: 64-token responses rarely reach EOS, so a truncated one keeps its RM score (as stories)
-                 ppo=dict(steps=12, lr=2e-6, value_lr=2e-5, batch_size=8, minibatch=4, ppo_epochs=2,
-                          max_new_tokens=64, beta=0.1, kl_target=4.0, kl_horizon=96, penalize_missing_eos=False)),
+    # dialogues vs the HHH ones) and shots. One model offers no size axis. MODEL stands for --model.
+    "chat": Profile(
+        format="dialogue", seeds=os.path.join(DATA, "almost", "seed_prompts.txt"), n_queries=60, n_rl_queries=50,
+        queries_per_prompt=1, query_model=MODEL,
+        generators=[Generator("faithful-3shot", MODEL, FAITHFUL, shots=3, max_new_tokens=128),
+                    Generator("hhh-3shot", MODEL, HHH, shots=3, max_new_tokens=128),
+                    Generator("hhh-0shot", MODEL, HHH, shots=0, max_new_tokens=128)],
+        rubric="faithful-3shot>hhh-3shot>hhh-0shot", rm_model=MODEL, rm_preset="chat",
+        assistant=Generator("assistant", MODEL, FAITHFUL, shots=3, max_new_tokens=128),
+        user=Generator("user", MODEL, HHH, shots=1, max_new_tokens=40),
+        run=dict(turns=1, trim_cut=True, eval_max_items=100, eval_rm_items=221, eval_vicuna=False),
+        sft=dict(sft_lr=2e-5, sft_batch=8, sft_micro_batch=4, sft_epochs=2.0, sft_eval_every=5, sft_max_length=384),
+        # PPO: 64-token responses rarely reach EOS, so a truncated one keeps its RM score (as stories)
+        ppo=dict(steps=12, lr=2e-6, value_lr=2e-5, batch_size=8, minibatch=4, ppo_epochs=2, max_new_tokens=64,
+                 beta=0.1, kl_target=4.0, kl_horizon=96, penalize_missing_eos=False)),
 }
 
 
@@ -212,9 +237,13 @@ def resolve(cfg):
     for k in ("seeds", "query_model", "generators", "rubric", "rm_model", "rm_preset", "n_queries", "n_rl_queries",
               "queries_per_prompt", "assistant", "user"):
         if not getattr(cfg, k):
-            v = prof[k]
-            setattr(cfg, k, v.replace("{model}", cfg.model) if isinstance(v, str) else v)
-    for k, v in {**prof.get("run", {}), **prof["sft"]}.items():
+            v = getattr(prof, k)
+            if k == "generators":   # the flags' spelling of the records: NAME=MODEL:PROMPT_FILE:SHOTS:MAX_NEW_TOKENS
+                v = ",".join(f"{g.name}={g.spec()}" for g in v)
+            elif k in ("assistant", "user"):
+                v = v.spec() if v else ""
+            setattr(cfg, k, v.replace(MODEL, cfg.model) if isinstance(v, str) else v)
+    for k, v in {**prof.run, **prof.sft}.items():
         if not user_set(cfg, k):   # flags given on the command line win, whatever their value
             setattr(cfg, k, v)
     if cfg.queries_per_prompt < 1:
@@ -225,12 +254,13 @@ def resolve(cfg):
     if cfg.rm_checkpoint not in ("last", "best"):
         raise UserError(f"--rm_checkpoint={cfg.rm_checkpoint!r}: use last or best.")
     cfg.reward_model = cfg.reward_model or os.path.join(cfg.out, "rm", cfg.rm_checkpoint)
-    cfg.format = prof["format"]
-    cfg.rollout_batch = prof["ppo"].get("batch_size", 16)   # PPO's rollout batch: the fewest RL prompts that mean anything
+    cfg.format = prof.format
     if cfg.query_line not in QUERY_STOPS:
         raise UserError(f"--query_line={cfg.query_line!r}: use one of {', '.join(QUERY_STOPS)}.")
     for cls, flag in ((rmlib.TrainConfig, "--rm_args"), (sftlib.Config, "--sft_args"), (ppolib.Config, "--ppo_args")):
         trainer_config(cls, flag, getattr(cfg, flag[2:]))   # a bad trainer flag ends here, before any stage runs
+    # PPO's rollout batch: the fewest RL prompts that mean anything (the small-data warnings)
+    cfg.rollout_batch = trainer_config(ppolib.Config, "--ppo_args", cfg.ppo_args, **ppo_settings(cfg)).batch_size
     return cfg
 
 
@@ -342,7 +372,7 @@ def stage_sft(cfg):
 
 def ppo_settings(cfg):
     """The profile's PPO settings, with --ppo_steps / --ppo_lr where given."""
-    settings = dict(PROFILES[cfg.profile]["ppo"])
+    settings = dict(PROFILES[cfg.profile].ppo)
     if cfg.ppo_steps:
         settings["steps"] = cfg.ppo_steps
     if cfg.ppo_lr:

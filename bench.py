@@ -141,7 +141,7 @@ def run_stops_case(cfg):
     from tokenizer import TURN_ENDS, postprocess_response
     runs = []   # (name, model, tok, prompts, budget, the kept text of an output, stop strings)
     seeds = comparisons.read_seeds(os.path.join(HERE, "data", "stories", "seed_openings.txt"))[1][:cfg.queries]
-    for g in comparisons.parse_generators(almost.PROFILES["stories"]["generators"], "story"):
+    for g in almost.PROFILES["stories"].generators:
         model, tok = load(g.model)
         demos = comparisons.read_demos(g.prompt_file)
         prompts = [comparisons.turn_prompt(tok, "story", *demos, g.shots, [("user", q)]) for q in seeds]

@@ -36,11 +36,16 @@ from tokenizer import TURN_ENDS, dialogue_text, postprocess_response, trim_to_se
 
 @dataclass
 class Generator:
+    """A prompted model: step 1b's configurations (size x prompt x shots) and step 2's assistant and user."""
     name: str
-    model: str
-    prompt_file: str
-    shots: int
-    max_new_tokens: int
+    model: str              # a model folder
+    prompt_file: str        # demonstrations ("" with 0 shots)
+    shots: int              # demonstrations in the prompt
+    max_new_tokens: int     # the answer's token budget
+
+    def spec(self):
+        """As the flags write it: MODEL:PROMPT_FILE:SHOTS:MAX_NEW_TOKENS."""
+        return f"{self.model}:{self.prompt_file}:{self.shots}:{self.max_new_tokens}"
 
 
 def parse_generator(name, spec, fmt):

@@ -868,13 +868,11 @@ def test_charts_have_round_ticks_and_a_moving_average_over_a_noisy_line(tmp_path
 
 
 @pytest.mark.slow
-def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path, monkeypatch):
+def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path):
     """--profile=chat on SmolLM2, made small (few queries, short answers, one short PPO step, a few evaluation items):
     every stage runs in the dialogue format and leaves its files; the check stage judges each rubric pair; the reward
     models are scored on static HHH and both HH test splits; the report gives a verdict per step."""
     d, m = os.path.join(ROOT, "data", "almost"), smollm2
-    monkeypatch.setitem(almost.PROFILES["chat"], "ppo", dict(almost.PROFILES["chat"]["ppo"], batch_size=4,
-                                                             minibatch=4, ppo_epochs=1, max_new_tokens=16))
     gens = ",".join(f"{n}={m}:{d}/{f}:{k}:40" for n, f, k in (("faithful-3shot", "Faithful_prompt.txt", 3),
                                                               ("hhh-3shot", "HHH_prompt.txt", 3),
                                                               ("hhh-0shot", "HHH_prompt.txt", 0)))
@@ -882,6 +880,7 @@ def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path, monkeypatch):
                  "--device=cpu",
                  f"--generators={gens}", f"--assistant={m}:{d}/Faithful_prompt.txt:3:32", "--n=2",
                  "--selfplay_baseline=false", "--ppo_steps=1", "--eval_max_items=3", "--eval_rm_items=3",
+                 "--ppo_args=--batch_size=4 --minibatch=4 --ppo_epochs=1 --max_new_tokens=16",
                  "--check_items=3", "--sft_epochs=1"])
     cfg = read_json(str(tmp_path / "almost_config.json"))
     assert cfg["model"] == m and cfg["rubric"] == "faithful-3shot>hhh-3shot>hhh-0shot" and cfg["trim_cut"]
