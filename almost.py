@@ -1,7 +1,7 @@
 """
 The ALMoST pipeline: the paper's three steps as stages that talk through files in --out (default out/).
 
-    python almost.py                                   # the bundled story profile, 12-19 minutes on 2 CPU cores
+    python almost.py                                   # the bundled story profile, 7-16 minutes on 2 CPU cores
     python almost.py --stages=compare,rm               # rerun some stages; each skips work already on disk
     python almost.py --profile=chat --model=SMOLLM2    # one real chat model in every role, about 40 minutes on CPU
     python almost.py --profile=paper --query_model=LLAMA --generators=NAME=LLAMA:PROMPT_FILE:SHOTS,... \
