@@ -485,6 +485,7 @@ def run_rm_step_7b(cfg, rows=16, seq=512):
 def run_ppo_step_7b(cfg, rollout_rows=16, minibatch=8, new_tokens=128):
     import memory
     import ppo as ppolib
+    from readers import read_prompts
     dev = torch.device(cfg.device)
     mc = shape_config(cfg.shape)
     with tempfile.TemporaryDirectory() as d:
@@ -497,7 +498,7 @@ def run_ppo_step_7b(cfg, rollout_rows=16, minibatch=8, new_tokens=128):
                            ppo_epochs=1, max_new_tokens=new_tokens, samples_per_log=0, device=cfg.device, lora_rank=16,
                            grad_checkpointing=True, penalize_missing_eos=False)
         tok = Tokenizer(os.path.join(d, "policy"))
-        prompt = max(len(tok.encode(format_dialogue(p))) for p in ppolib.read_prompts(prompts))
+        prompt = max(len(tok.encode(format_dialogue(p))) for p in read_prompts(prompts))
         job = memory.Job(job="ppo", dtype="bf16" if dev.type == "cuda" else "fp32", lora_rank=16,
                          grad_checkpointing=True, rows=minibatch, seq=prompt + new_tokens, response=new_tokens,
                          rollout_rows=rollout_rows, device=dev.type)

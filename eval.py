@@ -39,7 +39,8 @@ from tqdm import tqdm
 from common import (UserError, out_lock, parse_args, read_json, read_records, run_cli, write_json, write_jsonl,
                     write_text)
 from model import DTYPES, load, pad_batch
-from rm import RewardModel, evaluate_pairs, read_pairs, tokenize_pairs
+from readers import read_pairs
+from rm import RewardModel, evaluate_pairs, tokenize_pairs
 from sample import generate
 from tokenizer import TURN_ENDS, dialogue_ids, format_dialogue, postprocess_response
 

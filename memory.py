@@ -130,46 +130,44 @@ class Job:
     device: str = "cuda"            # cuda (adds the CUDA context) or cpu
 
 
-def plan(cfg, j):
-    """-> (rows [(component, bytes)], peak bytes, note). Every figure is per GPU."""
-    if j.job not in ("rm", "sft", "ppo", "sample"):
-        raise UserError(f"--job={j.job!r}: plan one of rm, sft, ppo, sample.")
-    cb = 4 if j.dtype == "fp32" else 2
-    lora = j.lora_rank > 0
-    targets = tuple(t.strip() for t in j.lora_targets.split(",") if t.strip()) if lora else LORA_TARGETS
-    fsdp = j.fsdp and j.world > 1
-    shard = j.world if fsdp else 1
-    residual = 4 if (cb == 4 or (not lora and not fsdp)) else 2
+def sampler_rows(cfg, j, cb):
+    """THE sampler: the weights, the KV cache of rows x seq, one block's prefill transients. A shared prefix of P
+    tokens is cached once; each row holds its own seq - P tokens, and the prefill of the rows' own tokens also holds
+    their scores against the prefix (cascade attention, fp32 scores and weights)."""
     L, V, C = cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size
     kv = cfg.num_key_value_heads * cfg.head_dim
-    rows = []
+    n, _ = param_counts(cfg)
+    q, H = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
+    P = min(j.shared, j.seq - 1)
+    own = j.seq - P
+    rows = [("weights", cb * n)]
+    if P:
+        rows += [(f"KV cache of the shared prefix ({P} tokens, once)", 2 * L * kv * cb * P)]
+    rows += [(f"KV cache ({j.rows} rows x {own} tokens{' of their own' if P else ''})", 2 * L * kv * cb * j.rows * own),
+             ("prefill: one block's intermediates (q, k, v, attention, SwiGLU)",
+              cb * max(P, j.rows * own) * (2 * C + 2 * q + 2 * kv + 3 * H))]
+    if P:   # model.attention_with_lse holds at most SCORES_BYTES of them at a time
+        rows += [("prefill: the rows' scores against the prefix (fp32, in chunks)",
+                  min(8 * cfg.num_attention_heads * j.rows * own * P, 2**28 + 8 * cfg.num_attention_heads * P))]
+    rows += [("logits and sampling (fp32)", 4 * 4 * V * j.rows)]
+    if j.device == "cuda":
+        rows.append(("CUDA context and kernels (about)", 0.6 * GiB))
+    return rows
 
-    if j.job == "sample":   # THE sampler: the weights, the KV cache of rows x seq, one block's prefill transients
-        # a shared prefix of P tokens is cached once; each row holds its own seq - P tokens, and the prefill of the
-        # rows' own tokens also holds their scores against the prefix (cascade attention, fp32 scores and weights)
-        n, _ = param_counts(cfg)
-        q, H = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
-        P = min(j.shared, j.seq - 1)
-        own = j.seq - P
-        rows += [("weights", cb * n)]
-        if P:
-            rows += [(f"KV cache of the shared prefix ({P} tokens, once)", 2 * L * kv * cb * P)]
-        rows += [(f"KV cache ({j.rows} rows x {own} tokens{' of their own' if P else ''})",
-                  2 * L * kv * cb * j.rows * own),
-                 ("prefill: one block's intermediates (q, k, v, attention, SwiGLU)",
-                  cb * max(P, j.rows * own) * (2 * C + 2 * q + 2 * kv + 3 * H))]
-        if P:   # model.attention_with_lse holds at most SCORES_BYTES of them at a time
-            rows += [("prefill: the rows' scores against the prefix (fp32, in chunks)",
-                      min(8 * cfg.num_attention_heads * j.rows * own * P, 2**28 + 8 * cfg.num_attention_heads * P))]
-        rows += [("logits and sampling (fp32)", 4 * 4 * V * j.rows)]
-        if j.device == "cuda":
-            rows.append(("CUDA context and kernels (about)", 0.6 * GiB))
-        return rows, sum(b for _, b in rows), ""
 
-    # trained models: rm -> trunk + head; sft -> causal LM; ppo -> policy (LM) and value (trunk + head)
-    trained_models = {"rm": [False], "sft": [True], "ppo": [True, False]}[j.job]
-    note = []
-    for lm_head in trained_models:
+def trained_models(j):
+    """The models a job trains, each as whether it has an LM head: rm -> trunk + head; sft -> causal LM; ppo ->
+    policy (LM) and value (trunk + head)."""
+    return {"rm": [False], "sft": [True], "ppo": [True, False]}[j.job]
+
+
+def state_rows(cfg, j, cb, lora, targets, fsdp):
+    """What a trainer keeps for the whole run: weights, gradients and AdamW moments of every trained model (sharded
+    under FSDP), the DDP bucket, PPO's frozen reference and reward model. -> (rows, notes)."""
+    shard = j.world if fsdp else 1
+    C = cfg.hidden_size
+    rows, note = [], []
+    for lm_head in trained_models(j):
         n, mats = param_counts(cfg, lm_head)
         name = {True: "policy" if j.job == "ppo" else "model", False: "value" if j.job == "ppo" else "model"}[lm_head]
         if lora:
@@ -196,32 +194,51 @@ def plan(cfg, j):
         else:   # stored as the trained models compute (trainer.frozen_dtype): step 0's reference = the policy
             fb = cb if (lora or fsdp) else 4
             rows.append((f"reference policy + reward model (frozen, {'bf16' if fb == 2 else 'fp32'})", fb * frozen))
-    static = sum(b for _, b in rows)
+    return rows, note
 
-    # activations of one forward/backward of `rows` x `seq` tokens
-    trained = targets if lora else LORA_TARGETS
-    per_layer = block_activation_bytes(cfg, cb, residual, trained, j.lora_rank, j.seq)
+
+def phase_rows(cfg, j, cb, lora, targets, fsdp):
+    """What each phase of a step holds on top: {phase: rows}. The activations of one forward/backward of rows x seq
+    tokens (each block's input only, with gradient checkpointing), the logits; PPO's rollout, scoring and training."""
+    L, V, C = cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    residual = 4 if (cb == 4 or (not lora and not fsdp)) else 2
+    per_layer = block_activation_bytes(cfg, cb, residual, targets, j.lora_rank, j.seq)
     tokens = j.rows * j.seq
     if j.grad_checkpointing:   # each block's input kept, one block's activations rebuilt at a time
         act = L * residual * C * tokens + per_layer * tokens
     else:
         act = L * per_layer * tokens
     act += (4 * C + 4 + residual * C) * tokens   # the final norm
-    models = len(trained_models)
-    phases = {}
     if j.job == "rm":
-        phases["train"] = [("activations (one micro-batch)", act)]
-    elif j.job == "sft":
-        phases["train"] = [("activations (one micro-batch)", act),
-                           ("logits, log-softmax and their gradient (fp32)", 12 * V * tokens)]
-    else:
-        resp = j.rows * j.response
-        phases["rollout"] = [("KV cache of the rollout", 2 * L * kv * cb * j.rollout_rows * j.seq),
-                             ("logits and sampling (fp32)", 4 * 4 * V * j.rollout_rows)]
-        phases["scoring"] = [(f"logits of one scoring chunk of {j.rows} rows (fp32, no grad)",
-                              4 * V * tokens + 12 * V * resp)]
-        phases["train"] = [(f"activations (policy + value, one minibatch of {j.rows} rows)", models * act),
-                           ("policy logits, log-softmax, entropy (fp32)", 4 * V * tokens + 12 * V * resp)]
+        return {"train": [("activations (one micro-batch)", act)]}
+    if j.job == "sft":
+        return {"train": [("activations (one micro-batch)", act),
+                          ("logits, log-softmax and their gradient (fp32)", 12 * V * tokens)]}
+    resp = j.rows * j.response
+    return {"rollout": [("KV cache of the rollout", 2 * L * kv * cb * j.rollout_rows * j.seq),
+                        ("logits and sampling (fp32)", 4 * 4 * V * j.rollout_rows)],
+            "scoring": [(f"logits of one scoring chunk of {j.rows} rows (fp32, no grad)",
+                         4 * V * tokens + 12 * V * resp)],
+            "train": [(f"activations (policy + value, one minibatch of {j.rows} rows)", len(trained_models(j)) * act),
+                      ("policy logits, log-softmax, entropy (fp32)", 4 * V * tokens + 12 * V * resp)]}
+
+
+def plan(cfg, j):
+    """-> (rows [(component, bytes)], peak bytes, note). Every figure is per GPU: what the run keeps throughout
+    (state_rows) plus the largest phase of a step (phase_rows)."""
+    if j.job not in ("rm", "sft", "ppo", "sample"):
+        raise UserError(f"--job={j.job!r}: plan one of rm, sft, ppo, sample.")
+    cb = 4 if j.dtype == "fp32" else 2
+    if j.job == "sample":
+        rows = sampler_rows(cfg, j, cb)
+        return rows, sum(b for _, b in rows), ""
+    lora = j.lora_rank > 0
+    targets = tuple(t.strip() for t in j.lora_targets.split(",") if t.strip()) if lora else LORA_TARGETS
+    fsdp = j.fsdp and j.world > 1
+    rows, note = state_rows(cfg, j, cb, lora, targets, fsdp)
+    static = sum(b for _, b in rows)
+    phases = phase_rows(cfg, j, cb, lora, targets, fsdp)
     worst = max(phases, key=lambda k: sum(b for _, b in phases[k]))
     for k, part in phases.items():
         rows += [(f"[{k}] {name}", b) for name, b in part]

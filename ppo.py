@@ -16,7 +16,6 @@ A PPO step, as train() runs it:
                   (LlamaForSequenceClassification) every --save_every steps; a rerun resumes
 docs/ppo.md lists the implementation details that make this work and where each of them lives below.
 """
-import json
 import os
 import shutil
 import sys
@@ -30,9 +29,10 @@ from tqdm import tqdm
 from common import UserError, commit_dir, derive_seed, out_lock, parse_args, rank, read_json, run_cli, world_size
 from lora import lora_disabled
 from model import Llama, PAD_ID, last_token_index, load_config
-from rm import RewardModel, read_lines
+from readers import read_prompts
+from rm import RewardModel
 from sample import generate
-from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, messages_text, trim_to_sentence
+from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, trim_to_sentence
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, frozen_dtype, load_dtype,
                      lora_key, make_optimizer, memory_dry_run, optimizer_step, prepare_for_training, resume_from,
                      save_training_checkpoint, setup_distributed, start_or_resume)
@@ -165,29 +165,6 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     chat_template: bool = False    # prompts in the policy folder's chat template instead of the paper's Human/Assistant
     seed: int = 1337               # prompts, rollouts and minibatch order follow (seed, step)
     resume: bool = True            # go on from out/last if it is there
-
-
-def read_prompts(path):
-    """Prompts from a .txt (one a line) or a .jsonl whose lines hold a "query" or "prompt": a string, or TRL's
-    conversational [{"role", "content"}] messages (rendered in the paper's dialogue format)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such prompts file. Give a .jsonl with \"query\" fields or a .txt, one a line.")
-    out = []
-    for i, line in read_lines(path):
-        if not path.endswith((".jsonl", ".jsonl.gz", ".json")):
-            out.append(line.rstrip("\n"))
-            continue
-        try:
-            d = json.loads(line) if isinstance(line, str) else line
-            p = d.get("query", d.get("prompt")) if isinstance(d, dict) else None
-            out.append(messages_text(p, '"prompt"') if isinstance(p, list) else p)
-        except (json.JSONDecodeError, ValueError) as e:
-            raise UserError(f"{path}:{i}: not a JSON object with a \"query\" or \"prompt\" field ({e}).") from None
-        if not isinstance(out[-1], str):
-            raise UserError(f"{path}:{i}: no string (or messages) \"query\" or \"prompt\" field.")
-    if not out:
-        raise UserError(f"{path}: no prompts.")
-    return out
 
 
 def encode_prompts(cfg, tok, ctx, master_process):

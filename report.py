@@ -18,6 +18,7 @@ from comparisons import parse_generator, parse_generators, parse_rubric, read_de
 from eval import MIN_VERDICT_ITEMS, RM_SETS, decided, difference_interval, eval_hhh_judge, mean_interval, \
     results_markdown, spread, wilson
 from model import load
+from readers import read_pairs
 from sample import shared_prefix_length
 from tokenizer import Tokenizer, format_dialogue
 from trainer import memory_dry_run
@@ -110,7 +111,7 @@ def rm_eval_pairs(cfg, name, path, n=None):
     (about 2,300 pairs) capped at --eval_rm_items (-1: --eval_max_items; 0: all), evenly spaced through the set. The
     same items for every reward model and baseline. n: the number the rm stage scored (rm_stats.json), so that a
     report made under other flags still reads the same items."""
-    ps = rmlib.read_pairs(path)
+    ps = read_pairs(path)
     cap = n or (cfg.eval_max_items if cfg.eval_rm_items < 0 else cfg.eval_rm_items)
     return ps if name.startswith("held_out") else spread(ps, cap)
 

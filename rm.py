@@ -11,8 +11,6 @@ Checkpoints are transformers' LlamaForSequenceClassification (num_labels=1, head
 `transformers` gives the same scores. Data: jsonl lines {"prompt", "chosen", "rejected"} (TRL's pair format), or
 Anthropic HH lines where `chosen` / `rejected` hold the whole dialogue.
 """
-import gzip
-import json
 import math
 import os
 import random
@@ -25,10 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, decode_text, out_lock, parse_args, run_cli, user_set
+from common import UserError, out_lock, parse_args, run_cli, user_set
 from lora import reshard
 from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, tensor_names
-from tokenizer import dialogue_ids, messages_text, split_dialogue
+from readers import read_pairs
+from tokenizer import dialogue_ids
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
                      load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,
                      prepare_for_training, resume_from, save_training_checkpoint, set_lr, setup_distributed,
@@ -38,89 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # -----------------------------------------------------------------------------
-# data: preference pairs, in the paper's dialogue format
-
-def read_lines(path):
-    """[(line number, line)] of a .jsonl / .jsonl.gz file, or [(item number, item)] of a .json list. A file that is
-    not UTF-8 JSON text (Parquet, binary, a bad byte) ends in one message that names it."""
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:   # a .gz that is not gzip
-        raise UserError(f"{path}: cannot be read ({e}).") from None
-    lines = [line.removesuffix("\r") for line in decode_text(data, path).split("\n")]
-    if path.endswith(".json"):
-        try:
-            items = json.loads("\n".join(lines))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e}). A .json file must hold a list; use .jsonl for one record "
-                            f"a line.") from None
-        if not isinstance(items, list):
-            raise UserError(f"{path}: a .json data file must hold a list of records.")
-        return list(enumerate(items, 1))
-    return [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-
-
-def pair_of(d):
-    """One preference pair in any of TRL's layouts or Anthropic HH's -> {"prompt", "chosen", "rejected"} in the
-    paper's dialogue format (plus "rejected_prompt" where the two dialogues differ before their last turn):
-    - standard: {"prompt", "chosen", "rejected"} as text, or as [{"role", "content"}] messages (conversational);
-    - implicit prompt: {"chosen", "rejected"} whole dialogues: split at the last "\\n\\nAssistant:" (HH), or after
-      the longest common prefix (TRL), or before the last message (conversational)."""
-    if not isinstance(d, dict) or "chosen" not in d or "rejected" not in d:
-        raise ValueError('needs fields "chosen" and "rejected"')
-    c, r, p = d["chosen"], d["rejected"], d.get("prompt")
-    if any(isinstance(x, list) for x in (c, r, p)):                   # conversational
-        if p is None:                                                  # the shared messages before the last
-            if not (isinstance(c, list) and isinstance(r, list) and c and r and c[:-1] == r[:-1]):
-                raise ValueError('"chosen" and "rejected" must be message lists that differ in the last message only')
-            p, c, r = c[:-1], c[-1:], r[-1:]
-        last = []
-        for name, x in (("chosen", c), ("rejected", r)):
-            if not (isinstance(x, list) and len(x) == 1 and isinstance(x[0], dict) and x[0].get("role") == "assistant"
-                    and isinstance(x[0].get("content"), str)):
-                raise ValueError(f'"{name}" must be one assistant message, [{{"role": "assistant", "content": ...}}]')
-            last.append(x[0]["content"])
-        return {**d, "prompt": messages_text(p, '"prompt"'), "chosen": last[0], "rejected": last[1]}
-    if not isinstance(c, str) or not isinstance(r, str):
-        raise ValueError('"chosen" and "rejected" must both be strings or both be message lists')
-    if p is not None:
-        if not isinstance(p, str):
-            raise ValueError('"prompt" must be a string or a message list')
-        return d
-    cs, rs = split_dialogue(c), split_dialogue(r)
-    if cs and rs:                                                      # Anthropic HH
-        return {**d, "prompt": cs[0], "chosen": cs[1], "rejected": rs[1], "rejected_prompt": rs[0]}
-    k = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
-    k -= k > 0 and c[k - 1] == " "                                     # TRL's rule: the space goes with the answer
-    if k <= 0:
-        raise ValueError('has no "prompt", and "chosen" and "rejected" share no prompt to split off')
-    return {**d, "prompt": c[:k], "chosen": c[k:], "rejected": r[k:]}
-
-
-def read_pairs(path, on_error="stop"):
-    """Preference pairs from a .jsonl / .jsonl.gz (one object a line) or .json (a list) file in any layout pair_of
-    reads, as dicts {"prompt", "chosen", "rejected"} plus any other fields (e.g. "type"). on_error: "stop" at the first
-    bad line with its file:line, or "skip" it with a warning."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such data file. Give a .jsonl file of {{\"prompt\", \"chosen\", \"rejected\"}} "
-                        f"lines.")
-    pairs, skipped = [], 0
-    for lineno, item in read_lines(path):
-        try:
-            pairs.append(pair_of(json.loads(item) if isinstance(item, str) else item))
-        except (ValueError, json.JSONDecodeError) as e:
-            where = f"{path}:{lineno}" + ("" if not path.endswith(".json") else f" (item {lineno})")
-            if on_error == "stop":
-                raise UserError(f"{where}: bad pair ({e}). Fix the line, or pass --on_error=skip to skip bad "
-                                f"lines.") from None
-            print(f"warning: {where}: skipped ({e})", file=sys.stderr)
-            skipped += 1
-    if not pairs:
-        raise UserError(f"{path}: no usable pairs" + (f" ({skipped} bad lines skipped)" if skipped else "") +
-                        ". The file needs {\"prompt\", \"chosen\", \"rejected\"} lines.")
-    return pairs
-
+# the texts the reward model reads
 
 def encode(tok, prompt, response, max_length, chat=False):
     """Token ids of the dialogue ending in `response`, then EOS: the paper's format without BOS (as the released

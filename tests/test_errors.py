@@ -197,12 +197,6 @@ def test_help_describes_every_flag(script):
 
 
 @pytest.mark.slow
-def test_old_eval_commands_point_to_eval_py():
-    for script in ("rm.py", "almost.py"):
-        r = cli_of(script, "eval", "--rm=x")
-        assert r.returncode == 2 and "Traceback" not in r.stderr and "eval.py" in r.stderr, r.stderr
-
-
 def test_seed_derivation_and_metrics_log(tmp_path):
     from common import MetricsLog, derive_seed
     assert derive_seed(1337, "ppo_step", 7) == 1337 * 100003 + 7

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import readers
 import torch
 
 from conftest import ROOT, STORIES, needs_transformers, toy_pairs, transformers, write_jsonl
 from model import UserError, last_token_index
-from rm import RewardModel, TrainConfig, bt_loss, encode, pad_batch, pair_metrics, read_pairs, tokenize_pairs, train
+from readers import read_pairs
+from rm import RewardModel, TrainConfig, bt_loss, encode, pad_batch, pair_metrics, tokenize_pairs, train
 from tokenizer import format_dialogue
 
 
@@ -305,14 +307,12 @@ def test_binary_and_parquet_files_end_in_one_message(tmp_path, content, words):
     f.write_bytes(content)
     with pytest.raises(UserError, match=words):
         read_pairs(str(f))
-    import ppo
     with pytest.raises(UserError, match=words.replace("p.jsonl", "q.jsonl")):
         (tmp_path / "q.jsonl").write_bytes(content)
-        ppo.read_prompts(str(tmp_path / "q.jsonl"))
+        readers.read_prompts(str(tmp_path / "q.jsonl"))
 
 
 def test_ppo_prompts_accept_conversations(tmp_path):
-    import ppo
     f = write_jsonl(tmp_path / "q.jsonl", [{"query": "Tell me a story."},
                                            {"prompt": [{"role": "user", "content": "Hi"}]}, {"prompt": "Bye"}])
-    assert ppo.read_prompts(f) == ["Tell me a story.", "\n\nHuman: Hi", "Bye"]
+    assert readers.read_prompts(f) == ["Tell me a story.", "\n\nHuman: Hi", "Bye"]

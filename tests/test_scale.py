@@ -600,7 +600,8 @@ import torch
 from safetensors.torch import save_file
 from common import rank
 from lora import full_tensor
-from rm import RewardModel, TrainConfig, read_pairs, tokenize_pairs, train_step
+from readers import read_pairs
+from rm import RewardModel, TrainConfig, tokenize_pairs, train_step
 from trainer import end_distributed, setup_distributed, sync_grads
 from trainer import prepare_for_training
 model_dir, pairs, mode, out = sys.argv[1:]
