@@ -337,6 +337,7 @@ class Rollout:
     non_score: torch.Tensor = None   # (B, R) the KL part of the per-token rewards
     adv: torch.Tensor = None         # (B, R) GAE advantages, whitened over the global batch
     returns: torch.Tensor = None     # (B, R) GAE returns, the value model's targets
+    gen_time: float = 0.0            # seconds the sampler took
     mismatch: float = 0.0            # the largest gap between the sampler's and the recomputed logprobs
     trimmed: float = 0.0             # the share of each cut response's text the reward model did not read, summed
 
@@ -347,6 +348,7 @@ def rollout(models, prompts, prompt_texts, seeds, tok, cfg):
     emits it ends at max_new_tokens."""
     eos = tok.eos_id
     models.policy.eval()
+    t0 = time.time()
     with models.autocast():
         toks, sampled_lp = generate(models.policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
                                     top_p=1.0, stop_ids=[eos], seed=seeds)
@@ -354,8 +356,9 @@ def rollout(models, prompts, prompt_texts, seeds, tok, cfg):
     responses = [t + [eos] if e else t for t, e in zip(toks, ended)]
     idx, mask, rmask, P = layout(prompts, [r if r else [eos] for r in responses])
     dev = models.device
+    gen_time = time.time() - t0
     return Rollout(prompt_texts, toks, sampled_lp, ended, [tok.decode(t) for t in toks], idx.to(dev), mask.to(dev),
-                   without_bos(idx, mask, P, models.value_bos).to(dev), rmask.to(dev), P)
+                   without_bos(idx, mask, P, models.value_bos).to(dev), rmask.to(dev), P, gen_time=gen_time)
 
 
 @torch.no_grad()
@@ -422,7 +425,7 @@ def ppo_epochs(models, r, opts, params, cfg, g):
     return stats
 
 
-def step_metrics(r, stats, cfg, state, t0, t_gen):
+def step_metrics(r, stats, cfg, state, t0):
     """6. The step's metrics: means over the global batch; the std, explained variance, minibatch statistics and
     speeds are this process's. The first minibatch's statistics are kept apart: on it the ratio must be 1, the
     approximate KL and the clip fraction 0 (the rollout and training forwards agree)."""
@@ -438,7 +441,7 @@ def step_metrics(r, stats, cfg, state, t0, t_gen):
            "score_std": r.score.std().item() if len(rmask) > 1 else 0.0, "rm_score_mean": raw_mean, "kl": kl,
            "beta": state["beta"], "non_score_reward": non_score_mean, "response_length": length, "eos_rate": eos_rate,
            "explained_variance": ev.item(), "tokens_per_s": rmask.sum().item() * world / dt,
-           "gen_tokens_per_s": sum(map(len, r.toks)) / max(t_gen, 1e-9), "gen_time_share": t_gen / dt,
+           "gen_tokens_per_s": sum(map(len, r.toks)) / max(r.gen_time, 1e-9), "gen_time_share": r.gen_time / dt,
            "step_time": dt, "rollout_logprob_mismatch": r.mismatch, "first_minibatch": stats[0]}
     if cfg.trim_cut:   # the share of the responses' text after the cut that the reward model did not read
         rec["trimmed_share"] = trimmed
@@ -542,13 +545,12 @@ def train(cfg):
         # 1. rollout
         batch = rollout(models, [prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick],
                         [derive_seed(cfg.seed, "sampling", step, j) for j in rows], tok, cfg)
-        t_gen = time.time() - t0
         # 2, 3. score, rewards, advantages
         score_rollout(models, batch, cfg, state["beta"])
         # 4. PPO epochs
         stats = ppo_epochs(models, batch, opts, (p_params, v_params), cfg, g)
         # 5. KL control, once per rollout batch, on the per-sequence KL of the global batch
-        rec = step_metrics(batch, stats, cfg, state, t0, t_gen)
+        rec = step_metrics(batch, stats, cfg, state, t0)
         if cfg.adaptive_kl:
             state["beta"] = adaptive_kl(state["beta"], rec["kl"], cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
         state["step"] = step + 1
