@@ -209,8 +209,10 @@ def trainer_config(cls, flag, args, **settings):
         cfg = parse_args(cls, shlex.split(args))
     except (UserError, ValueError) as e:
         raise UserError(f"{flag}={args!r}: {e}") from None
-    for k in sorted(cfg._given & set(PIPELINE_OWNED)):
-        raise UserError(f"{flag}: --{k} is set by the pipeline (the stages read each other's files); leave it out.")
+    owned = sorted(cfg._given & set(PIPELINE_OWNED))
+    if owned:
+        raise UserError(f"{flag}: --{owned[0]} is set by the pipeline (the stages read each other's files); leave it "
+                        f"out.")
     default = cls()
     for k, v in settings.items():
         if k not in cfg._given:
@@ -257,9 +259,10 @@ def resolve(cfg):
     cfg.format = prof.format
     if cfg.query_line not in QUERY_STOPS:
         raise UserError(f"--query_line={cfg.query_line!r}: use one of {', '.join(QUERY_STOPS)}.")
-    for cls, flag in ((rmlib.TrainConfig, "--rm_args"), (sftlib.Config, "--sft_args"), (ppolib.Config, "--ppo_args")):
-        trainer_config(cls, flag, getattr(cfg, flag[2:]))   # a bad trainer flag ends here, before any stage runs
-    # PPO's rollout batch: the fewest RL prompts that mean anything (the small-data warnings)
+    # a bad trainer flag ends here, before any stage runs; PPO's rollout batch is the fewest RL prompts that mean
+    # anything (the small-data warnings)
+    trainer_config(rmlib.TrainConfig, "--rm_args", cfg.rm_args)
+    trainer_config(sftlib.Config, "--sft_args", cfg.sft_args)
     cfg.rollout_batch = trainer_config(ppolib.Config, "--ppo_args", cfg.ppo_args, **ppo_settings(cfg)).batch_size
     return cfg
 

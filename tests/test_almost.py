@@ -968,7 +968,6 @@ def test_flags_given_win_over_the_profile_and_the_preset_whatever_their_value():
         assert cfg.epochs == epochs
 
 
-
 def test_trainer_args_reach_each_trainer_in_its_own_flags():
     """--rm_args / --sft_args / --ppo_args hand a trainer any of its own flags: they win over the profile, the shortcut
     flags and rm.py's preset (at the default's value too); the rest stays the profile's; the folders that connect
@@ -986,6 +985,9 @@ def test_trainer_args_reach_each_trainer_in_its_own_flags():
     tc = almost.rm_config(cfg, "train.jsonl", "val.jsonl", "o")
     rmlib.check_config(tc)                                                 # the tiny preset: lr 1e-3, epochs 3
     assert (tc.lr, tc.epochs, tc.batch_size, tc.model) == (1e-3, 1.0, 32, cfg.rm_model)
+    other = almost.rm_config(resolve(parse_args(Config, [f"--rm_model={almost.STORIES50K}"])), "t", "v", "o")
+    rmlib.check_config(other)                                              # the tiny preset names stories260K
+    assert other.model == almost.STORIES50K and other.lr == 1e-3
     plain = resolve(parse_args(Config, []))
     assert almost.ppo_config(plain, "p", "q").kl_target == 4.0 and almost.sft_config(plain, "d", "o", "b").lr == 5e-4
     for argv, words in [(["--ppo_args=--out=elsewhere"], "--out is set by the pipeline"),
@@ -993,6 +995,7 @@ def test_trainer_args_reach_each_trainer_in_its_own_flags():
         with pytest.raises(UserError, match=words) as e:   # before any stage runs
             resolve(parse_args(Config, argv))
         assert argv[0].split("=")[0] in str(e.value)
+
 
 def test_intervals_are_right_for_small_samples():
     """t intervals against textbook values (n = 2, 5, 30), a paired interval as the t interval of the differences

@@ -196,7 +196,6 @@ def test_help_describes_every_flag(script):
         assert repr(getattr(cfg(), f.name)) in line and helps[f.name] in line, line
 
 
-@pytest.mark.slow
 def test_seed_derivation_and_metrics_log(tmp_path):
     from common import MetricsLog, derive_seed
     assert derive_seed(1337, "ppo_step", 7) == 1337 * 100003 + 7

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-import readers
 import torch
 
+import readers
 from conftest import ROOT, STORIES, needs_transformers, toy_pairs, transformers, write_jsonl
 from model import UserError, last_token_index
 from readers import read_pairs
