@@ -26,9 +26,8 @@ resume from their last/ checkpoints.
 """
 import os
 import random
-import shlex
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -38,12 +37,12 @@ import rm as rmlib
 import sft as sftlib
 from common import (UserError, out_lock, parse_args, rank, read_json, read_records, run_cli, user_set, world_size,
                     write_json, write_jsonl)
-from comparisons import (QUERY_STOPS, Generator, make_queries, parse_generator, parse_generators, parse_rubric, stage_compare,
-                         stage_queries, stage_responses)
+from comparisons import (QUERY_STOPS, Generator, ensure_rl_queries, parse_generator, parse_generators, parse_rubric,
+                         stage_compare, stage_queries, stage_responses)
 from eval import RM_SETS, Config as EvalConfig, evaluate
-from report import print_plan, rm_eval_pairs, small_data_warnings, stage_check, stage_report
+from report import print_plan, rm_eval_pairs, stage_check, stage_report, warn
 from selfplay import compare_policies, stage_selfplay
-from trainer import ScaleConfig, barrier, end_distributed, setup_distributed
+from trainer import ScaleConfig, barrier, end_distributed, scale_flags, setup_distributed, trainer_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
@@ -99,19 +98,13 @@ PROFILES = {
         # the next sentence; SFT settings for a 260K model on CPU
         assistant=Generator("assistant", STORIES260K, GOOD_STORIES, shots=1, max_new_tokens=120),
         user=Generator("user", STORIES260K, "", shots=0, max_new_tokens=40),
-        # the reward models on 500 evenly spaced pairs of each HH test split (of about 2,300): a 95% interval of
-        # +-4.4 points, enough to tell a story model's accuracy from chance; the policies on 200 of TruthfulQA's 790
-        # questions (nine tenths of the eval stage's time; a story model's MC1 is no claim) and of static HHH's 221.
-        # --eval_rm_items=0 --eval_max_items=0: every item
+        # the reward models on 500 evenly spaced pairs of each HH test split (a 95% interval of +-4.4 points), the
+        # policies on 200 items of each evaluation set; --eval_rm_items=0 --eval_max_items=0: every item
         run=dict(eval_rm_items=500, eval_max_items=200),
         sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10),
-        # PPO: responses as long as the evaluations' (120 tokens): the reward model's strongest feature is length,
-        # and a shorter budget cuts every rollout at the same length. The SFT policy almost never ends a story within
-        # the budget, so a missing-EOS penalty would give every response the same score; a truncated response keeps
-        # its RM score instead, read back to its last full sentence, as the reward model's training answers were cut
-        # (trim_cut). 80 steps: enough for the rise to clear the step-to-step noise on every seed tried. A KL
-        # coefficient that adapts within the run (target 4 nats) keeps the policy near the SFT policy; a tighter
-        # one kept more diversity and lost the rise (docs/reference.md, "PPO on the story profile, over seeds")
+        # PPO: responses as long as the evaluations' (120 tokens); a story is rarely finished within them, so a cut
+        # response keeps its RM score, read back to its last full sentence (trim_cut), instead of a missing-EOS
+        # penalty; the KL coefficient adapts towards 4 nats (docs/reference.md, "PPO on the story profile, over seeds")
         ppo=dict(steps=80, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=120, beta=0.15,
                  kl_target=4.0, kl_horizon=640, penalize_missing_eos=False, trim_cut=True)),
     # the paper's method on one real chat model (--model, e.g. SmolLM2-135M-Instruct) sized for 2 CPU cores: the
@@ -141,13 +134,10 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     out: str = "out"                # the folder every stage reads and writes
     stages: str = "queries,responses,compare,check,rm,selfplay,sft,ppo,eval,report"  # stages to run, in this order
     n_queries: int = 0              # 0 = the profile's (stories 300, paper 10000): self-play's, 10% held out
-    n_rl_queries: int = 0           # 0 = the profile's (stories 200, chat 50, paper 10000): PPO's prompts, a set of
-                                    # their own made by the same rules (1a), none a self-play query
-    queries_per_prompt: int = 0     # 1a: samples drawn from one 10-shot prompt (0 = the profile's: 1, a new draw of
-                                    # shots for every sample, as the authors; stories 32, one prompt per sampler call,
-                                    # its prefix computed once: 3x faster there at the same acceptance rate)
-    trim_cut: bool = False          # 1b, 2: a dialogue turn cut by the token budget goes back to its last full sentence
-                                    # (the chat profile's short budgets; the paper's budgets rarely cut)
+    n_rl_queries: int = 0           # 0 = the profile's (stories 200, chat 50, paper 10000): PPO's prompts (1a's rules)
+    queries_per_prompt: int = 0     # 1a: samples from one draw of 10 shots (0 = the profile's: 1, as the authors;
+                                    # stories 32)
+    trim_cut: bool = False          # 1b, 2: a turn cut by the token budget goes back to its last full sentence
     query_line: str = "authors"     # 1a, dialogue format: "authors" (first line starting "Query:") or "first" line
     seeds: str = ""                 # seed pool file ("" = the profile's); its first line is an instruction line
     query_model: str = ""           # "" = the profile's
@@ -183,43 +173,13 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     sft_args: str = ""              # sft.py flags for the SFT runs (both, on RM-guided and on plain self-play)
     ppo_args: str = ""              # ppo.py flags for the PPO run
     eval_max_items: int = 0         # cap every evaluation set at this many items (0 = all; the story profile: 200)
-    eval_rm_items: int = -1         # the reward models' pairs from static HHH and each HH test split, evenly spaced
-                                    # (-1: as --eval_max_items, 0: all; the story profile's: 500, the chat's: 221;
-                                    # --eval_max_items given alone caps them too)
+    eval_rm_items: int = -1         # the reward models' pairs of static HHH and each HH test split, evenly spaced
+                                    # (-1: as --eval_max_items, which given alone caps them too; 0: all)
     eval_vicuna: bool = True        # Vicuna-80 answers of every policy, judged by the reward model
     eval_max_new_tokens: int = 0    # Vicuna-80 answers' length at most (0 = the profile's: stories 120, else 1024)
     dry_run: bool = False           # print the plan (stages, models, counts, tokens to generate) and stop
     batch_size: int = 32            # prompts per sampler call
     seed: int = 1337                # every random stream of the run derives from it
-
-
-def scale_flags(cfg):
-    """The device / precision / LoRA / checkpointing / FSDP flags, handed to each trainer."""
-    return {f.name: getattr(cfg, f.name) for f in fields(ScaleConfig)}
-
-
-PIPELINE_OWNED = ("data", "val_data", "model", "out", "policy", "rm", "prompts", "dry_run")
-
-
-def trainer_config(cls, flag, args, **settings):
-    """A trainer's own Config, parsed by its own parser from `args` (the --rm_args / --sft_args / --ppo_args string),
-    with the pipeline's `settings` (its files and folders, the profile's values, the shortcut flags) where args is
-    silent. The files and folders that connect the stages are the pipeline's to choose."""
-    try:
-        cfg = parse_args(cls, shlex.split(args))
-    except (UserError, ValueError) as e:
-        raise UserError(f"{flag}={args!r}: {e}") from None
-    owned = sorted(cfg._given & set(PIPELINE_OWNED))
-    if owned:
-        raise UserError(f"{flag}: --{owned[0]} is set by the pipeline (the stages read each other's files); leave it "
-                        f"out.")
-    default = cls()
-    for k, v in settings.items():
-        if k not in cfg._given:
-            setattr(cfg, k, v)
-            if v != getattr(default, k):
-                cfg._given.add(k)   # a preset (rm.py's) must not replace what the pipeline chose
-    return cfg
 
 
 def resolve(cfg):
@@ -270,21 +230,6 @@ def resolve(cfg):
 # -----------------------------------------------------------------------------
 # the stages: step 1's and step 2's sampling stages live in comparisons.py and selfplay.py, the check and the
 # report in report.py; the trainer stages below hand rm.py, sft.py and ppo.py their configs
-
-def warn(cfg, which):
-    for w in small_data_warnings(cfg, which):
-        print(w)
-
-
-def stage_compare_and_warn(cfg):
-    stage_compare(cfg)
-    warn(cfg, ["pairs"])
-
-
-def stage_selfplay_and_warn(cfg):
-    stage_selfplay(cfg)
-    warn(cfg, ["dialogues"])
-
 
 def rm_config(cfg, data, val_data, out):
     """rm.py's Config for the rm stage: the profile's base model and preset, the scale flags, --rm_args."""
@@ -375,12 +320,8 @@ def stage_sft(cfg):
 
 def ppo_settings(cfg):
     """The profile's PPO settings, with --ppo_steps / --ppo_lr where given."""
-    settings = dict(PROFILES[cfg.profile].ppo)
-    if cfg.ppo_steps:
-        settings["steps"] = cfg.ppo_steps
-    if cfg.ppo_lr:
-        settings["lr"] = cfg.ppo_lr
-    return settings
+    shortcuts = {"steps": cfg.ppo_steps, "lr": cfg.ppo_lr}
+    return {**PROFILES[cfg.profile].ppo, **{k: v for k, v in shortcuts.items() if v}}
 
 
 def ppo_config(cfg, policy, prompts):
@@ -392,19 +333,12 @@ def ppo_config(cfg, policy, prompts):
 
 def stage_ppo(cfg):
     """PPO from step 2's SFT policy (out/sft/best) against step 1's reward model, on the RL prompts of step 1a
-    (rl_queries.jsonl, none of them a self-play query; the held-out queries stay unseen). A run whose queries stage
-    predates the RL prompts makes them here. ppo.py resumes from out/ppo/last."""
-    rl = os.path.join(cfg.out, "rl_queries.jsonl")
-    if len(read_records(rl)) < cfg.n_rl_queries:
-        if world_size() > 1:
-            raise UserError(f"{rl} holds {len(read_records(rl))} of --n_rl_queries={cfg.n_rl_queries} RL prompts: make "
-                            f"them first in one process (python almost.py --stages=queries --out={cfg.out}).")
-        print(f"ppo: {rl} holds {len(read_records(rl))} of {cfg.n_rl_queries} RL prompts (the queries stage makes "
-              f"them since the RL prompts became their own set): making them now")
-        make_queries(cfg, "rl_queries.jsonl", cfg.n_rl_queries, others="queries.jsonl")
+    (rl_queries.jsonl, none of them a self-play query; the held-out queries stay unseen). ppo.py resumes from
+    out/ppo/last."""
+    rl = ensure_rl_queries(cfg, world_size())
     prompts = os.path.join(cfg.out, "ppo_prompts.jsonl")
     if rank() == 0:
-        write_jsonl(prompts, [{"query": q["query"]} for q in read_records(rl)[:cfg.n_rl_queries]])
+        write_jsonl(prompts, [{"query": q["query"]} for q in rl])
         warn(cfg, ["rl_prompts"])
     barrier()
     policy = os.path.join(cfg.out, "sft", "best")
@@ -416,7 +350,6 @@ def stage_ppo(cfg):
         print(f"ppo: {state['step']} steps; RM score {rows[0]['rm_score_mean']:.3f} -> {rows[-1]['rm_score_mean']:.3f}, "
               f"KL {rows[-1]['kl']:.2f}, EOS rate {rows[0]['eos_rate']:.2f} -> {rows[-1]['eos_rate']:.2f}, "
               f"response length {rows[0]['response_length']:.0f} -> {rows[-1]['response_length']:.0f}")
-
 
 
 # -----------------------------------------------------------------------------
@@ -454,9 +387,10 @@ def trainer_dry_runs(cfg, stages):
 # main
 
 TRAINER_STAGES = ("rm", "sft", "ppo")
-STAGES = {"queries": stage_queries, "responses": stage_responses, "compare": stage_compare_and_warn,
-          "check": stage_check, "rm": stage_rm, "selfplay": stage_selfplay_and_warn, "sft": stage_sft,
-          "ppo": stage_ppo, "eval": stage_eval, "report": stage_report}
+STAGES = {"queries": stage_queries, "responses": stage_responses, "compare": stage_compare, "check": stage_check,
+          "rm": stage_rm, "selfplay": stage_selfplay, "sft": stage_sft, "ppo": stage_ppo, "eval": stage_eval,
+          "report": stage_report}
+WARN_AFTER = {"compare": ["pairs"], "selfplay": ["dialogues"]}   # the small-data warnings a stage's output can raise
 
 
 def main(argv):
@@ -500,6 +434,7 @@ def run_stages(cfg, stages):
         STAGES[s](cfg)
         timings[s] = round(time.time() - t0, 1)
         if rank() == 0:
+            warn(cfg, WARN_AFTER.get(s, []))
             write_json(tpath, timings)
             print(f"[{s}: {timings[s]:.1f}s]" + (f" on {world_size()} processes" if world_size() > 1 else ""))
     end_distributed()

@@ -196,7 +196,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
-        q = q * cos + q.roll(self.hd // 2, -1) * sin                           # RoPE, see Llama.forward
+        q = q * cos + q.roll(self.hd // 2, -1) * sin                           # RoPE, see Llama.rope
         k = k * cos + k.roll(self.hd // 2, -1) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)                                 # (B, nkv, S, hd), S = slots so far
@@ -345,6 +345,28 @@ class Llama(nn.Module):
         logits:    "all" (B, T, V), "last" (B, 1, V) or "none"; always fp32
         returns logits, or (logits, hidden) with hidden (B, T, C) the final-norm states (as HF's last_hidden_state)
         """
+        positions, attn_mask = self.positions_and_mask(idx, positions, mask, cache)  # (B, T), (B, 1, T, S) or None
+        x = self.embed_tokens(idx)                                              # (B, T, C)
+        cos, sin = self.rope(positions, x.dtype)                                # (B, 1, T, hd) each
+        checkpoint = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
+        for i, block in enumerate(self.layers):
+            if checkpoint:   # gradient checkpointing: the block's inner activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.pos += idx.shape[1]
+            cache.lengths += idx.shape[1] if mask is None else mask.sum(-1)
+        h = self.norm(x)                                                        # (B, T, C)
+        if logits == "none" or self.lm_head is None:
+            out = None
+        else:
+            out = self.lm_head(h[:, -1:] if logits == "last" else h).float()   # (B, T or 1, V)
+        return (out, h) if return_hidden else out
+
+    def positions_and_mask(self, idx, positions, mask, cache):
+        """The RoPE positions (B, T) of a forward's tokens and its attention mask (B, 1, T, S), or None where plain
+        causal attention (or none, a padding-free decode step) is right; records the tokens' mask in the cache."""
         B, T = idx.shape
         dev = idx.device
         past = cache.pos if cache is not None else 0
@@ -366,9 +388,8 @@ class Llama(nn.Module):
         elif int(positions.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} is past the context window "
                              f"({self.config.max_position_embeddings} tokens)")
-
-        # attention mask (B, 1, T, S): causal AND key is real. Each query also sees itself, so the rows of
-        # padding queries are never empty (their outputs are junk that nothing reads, but finite).
+        # causal AND key is real. Each query also sees itself, so the rows of padding queries are never empty (their
+        # outputs are junk that nothing reads, but finite).
         attn_mask = None
         if padded and T == 1 and mask is None:
             attn_mask = key_mask[:, None, None, :]     # a decode step: the new token sees every real key
@@ -378,30 +399,14 @@ class Llama(nn.Module):
             kj = torch.arange(S, device=dev)[None, :]
             attn_mask = ((kj <= qi) & key_mask[:, None, :]) | (kj == qi)       # (B, T, S)
             attn_mask = attn_mask[:, None]                                      # (B, 1, T, S)
+        return positions, attn_mask
 
-        # RoPE angles in fp32 like HF, shared by all layers. HF rotates halves: x*cos + cat(-x2, x1)*sin;
-        # we fold the minus sign into sin so the rotation is a roll: x*cos + cat(x2, x1)*sin_signed
+    def rope(self, positions, dtype):
+        """RoPE's cos and sin (B, 1, T, hd), computed in fp32 like HF and shared by all layers. HF rotates halves:
+        x*cos + cat(-x2, x1)*sin; we fold the minus sign into sin so the rotation is a roll: x*cos + cat(x2, x1)*sin"""
         freqs = positions[..., None].float() * self.inv_freq                    # (B, T, hd/2)
         c, s = freqs.cos(), freqs.sin()
-        x = self.embed_tokens(idx)                                              # (B, T, C)
-        cos = torch.cat((c, c), -1)[:, None].to(x.dtype)                        # (B, 1, T, hd)
-        sin = torch.cat((-s, s), -1)[:, None].to(x.dtype)                       # (B, 1, T, hd)
-        checkpoint = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
-        for i, block in enumerate(self.layers):
-            if checkpoint:   # gradient checkpointing: the block's inner activations are recomputed in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, None, i, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, attn_mask, cache, i)
-        if cache is not None:
-            cache.pos += T
-            cache.lengths += T if mask is None else mask.sum(-1)
-        h = self.norm(x)                                                        # (B, T, C)
-
-        if logits == "none" or self.lm_head is None:
-            out = None
-        else:
-            out = self.lm_head(h[:, -1:] if logits == "last" else h).float()   # (B, T or 1, V)
-        return (out, h) if return_hidden else out
+        return torch.cat((c, c), -1)[:, None].to(dtype), torch.cat((-s, s), -1)[:, None].to(dtype)
 
     # -------------------------------------------------------------------------
     # HF-format checkpoints

@@ -253,6 +253,12 @@ def small_data_warnings(cfg, which=None):
     return out
 
 
+def warn(cfg, which):
+    """Print the small-data warnings of these counts (a stage's own)."""
+    for w in small_data_warnings(cfg, which):
+        print(w)
+
+
 def verdict(key, claim, line, value, lo=None, hi=None, n=0, holds=None, share=True):
     """One "did it work?" verdict: what is claimed (a short name of the figure and the bar it must clear), its report
     line, its figure with a 95% interval over n items, and whether the claim held (False too where the data cannot

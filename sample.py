@@ -174,6 +174,55 @@ class StopStrings:
         self.seen[row] = len(text)
         return any(s in tail for s in self.plain) or any(p.search(text) for p in self.patterns)
 
+    def update(self, rows, nxt, ended, done, n_new, step):
+        """One decode step's new tokens nxt (b,) of the batch rows `rows`: -> `ended` (b,), the rows a stop id ended,
+        with the rows whose text now holds a stop string added; such a row keeps the token (n_new = step + 1)."""
+        hit = ended.tolist()
+        for j, (r, t, d) in enumerate(zip(rows.tolist(), nxt.tolist(), done[rows].tolist())):
+            if not (d or hit[j]) and self.complete(r, t):
+                hit[j], n_new[r] = True, step + 1
+        return torch.tensor(hit, device=ended.device)
+
+
+def drop_ended(rows, nxt, done, cache):
+    """The rows still running (their original indices and last tokens) and their slots of the KV cache: a row that
+    has ended costs no more forwards. Under sync a process whose rows have all ended keeps one as a placeholder, so
+    it joins every forward (its tokens are dropped)."""
+    keep = (~done[rows]).nonzero().squeeze(1)
+    if len(keep) == 0:
+        keep = keep.new_zeros(1)
+    cache.keep(keep)
+    return rows[keep], nxt[keep]
+
+
+def decode(model, cache, logits, pick, max_new_tokens, stop, stops=None, sync=False, compact=True, on_token=None):
+    """The decode loop. From the logits after each prompt (B, V): pick a token for every row still in the batch
+    (pick(logits, rows) -> ids, logprobs), run it through the cached forward, repeat. A row ends at a stop id (not
+    kept) or when `stops` finds a stop string in its text; an ended row leaves the batch (rows: the original index
+    of each row still in). -> tokens and logprobs (B, max_new_tokens), and the number kept per row (B,)."""
+    B, device = logits.shape[0], logits.device
+    rows = torch.arange(B, device=device)
+    toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt, lp = pick(logits, rows if len(rows) < B else None)                 # (b,), (b,)
+        toks[rows, step], lps[rows, step] = nxt, lp.float()
+        if on_token is not None:
+            on_token(step, nxt)
+        ended = torch.isin(nxt, stop) & ~done[rows]                            # (b,): a stop id is not kept
+        n_new[rows[ended]] = step
+        if stops is not None:   # decode each row's new text and search it
+            ended = stops.update(rows, nxt, ended, done, n_new, step)
+        done[rows[ended]] = True
+        if step == max_new_tokens - 1 or (all_ranks(bool(done.all()), device) if sync else bool(done.all())):
+            break
+        if compact and bool(ended.any()):
+            rows, nxt = drop_ended(rows, nxt, done, cache)
+        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]          # (b, V), no padding now
+    return toks, lps, n_new
+
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=None, seed=None,
@@ -214,39 +263,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         raise ValueError("under FSDP every process must sample with the same max_new_tokens")
     was_training = model.training
     model.eval()
-    # 1) prefill the prompts; 2) decode one token a step; a row that ends leaves the batch and the cache (rows: the
-    # original index of each row still in the batch)
+    # 1) prefill the prompts; 2) decode one token a step
     cache, logits = prefill(model, prompts, max_new_tokens, share_prefix, sync, device)   # (B, V)
-    B = len(prompts)
-    stops = StopStrings(stop_strings, tokenizer, B) if stop_strings else None
-    rows = torch.arange(B, device=device)
-    toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-    n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        nxt, lp = sample_next(logits, temperature, top_k, top_p, generator, rows if len(rows) < B else None, B)
-        toks[rows, step], lps[rows, step] = nxt, lp.float()
-        if on_token is not None:
-            on_token(step, nxt)
-        ended = torch.isin(nxt, stop) & ~done[rows]                            # (b,): a stop id is not kept
-        n_new[rows[ended]] = step
-        if stops is not None:   # decode each row's new text and search it
-            hit = ended.tolist()
-            for j, (r, t, d) in enumerate(zip(rows.tolist(), nxt.tolist(), done[rows].tolist())):
-                if not (d or hit[j]) and stops.complete(r, t):
-                    hit[j], n_new[r] = True, step + 1                          # keep the token that completed it
-            ended = torch.tensor(hit, device=device)
-        done[rows[ended]] = True
-        if step == max_new_tokens - 1 or (all_ranks(bool(done.all()), device) if sync else bool(done.all())):
-            break
-        if compact and bool(ended.any()):
-            keep = (~done[rows]).nonzero().squeeze(1)
-            if len(keep) == 0:   # (sync) this process's rows have all ended; one stays so it joins every forward
-                keep = keep.new_zeros(1)
-            rows, nxt = rows[keep], nxt[keep]
-            cache.keep(keep)
-        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]          # (b, V), no padding now
+    stops = StopStrings(stop_strings, tokenizer, len(prompts)) if stop_strings else None
+    pick = lambda logits, rows: sample_next(logits, temperature, top_k, top_p, generator, rows, len(prompts))
+    toks, lps, n_new = decode(model, cache, logits, pick, max_new_tokens, stop, stops, sync, compact, on_token)
     model.train(was_training)
     n_new = n_new.tolist()
     return [t[:n] for t, n in zip(toks.tolist(), n_new)], [lp[:n] for lp, n in zip(lps.tolist(), n_new)]

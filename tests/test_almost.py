@@ -139,6 +139,7 @@ import os
 
 import almost
 import comparisons
+import report
 import selfplay
 from almost import Config, resolve
 from common import read_json
@@ -1043,17 +1044,17 @@ def test_a_verdict_on_too_few_items_says_so_and_small_data_is_warned_at_the_top(
     almost.write_json(str(tmp_path / "sft_stats.json"), {
         "sft": {"scores": [0.1, -0.5], "mean_rm_score": -0.2}, "sft_plain": {"scores": [0.4, 0.2], "mean_rm_score": 0.3},
         "base": {"scores": [0.0, 0.0], "mean_rm_score": 0.0}})
-    warnings = almost.small_data_warnings(cfg)
+    warnings = report.small_data_warnings(cfg)
     text = "\n".join(warnings)
     for words in ["25 synthetic comparison pairs, fewer than the 100", "1 reward-model optimizer steps (24 training pairs",
                   "1 held-out pairs", "4 usable self-play dialogues for SFT, fewer than the 50", "4 RL prompts for PPO"]:
         assert words in text, text
     assert all("--n_queries" in w or "--n_rl_queries" in w for w in warnings) and len(warnings) == 5
     almost.stage_report(cfg)
-    report = open(tmp_path / "report.md").read()
-    top = report[:report.index("## Did it work?")]
+    text = open(tmp_path / "report.md").read()
+    top = text[:text.index("## Did it work?")]
     assert "Too little data" in top and "25 synthetic comparison pairs" in top and "4 RL prompts" in top
-    line = next(x for x in report.splitlines() if "SFT on RM-guided against plain self-play" in x)
+    line = next(x for x in text.splitlines() if "SFT on RM-guided against plain self-play" in x)
     assert "2 held-out queries" in line and "too few items to tell (n = 2)" in line and "[" in line
 
 
@@ -1164,7 +1165,7 @@ def test_one_query_prompt_serves_queries_per_prompt_rows(tmp_path, monkeypatch):
         cfg = tiny(tmp_path / str(k), batch_size=8, queries_per_prompt=k)
         seen.clear()
         with pytest.raises(UserError, match="only 0 of 6 accepted"):
-            almost.make_queries(cfg, "queries.jsonl", 6, others="rl_queries.jsonl")
+            comparisons.make_queries(cfg, "queries.jsonl", 6, others="rl_queries.jsonl")
         assert seen and all(len(p) == 8 and len({tuple(x) for x in p}) == distinct for p in seen)
     assert tiny(tmp_path / "d").queries_per_prompt == 32 and \
         resolve(Config(profile="paper", out=str(tmp_path / "p"))).queries_per_prompt == 1
