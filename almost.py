@@ -73,7 +73,7 @@ class Profile:
     assistant: Optional[Generator]  # 2: the assistant of self-play (its model is also SFT's base)
     user: Optional[Generator]       # 2: the model that plays the human
     run: dict = field(default_factory=dict)   # more almost.py flags
-    sft: dict = field(default_factory=dict)   # almost.py's --sft_* flags
+    sft: dict = field(default_factory=dict)   # sft.py's settings
     ppo: dict = field(default_factory=dict)   # ppo.py's settings
 
 
@@ -101,7 +101,7 @@ PROFILES = {
         # the reward models on 500 evenly spaced pairs of each HH test split (a 95% interval of +-4.4 points), the
         # policies on 200 items of each evaluation set; --eval_rm_items=0 --eval_max_items=0: every item
         run=dict(eval_rm_items=500, eval_max_items=200),
-        sft=dict(sft_lr=5e-4, sft_batch=16, sft_micro_batch=16, sft_epochs=3.0, sft_eval_every=10),
+        sft=dict(lr=5e-4, batch_size=16, micro_batch=16, epochs=3.0, eval_every=10),
         # PPO: responses as long as the evaluations' (120 tokens); a story is rarely finished within them, so a cut
         # response keeps its RM score, read back to its last full sentence (trim_cut), instead of a missing-EOS
         # penalty; the KL coefficient adapts towards 4 nats (docs/reference.md, "PPO on the story profile, over seeds")
@@ -120,7 +120,7 @@ PROFILES = {
         assistant=Generator("assistant", MODEL, FAITHFUL, shots=3, max_new_tokens=128),
         user=Generator("user", MODEL, HHH, shots=1, max_new_tokens=40),
         run=dict(turns=1, trim_cut=True, eval_max_items=100, eval_rm_items=221, eval_vicuna=False),
-        sft=dict(sft_lr=2e-5, sft_batch=8, sft_micro_batch=4, sft_epochs=2.0, sft_eval_every=5, sft_max_length=384),
+        sft=dict(lr=2e-5, batch_size=8, micro_batch=4, epochs=2.0, eval_every=5, max_length=384),
         # PPO: 64-token responses rarely reach EOS, so a truncated one keeps its RM score (as stories)
         ppo=dict(steps=12, lr=2e-6, value_lr=2e-5, batch_size=8, minibatch=4, ppo_epochs=2, max_new_tokens=64,
                  beta=0.1, kl_target=4.0, kl_horizon=96, penalize_missing_eos=False)),
@@ -158,15 +158,15 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     user: str = ""                  # MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS] that plays the human ("" = the profile's)
     reward_model: str = ""          # "" = step 1's: {out}/rm/{rm_checkpoint}
     sft_model: str = ""             # the policy SFT starts from ("" = the assistant's model)
-    sft_lr: float = 2e-5            # SFT defaults: the paper's (the story profile overrides them)
-    sft_batch: int = 64             # sequences per optimizer step
-    sft_micro_batch: int = 8        # sequences per forward/backward
-    sft_epochs: float = 3.0         # passes over the dialogues
-    sft_max_length: int = 512       # tokens per dialogue; longer ones are left out
-    sft_eval_every: int = 50        # optimizer steps between held-out evaluations
-    # step 3 (ppo.py's settings; the story profile sets its own)
-    ppo_steps: int = 0              # 0 = the profile's (stories 80, chat 12, paper 1000)
-    ppo_lr: float = 0.0             # 0 = the profile's
+    # shortcuts to the trainers' most used settings (SHORTCUTS); 0 = the profile's, else the trainer's default
+    sft_lr: float = 0.0             # sft.py --lr (its default, the paper's: 2e-5)
+    sft_batch: int = 0              # sft.py --batch_size: sequences per optimizer step (64)
+    sft_micro_batch: int = 0        # sft.py --micro_batch: sequences per forward/backward (8)
+    sft_epochs: float = 0.0         # sft.py --epochs: passes over the dialogues (3)
+    sft_max_length: int = 0         # sft.py --max_length: tokens per dialogue; longer ones are left out (512)
+    sft_eval_every: int = 0         # sft.py --eval_every: optimizer steps between held-out evaluations (50)
+    ppo_steps: int = 0              # ppo.py --steps (the profile's: stories 80, chat 12, paper 1000)
+    ppo_lr: float = 0.0             # ppo.py --lr
     # any flag of a trainer, in its own words (python rm.py --help, sft.py --help, ppo.py --help), as one string;
     # they win over the profile and the shortcuts above: --ppo_args="--kl_target=6 --lam=1.0"
     rm_args: str = ""               # rm.py flags for the reward models (both, with and without the length rule)
@@ -180,6 +180,17 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     dry_run: bool = False           # print the plan (stages, models, counts, tokens to generate) and stop
     batch_size: int = 32            # prompts per sampler call
     seed: int = 1337                # every random stream of the run derives from it
+
+
+SHORTCUTS = {"sft": dict(sft_lr="lr", sft_batch="batch_size", sft_micro_batch="micro_batch", sft_epochs="epochs",
+                         sft_max_length="max_length", sft_eval_every="eval_every"),
+             "ppo": dict(ppo_steps="steps", ppo_lr="lr")}
+
+
+def trainer_settings(cfg, trainer):
+    """The profile's settings for sft.py or ppo.py, with the shortcut flags (--sft_lr, --ppo_steps, ...) where set."""
+    given = {theirs: getattr(cfg, ours) for ours, theirs in SHORTCUTS[trainer].items() if getattr(cfg, ours)}
+    return {**getattr(PROFILES[cfg.profile], trainer), **given}
 
 
 def resolve(cfg):
@@ -205,7 +216,7 @@ def resolve(cfg):
             elif k in ("assistant", "user"):
                 v = v.spec() if v else ""
             setattr(cfg, k, v.replace(MODEL, cfg.model) if isinstance(v, str) else v)
-    for k, v in {**prof.run, **prof.sft}.items():
+    for k, v in prof.run.items():
         if not user_set(cfg, k):   # flags given on the command line win, whatever their value
             setattr(cfg, k, v)
     if cfg.queries_per_prompt < 1:
@@ -223,7 +234,8 @@ def resolve(cfg):
     # anything (the small-data warnings)
     trainer_config(rmlib.TrainConfig, "--rm_args", cfg.rm_args)
     trainer_config(sftlib.Config, "--sft_args", cfg.sft_args)
-    cfg.rollout_batch = trainer_config(ppolib.Config, "--ppo_args", cfg.ppo_args, **ppo_settings(cfg)).batch_size
+    cfg.rollout_batch = trainer_config(ppolib.Config, "--ppo_args", cfg.ppo_args,
+                                       **trainer_settings(cfg, "ppo")).batch_size
     return cfg
 
 
@@ -285,10 +297,8 @@ def stage_rm(cfg):
 def sft_config(cfg, data, out, base):
     """sft.py's Config for the sft stage: the --sft_* flags (the profile's where not given), the scale flags,
     --sft_args."""
-    return trainer_config(sftlib.Config, "--sft_args", cfg.sft_args, data=data, model=base, out=out, lr=cfg.sft_lr,
-                          batch_size=cfg.sft_batch, micro_batch=cfg.sft_micro_batch, epochs=cfg.sft_epochs,
-                          max_length=cfg.sft_max_length, eval_every=cfg.sft_eval_every, seed=cfg.seed,
-                          **scale_flags(cfg))
+    return trainer_config(sftlib.Config, "--sft_args", cfg.sft_args, data=data, model=base, out=out, seed=cfg.seed,
+                          **scale_flags(cfg), **trainer_settings(cfg, "sft"))
 
 
 @torch.no_grad()
@@ -318,17 +328,11 @@ def stage_sft(cfg):
 # -----------------------------------------------------------------------------
 # Step 3. RL from synthetic feedback: PPO (ppo.py) on the SFT policy against the reward model
 
-def ppo_settings(cfg):
-    """The profile's PPO settings, with --ppo_steps / --ppo_lr where given."""
-    shortcuts = {"steps": cfg.ppo_steps, "lr": cfg.ppo_lr}
-    return {**PROFILES[cfg.profile].ppo, **{k: v for k, v in shortcuts.items() if v}}
-
-
 def ppo_config(cfg, policy, prompts):
-    """ppo.py's Config for the ppo stage: ppo_settings, the scale flags, --ppo_args."""
+    """ppo.py's Config for the ppo stage: the profile's settings and the shortcuts, the scale flags, --ppo_args."""
     return trainer_config(ppolib.Config, "--ppo_args", cfg.ppo_args, policy=policy, rm=cfg.reward_model,
                           prompts=prompts, out=os.path.join(cfg.out, "ppo"), seed=cfg.seed, **scale_flags(cfg),
-                          **ppo_settings(cfg))
+                          **trainer_settings(cfg, "ppo"))
 
 
 def stage_ppo(cfg):
@@ -414,7 +418,7 @@ def main(argv):
                                 f"[:MAX_NEW_TOKENS] (or leave selfplay and sft out of --stages).")
             parse_generator(flag, spec, cfg.format)
     if cfg.dry_run:
-        return print_plan(cfg, stages, ppo_settings(cfg), trainer_dry_runs(cfg, stages))
+        return print_plan(cfg, stages, trainer_settings(cfg, "ppo"), trainer_dry_runs(cfg, stages))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and set(stages) - set(TRAINER_STAGES):
         raise UserError(f"under torchrun, run only the trainer stages ({', '.join(TRAINER_STAGES)}), e.g. "
                         f"--stages=sft; the sampling stages run in one process (python almost.py --stages=...).")

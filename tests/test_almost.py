@@ -955,12 +955,14 @@ def test_rl_prompts_are_their_own_set(tmp_path, capsys):
 
 
 def test_flags_given_win_over_the_profile_and_the_preset_whatever_their_value():
-    """A flag on the command line wins over a profile or a preset even when it equals the dataclass default
-    (--sft_lr=2e-5 is the default; the story profile's is 5e-4; --epochs=1 is the default, the tiny preset's 3)."""
+    """A flag on the command line wins over a profile or a preset even when it equals the trainer's default
+    (--sft_lr=2e-5 is sft.py's default; the story profile's is 5e-4; --epochs=1 is the default, the tiny preset's 3)."""
+    import almost
     import rm as rmlib
     from common import parse_args
-    assert resolve(parse_args(Config, [])).sft_lr == 5e-4
-    assert resolve(parse_args(Config, ["--sft_lr=2e-5"])).sft_lr == 2e-5
+    lr = lambda argv: almost.sft_config(resolve(parse_args(Config, argv)), "d.jsonl", "o", "base").lr
+    assert lr([]) == 5e-4 and lr(["--sft_lr=2e-5"]) == 2e-5 and lr(["--sft_lr=1e-3"]) == 1e-3
+    assert almost.sft_config(resolve(parse_args(Config, ["--sft_batch=4"])), "d", "o", "b").batch_size == 4
     assert resolve(parse_args(Config, ["--profile=chat", f"--model={os.path.join(ROOT, 'data', 'stories260K')}",
                                        "--turns=2"])).turns == 2                         # the chat profile's is 1
     for argv, epochs in [([], 3.0), (["--epochs=1"], 1.0), (["--epochs=1.0", "--lr=1e-3"], 1.0)]:
