@@ -102,11 +102,12 @@ PROFILES = {
         # policies on 200 items of each evaluation set; --eval_rm_items=0 --eval_max_items=0: every item
         run=dict(eval_rm_items=500, eval_max_items=200),
         sft=dict(lr=5e-4, batch_size=16, micro_batch=16, epochs=3.0, eval_every=10),
-        # PPO: responses as long as the evaluations' (120 tokens); a story is rarely finished within them, so a cut
-        # response keeps its RM score, read back to its last full sentence (trim_cut), instead of a missing-EOS
-        # penalty; the KL coefficient adapts towards 4 nats (docs/reference.md, "PPO on the story profile, over seeds")
-        ppo=dict(steps=80, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, max_new_tokens=120, beta=0.15,
-                 kl_target=4.0, kl_horizon=640, penalize_missing_eos=False, trim_cut=True)),
+        # PPO: responses as long as the evaluations' (120 tokens), rarely a finished story, so a cut one keeps its RM
+        # score, read back to its last full sentence (trim_cut); beta adapts towards 4 nats; two passes a batch and an
+        # entropy bonus keep the answers off one phrase (docs/reference.md, "PPO on the story profile, over seeds")
+        ppo=dict(steps=80, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, ppo_epochs=2, ent_coef=0.05,
+                 max_new_tokens=120, beta=0.15, kl_target=4.0, kl_horizon=640, penalize_missing_eos=False,
+                 trim_cut=True)),
     # the paper's method on one real chat model (--model, e.g. SmolLM2-135M-Instruct) sized for 2 CPU cores: the
     # paper's prompt files and seed queries; generators differ in prompt quality (the long, well-formatted Faithful
     # dialogues vs the HHH ones) and shots. One model offers no size axis. MODEL stands for --model.

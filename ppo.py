@@ -11,6 +11,7 @@ A PPO step, as train() runs it:
   3. advantages   per-token rewards -beta * (logp - logp_ref), the score added at the last real token (token_rewards);
                   GAE backwards over the response (gae); whitened advantages (masked_whiten)
   4. PPO epochs   ppo_epochs passes of minibatches over fresh permutations, each a gradient step on ppo_loss
+                  (less ent_coef x entropy_bonus)
   5. KL control   beta follows the measured KL towards --kl_target (adaptive_kl, Ziegler et al. 2019)
   6. log, save    one metrics.jsonl line; HF checkpoints of the policy (LlamaForCausalLM) and the value model
                   (LlamaForSequenceClassification) every --save_every steps; a rerun resumes
@@ -39,8 +40,8 @@ from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, en
 
 
 # -----------------------------------------------------------------------------
-# the algorithms: masked statistics, the KL-shaped rewards, GAE, the PPO loss, the missing-EOS penalty, the KL
-# controller
+# the algorithms: masked statistics, the KL-shaped rewards, GAE, the PPO loss and the entropy bonus, the missing-EOS
+# penalty, the KL controller
 
 def masked_mean(x, mask, dim=None):
     """Mean of x over the positions where mask is True (all of them, or along dim)."""
@@ -115,6 +116,13 @@ def ppo_loss(logp, old_logp, values, old_values, advantages, returns, mask, n_to
     return policy_loss, value_loss, ratio
 
 
+def entropy_bonus(entropy, mask, n_tokens):
+    """PPO's entropy bonus (Schulman et al. 2017, eq. 9): the policy's entropy at each masked response token (B, R),
+    summed and divided by n_tokens as ppo_loss's terms are; the loss subtracts ent_coef times it, so a step also pays
+    for narrowing the policy onto what the reward model likes."""
+    return (entropy * mask).sum() / n_tokens
+
+
 def missing_eos_scores(score, ended, penalty):
     """A response that never emitted EOS (cut at max_new_tokens) gets `penalty` as its score instead of the reward
     model's; one that ended keeps its score. score (B,), ended: B bools."""
@@ -149,6 +157,7 @@ class Config(ScaleConfig):   # device, dtype, LoRA, gradient checkpointing, FSDP
     clip: float = 0.2              # policy ratio clip range
     value_clip: float = 0.2        # value clip range, around the rollout's values
     vf_coef: float = 0.5           # scales the value loss (separate optimizer, but reported together)
+    ent_coef: float = 0.0          # entropy bonus: the loss less ent_coef x the policy's mean entropy per token
     beta: float = 0.05             # initial KL coefficient
     adaptive_kl: bool = True       # adapt beta towards kl_target
     kl_target: float = 6.0         # KL (nats per response) the controller aims at
@@ -408,7 +417,10 @@ def ppo_epochs(models, r, opts, params, cfg, g):
                 v = values_of(value, r.idx[mb], r.vmask[mb], r.P)
             policy_loss, value_loss, ratio = ppo_loss(logp, r.old_logp[mb], v, r.old_values[mb], r.adv[mb],
                                                       r.returns[mb], m, n_tok, cfg.clip, cfg.value_clip)
-            (policy_loss + cfg.vf_coef * value_loss).backward()
+            loss = policy_loss + cfg.vf_coef * value_loss
+            if cfg.ent_coef:
+                loss = loss - cfg.ent_coef * entropy_bonus(entropy, m, n_tok)
+            loss.backward()
             optimizer_step(params[0], opts[0], cfg, cfg.grad_clip)
             optimizer_step(params[1], opts[1], cfg, cfg.grad_clip)
             with torch.no_grad():   # this process's share of the minibatch

@@ -8,7 +8,8 @@ import torch
 import ppo
 import rm as rmlib
 from conftest import STORIES, eos_prone_policy, toy_pairs, write_jsonl
-from ppo import adaptive_kl, gae, layout, masked_mean, masked_whiten, missing_eos_scores, ppo_loss, token_rewards
+from ppo import (adaptive_kl, entropy_bonus, gae, layout, masked_mean, masked_whiten, missing_eos_scores, ppo_loss,
+                 token_rewards)
 
 
 def prefix_mask(lengths, T):
@@ -89,6 +90,17 @@ def test_ppo_loss_by_hand():
     logp.requires_grad_(True)
     ppo_loss(logp, old_logp, values, old_values, adv, returns, mask, 3)[0].backward()
     assert logp.grad[1, 1] == 0 and logp.grad[0, 0] != 0 and logp.grad[0, 1] == 0   # token 2 is clipped: no gradient
+
+
+def test_entropy_bonus_by_hand():
+    """The entropy summed over the valid tokens over the global token count (padding's 99 never counts), with its
+    gradient: the loss subtracts ent_coef times it, so every valid token's entropy is pushed up by ent_coef / n."""
+    entropy = torch.tensor([[1.0, 2.0], [3.0, 99.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    bonus = entropy_bonus(entropy, mask, 3)
+    assert bonus.item() == pytest.approx((1 + 2 + 3) / 3)
+    (-0.1 * bonus).backward()
+    assert torch.allclose(entropy.grad, -0.1 / 3 * mask.float())
 
 
 def test_adaptive_kl_formula():
