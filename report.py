@@ -254,8 +254,8 @@ def small_data_warnings(cfg, which=None):
 
 
 def warn(cfg, which):
-    """Print the small-data warnings of these counts (a stage's own)."""
-    for w in small_data_warnings(cfg, which):
+    """Print the small-data warnings of these counts (a stage's own; none named: nothing is read)."""
+    for w in small_data_warnings(cfg, which) if which else []:
         print(w)
 
 
