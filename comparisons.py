@@ -292,12 +292,13 @@ def stage_queries(cfg):
 def ensure_rl_queries(cfg, world=1):
     """PPO's prompts, made now by a run whose queries stage predates them (they became a set of their own)."""
     rl = os.path.join(cfg.out, "rl_queries.jsonl")
-    if len(read_records(rl)) < cfg.n_rl_queries:
+    have = len(read_records(rl))
+    if have < cfg.n_rl_queries:
         if world > 1:
-            raise UserError(f"{rl} holds {len(read_records(rl))} of --n_rl_queries={cfg.n_rl_queries} RL prompts: make "
-                            f"them first in one process (python almost.py --stages=queries --out={cfg.out}).")
-        print(f"ppo: {rl} holds {len(read_records(rl))} of {cfg.n_rl_queries} RL prompts (the queries stage makes "
-              f"them since the RL prompts became their own set): making them now")
+            raise UserError(f"{rl} holds {have} of --n_rl_queries={cfg.n_rl_queries} RL prompts: make them first in "
+                            f"one process (python almost.py --stages=queries --out={cfg.out}).")
+        print(f"ppo: {rl} holds {have} of {cfg.n_rl_queries} RL prompts (the queries stage makes them since the RL "
+              f"prompts became their own set): making them now")
         make_queries(cfg, "rl_queries.jsonl", cfg.n_rl_queries, others="queries.jsonl")
     return read_records(rl)[:cfg.n_rl_queries]
 

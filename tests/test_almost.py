@@ -1027,7 +1027,7 @@ def statistics_stdev(xs):
     return statistics.stdev(xs)
 
 
-def test_a_verdict_on_too_few_items_says_so_and_small_data_is_warned_at_the_top(tmp_path, capsys):
+def test_a_verdict_on_too_few_items_says_so_and_small_data_is_warned_at_the_top(tmp_path, capsys, monkeypatch):
     """The files a 20-query chat run makes (25 pairs, one held-out pair, 4 usable dialogues, 4 RL prompts): every
     count below its minimum is warned about, naming the count, the minimum and the flag, by the stage and at the top
     of the report; a verdict on 2 held-out queries reads "too few items to tell", with its interval still shown."""
@@ -1052,6 +1052,14 @@ def test_a_verdict_on_too_few_items_says_so_and_small_data_is_warned_at_the_top(
                   "1 held-out pairs", "4 usable self-play dialogues for SFT, fewer than the 50", "4 RL prompts for PPO"]:
         assert words in text, text
     assert all("--n_queries" in w or "--n_rl_queries" in w for w in warnings) and len(warnings) == 5
+    # by the stage: after compare its pairs, after selfplay its dialogues, after the others nothing
+    for stage, words in [("compare", "25 synthetic comparison pairs"), ("selfplay", "4 usable self-play dialogues"),
+                         ("sft", None)]:
+        monkeypatch.setitem(almost.STAGES, stage, lambda cfg: None)
+        capsys.readouterr()
+        almost.run_stages(cfg, [stage])
+        printed = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning:")]
+        assert (printed == [] if words is None else len(printed) == 1 and words in printed[0]), printed
     almost.stage_report(cfg)
     text = open(tmp_path / "report.md").read()
     top = text[:text.index("## Did it work?")]

@@ -246,6 +246,29 @@ def test_a_fresh_value_model_predicts_the_normalised_score(toy, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_entropy_bonus_reaches_the_policy_update(toy, tmp_path, monkeypatch):
+    """--ent_coef: each minibatch's loss subtracts ent_coef x entropy_bonus of the policy's entropy, with its gradient,
+    so the same rollout gives another update; --ent_coef=0 (the default) never computes it and keeps the update."""
+    from safetensors.torch import load_file
+    calls = []
+
+    def spy(entropy, mask, n_tokens):
+        out = entropy_bonus(entropy, mask, n_tokens)
+        calls.append(out.requires_grad)
+        return out
+    monkeypatch.setattr(ppo, "entropy_bonus", spy)
+    weights = {}
+    for coef in (0.0, 0.5):
+        calls.clear()
+        out = tmp_path / f"run{coef}"
+        ppo.train(toy_cfg(toy, out, steps=1, batch_size=8, minibatch=4, ppo_epochs=1, max_new_tokens=12,
+                          ent_coef=coef, save_every=1))
+        assert calls == ([] if coef == 0 else [True, True])   # once a minibatch, with its graph
+        weights[coef] = load_file(str(out / "last" / "policy" / "model.safetensors"))
+    assert any(not torch.equal(weights[0.0][k], weights[0.5][k]) for k in weights[0.0])
+
+
+@pytest.mark.slow
 def test_missing_eos_penalty_replaces_the_score_of_a_response_that_never_ended(toy, tmp_path, monkeypatch):
     """A response cut at max_new_tokens gets --missing_eos_penalty as its score; one that ended keeps the reward
     model's. By hand, then inside a PPO step (the paper profile's default), on a policy that ends about a third of
