@@ -277,8 +277,8 @@ def stage_rm(cfg):
         out = os.path.join(cfg.out, "rm" if k == "filter" else "rm_nofilter")
         rmlib.train(rm_config(cfg, os.path.join(data_dir, f"train_{k}.jsonl"),
                               os.path.join(data_dir, "val_filter.jsonl"), out))
-        barrier()   # under torchrun: the other processes wait here for process 0's checkpoint
-        if rank() != 0:
+        if rank() != 0:   # under torchrun process 0 alone scores the reward model; the others wait for it
+            barrier()
             continue
         model = rmlib.RewardModel.from_pretrained(os.path.join(out, cfg.rm_checkpoint), device=cfg.device)
         s = {}
@@ -286,11 +286,13 @@ def stage_rm(cfg):
                            ("held_out_nofilter", os.path.join(data_dir, "val_nofilter.jsonl")), *RM_SETS.items()]:
             ps = rm_eval_pairs(cfg, name, path)
             s[name] = rmlib.evaluate_pairs(model, rmlib.tokenize_pairs(model, ps, path))
+        model = None                                  # gone before the next reward model trains
         stats[k] = s
         print(f"rm ({'with' if k == 'filter' else 'without'} the length rule): held-out accuracy "
               f"{s['held_out']['accuracy']:.3f}, corr(score, length) {s['held_out']['length_corr']:.3f}, "
               f"static HHH {s['static_hhh']['accuracy']:.3f}, HH harmless {s['hh_harmless']['accuracy']:.3f}, "
               f"HH helpful {s['hh_helpful']['accuracy']:.3f}")
+        barrier()
     if rank() == 0:
         write_json(os.path.join(cfg.out, "rm_stats.json"), stats)
 
@@ -437,6 +439,7 @@ def run_stages(cfg, stages):
     for s in stages:
         t0 = time.time()
         STAGES[s](cfg)
+        barrier()   # under torchrun: where process 0 ends a stage alone (it compares the SFT policies), the others wait
         timings[s] = round(time.time() - t0, 1)
         if rank() == 0:
             warn(cfg, WARN_AFTER.get(s, []))

@@ -46,9 +46,11 @@ import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import UserError, parse_args, run_cli
 from model import Llama, LlamaConfig, pad_batch
@@ -68,6 +70,68 @@ class Config:
     tokenizer: str = ""            # tok_bpe: a model folder with a tokenizer.json (SmolLM2's, Llama-3's, ...)
     model: str = ""                # stops, prefix: a chat model folder (SmolLM2-135M-Instruct) for the dialogue-format run
     queries: int = 16              # stops, prefix: queries per generator (prefix: the batch)
+
+
+# -----------------------------------------------------------------------------
+# counting what a GPU would pay for, on any device: host syncs, aten ops, collectives
+
+class DispatchCounter(TorchDispatchMode):
+    """with DispatchCounter() as c: ... counts the aten ops run inside (c.ops), the host syncs a CUDA run of them
+    would make (c.syncs) and the collectives (c.collectives, by name). A sync: a value read on the host (item(),
+    bool(), int(), tolist(), .cpu(), .numpy()), an op whose output size depends on the data (nonzero, masked_select,
+    unique, indexing with a boolean mask), or host data copied to the device (torch.tensor of a list); on a GPU each
+    waits for every kernel queued before it. On a CPU the tensors are host tensors, so every such read counts."""
+
+    SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+                "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs, self.sync_ops, self.collectives = 0, 0, Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops += 1
+        if (name in self.SYNC_OPS or (name == "lift_fresh" and args[0].dim() > 0)     # (0-d: a scalar, no copy)
+                or (name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple))
+                    and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]))):
+            self.syncs += 1
+            self.sync_ops[name] += 1
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self.collectives[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):   # reads that never reach the dispatcher on a host tensor
+        self.patched = {}
+        for method in ("tolist", "cpu", "numpy"):
+            real = getattr(torch.Tensor, method)
+            self.patched[method] = torch.Tensor.__dict__.get(method)
+
+            def counting(t, *a, _real=real, _name=method, **k):
+                self.syncs += 1
+                self.sync_ops[_name] += 1
+                return _real(t, *a, **k)
+            setattr(torch.Tensor, method, counting)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, orig in self.patched.items():
+            if orig is None:
+                delattr(torch.Tensor, method)
+            else:
+                setattr(torch.Tensor, method, orig)
+        return super().__exit__(*exc)
+
+
+def per_token(run, tokens):
+    """The marginal count per decoded token of a sampling call: run(n) counted at `tokens` and at twice as many, so
+    the prefill's and the return's counts cancel. -> (ops per token, syncs per token)."""
+    counts = []
+    for n in (tokens, 2 * tokens):
+        with DispatchCounter() as c:
+            run(n)
+        counts.append(c)
+    return (counts[1].ops - counts[0].ops) / tokens, (counts[1].syncs - counts[0].syncs) / tokens
 
 
 def timed(fn, repeats):

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import RecordWriter, UserError, derive_seed, read_records, read_text, write_json, write_jsonl
-from model import load
+from model import free_memory, load
 from sample import generate
 from tokenizer import TURN_ENDS, dialogue_text, postprocess_response, trim_to_sentence
 
@@ -383,16 +383,18 @@ def stage_responses(cfg):
     gens = parse_generators(cfg.generators, cfg.format)
     path = os.path.join(cfg.out, "responses.jsonl")
     done = {(r["query_id"], r["config"]) for r in read_records(path)}
-    models = {}
+    loaded, model, tok = None, None, None
     with RecordWriter(path) as w:
         for g in gens:
             todo = [q for q in queries if (q["id"], g.name) not in done]
             if not todo:
                 print(f"responses: {g.name}: all {len(queries)} on disk, skipping")
                 continue
-            if g.model not in models:
-                models = {g.model: load(g.model, device=cfg.device)}   # one model in memory at a time
-            model, tok = models[g.model]
+            if g.model != loaded:   # one model in memory at a time: the last one goes before the next loads
+                model = tok = None
+                free_memory()
+                model, tok = load(g.model, device=cfg.device)
+                loaded = g.model
             preamble, demos = read_demos(g.prompt_file)
             if g.shots > len(demos):
                 raise UserError(f"{g.prompt_file}: {g.name} asks for {g.shots} shots, the file has {len(demos)}.")

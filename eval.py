@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from common import (UserError, out_lock, parse_args, read_json, read_records, run_cli, write_json, write_jsonl,
                     write_text)
-from model import DTYPES, load, pad_batch
+from model import DTYPES, free_memory, load, pad_batch
 from readers import read_pairs
 from rm import RewardModel, evaluate_pairs, tokenize_pairs
 from sample import generate
@@ -206,15 +206,19 @@ def continuation_logprob(model, tok, texts, word, batch_size=16):
         cut = max(0, len(full) - (ctx - 1))
         seqs.append(full[cut:])
         starts.append(k - cut)                       # the word's tokens are seqs[i][starts[i]:]
-    out = torch.empty(len(seqs))
+    out = torch.zeros(len(seqs))
     dev = model.embed_tokens.weight.device
     for b in tqdm(range(0, len(seqs), batch_size), desc=f"P({word!r})", leave=False, disable=len(seqs) <= 512):
         sel = list(range(b, min(b + batch_size, len(seqs))))
         idx, mask = pad_batch([seqs[i] for i in sel], left=False, device=dev)
-        logp = model(idx, mask=mask).log_softmax(-1)                            # (B, T, V)
-        for r, i in enumerate(sel):
-            pos = torch.arange(starts[i], len(seqs[i]), device=dev)
-            out[i] = logp[r, pos - 1, idx[r, pos]].sum().item()
+        _, h = model(idx, mask=mask, return_hidden=True, logits="none")         # (B, T, C)
+        # only the positions that predict the word's tokens go through the head: (N, V), not (B, T, V)
+        at = [(r, p) for r, i in enumerate(sel) for p in range(starts[i], len(seqs[i]))]
+        r_, p_ = (torch.tensor(x, device=dev) for x in zip(*at))
+        logp = model.lm_head(h[r_, p_ - 1]).float().log_softmax(-1)             # (N, V)
+        tok_logp = logp.gather(-1, idx[r_, p_][:, None]).squeeze(-1).tolist()
+        for (r, _), lp in zip(at, tok_logp):
+            out[sel[r]] += lp
     return out
 
 
@@ -466,6 +470,8 @@ def evaluate(cfg):
     vicuna = cfg.vicuna and len(models) > 1 and (reward_model is not None or judge is not None)
     answers = {}
     for name, folder in models.items():
+        model = tok = None                            # one policy in memory at a time (beside the judges)
+        free_memory()
         model, tok = load(folder, device=cfg.device, dtype=dtype)
         print(f"eval: {name} ({folder})")
         res["models"][name] = {"folder": folder,
@@ -473,7 +479,7 @@ def evaluate(cfg):
                                "truthfulqa_mc1": eval_truthfulqa(model, tok, tqa, cfg.protocol, cfg.batch_size)}
         if vicuna:
             answers[name] = vicuna_answers(name, folder, model, tok, questions, cfg)
-        del model
+    model = tok = None
     if vicuna:
         base = cfg.vicuna_baseline or next(iter(models))
         for name in models:

@@ -1,8 +1,9 @@
 """
 LoRA (Hu et al. 2021), hand-written: low-rank adapters on chosen linear layers of a model whose base weights stay
-frozen; switched off for PPO's reference policy, merged for a plain checkpoint. And the two helpers a checkpoint of
-an FSDP-sharded model needs (full_tensor, reshard).
+frozen; switched off for PPO's reference policy, merged for sampling and for a plain checkpoint. And the helpers a
+checkpoint of an FSDP-sharded model needs (full_tensor, reshard, plain_tensors).
 """
+import contextlib
 import math
 
 import torch
@@ -31,8 +32,11 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(A.to(dev))                                           # (seeded on the CPU)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))    # (out, r)
         self.scale, self.enabled = alpha / rank, True
+        self.merged = None                    # W + (alpha / r) B A while the sampler runs (merged)
 
     def forward(self, x):
+        if self.enabled and self.merged is not None:
+            return F.linear(x, self.merged, self.bias)
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
@@ -78,6 +82,22 @@ class lora_disabled:
             m.enabled = True
 
 
+@contextlib.contextmanager
+def merged(model):
+    """with merged(model): each enabled adapter folded into a copy of its layer's weight, W + (alpha / r) B A, so that
+    a forward costs what the plain model's costs (the sampler's loop runs one a token; unmerged, every adapter adds a
+    cast, two matmuls, a scale and an add). The copies are dropped on leaving. No-grad forwards only: training
+    reaches A and B through the unmerged form. Under FSDP, enter it with the weights gathered (sample.gathered)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.enabled]
+    for m in layers:
+        m.merged = m.merged_weight()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.merged = None
+
+
 def merge_lora(model):
     """Fold every adapter into its layer, in place: the model becomes a plain LLaMA (nn.Linear everywhere)."""
     for mod in list(model.modules()):
@@ -104,10 +124,11 @@ def reshard(module):
             m.reshard()
 
 
-def plain_state(module):
-    """{name: tensor} of a module as a plain checkpoint holds it: adapters merged (and left out), FSDP shards
-    gathered."""
+def plain_tensors(module):
+    """The tensors of `module` as a plain checkpoint holds them, to be made one at a time: [(name, bytes, get)], where
+    get() returns the tensor with its LoRA adapter merged (the adapters themselves are left out) and its FSDP shards
+    gathered (a collective: every process calls each get, in this order). The sizes come from the shapes alone."""
     reshard(module)
     merged = {f"{n}.weight": m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
-    return {n: (merged[n].merged_weight() if n in merged else full_tensor(p)).contiguous()
-            for n, p in module.named_parameters() if ".lora_" not in n}
+    return [(n, p.numel() * p.element_size(), merged[n].merged_weight if n in merged else lambda p=p: full_tensor(p))
+            for n, p in module.named_parameters() if ".lora_" not in n]

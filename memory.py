@@ -16,13 +16,83 @@ leave a few GiB of headroom.
 """
 import json
 import os
+import weakref
 from dataclasses import dataclass, replace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from common import UserError, parse_args, run_cli
 from lora import LORA_TARGETS
 from model import LlamaConfig, load_config
 
 GiB = 2**30
+
+
+class AllocationTracker(TorchDispatchMode):
+    """with AllocationTracker(model) as t: ... -> t.peak, the most bytes of tensor storage alive at once inside, and
+    t.live now. Counted: the storages of the tensors given (a model's weights and buffers), and every storage an aten
+    op makes inside (outputs, what autograd saves, gradients, optimizer state, a KV cache), each from its making to
+    the death of its last reference, once however many views share it. Not seen: a kernel's workspace that never
+    becomes a tensor. reset() starts a new peak from what is alive now."""
+
+    def __init__(self, *tensors):
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes = {}                                   # id(storage) -> bytes, while it is alive
+        for t in tensors:
+            self.track(t)
+
+    def track(self, t):
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
+            return   # (a tensor subclass, FSDP's DTensor say, wraps plain tensors that are counted themselves)
+        s = t.untyped_storage()
+        if id(s) in self.sizes or s.nbytes() == 0:
+            return
+        self.sizes[id(s)] = s.nbytes()
+        self.live += s.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(s, self.free, id(s))
+
+    def free(self, key):
+        self.live -= self.sizes.pop(key, 0)
+
+    def reset(self):
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if type(t) in (torch.Tensor,
+                                                                                           torch.nn.Parameter)}
+        for t in tree_leaves(out):
+            if not (isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter)
+                    and id(t.untyped_storage()) in inputs):   # a view or an in-place result: no new memory
+                self.track(t)
+        return out
+
+    def __enter__(self):   # FSDP frees and refills its gathered weights by resizing their storage in place
+        real = self.real_resize = torch.UntypedStorage.resize_
+
+        def resize(s, n):
+            before = self.sizes.get(id(s))
+            out = real(s, n)
+            if before is not None:
+                self.sizes[id(s)] = n
+                self.live += n - before
+                self.peak = max(self.peak, self.live)
+            elif n:
+                self.sizes[id(s)] = n
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(s, self.free, id(s))
+            return out
+        torch.UntypedStorage.resize_ = resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self.real_resize
+        return super().__exit__(*exc)
 
 # public shapes (config.json fields of the released checkpoints), for planning before downloading anything
 SHAPES = {

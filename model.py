@@ -10,6 +10,8 @@ One forward serves training, prefill and cached decoding:
 Module names follow transformers' LlamaForCausalLM, so a checkpoint's tensor names map onto ours by one
 rule (`hf_name` below) and any HF LLaMA folder loads without conversion. RoPE uses HF's rotate-half layout.
 """
+import contextlib
+import gc
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -17,9 +19,10 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import UserError, commit_dir, rank, read_json, tmp_dir, write_json
-from lora import full_tensor, plain_state
+from lora import full_tensor, plain_tensors
 from tokenizer import Tokenizer
 
 
@@ -181,6 +184,19 @@ def cascade_attention(q, pk, pv, k, v, attn_mask):
     return y.to(q.dtype).reshape(B, nh, T, hd)
 
 
+MASKED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_kernels(device_type, masked):
+    """The attention kernels a forward may use: on a GPU with an explicit mask, every one but cuDNN's. With the pinned
+    torch 2.13, cuDNN's SDPA backward returns NaN in dQ on H100 / H200 when a mask is passed, the sequence length is
+    64 mod 128 and a row's log-sum-exp is below about -88.7 (pytorch/pytorch#196678, a regression since 2.11; TRL's
+    DPO on Qwen2.5 went NaN from it, huggingface/trl#7181); PyTorch puts cuDNN first on those GPUs. A padded RM or
+    PPO forward passes a mask, so it runs the memory-efficient kernel instead; causal attention without a mask
+    (SFT's right-padded rows, a decode step without padding) keeps PyTorch's choice."""
+    return sdpa_kernel(MASKED_SDPA) if masked and device_type == "cuda" else contextlib.nullcontext()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -204,8 +220,10 @@ class Attention(nn.Module):
             y = cascade_attention(q, cache.prefix_k[layer], cache.prefix_v[layer], k, v, attn_mask)
         else:
             # GQA: query head h reads kv head h // (nh / nkv), as HF's repeat_kv does
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                                               enable_gqa=self.n_kv != self.n_head)
+            with attention_kernels(q.device.type, attn_mask is not None):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                   is_causal=attn_mask is None and T > 1,
+                                                   enable_gqa=self.n_kv != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)           # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -280,9 +298,11 @@ class KVCache:
             self.lengths += prefix.pos
 
     def keep(self, rows):
-        """Keep only the batch rows `rows` (a (b,) index): rows that finished leave the batch."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
+        """Keep only the batch rows `rows` (a (b,) index): rows that finished leave the batch. One layer at a time, so
+        the copy in flight is one layer's kept rows (1 / num_hidden_layers of the cache at most)."""
+        for layer in range(len(self.k)):
+            self.k[layer] = self.k[layer][rows]
+            self.v[layer] = self.v[layer][rows]
         self.mask, self.lengths = self.mask[rows], self.lengths[rows]
 
     def update(self, layer, k, v):
@@ -311,6 +331,13 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.eos_ids = cfg.eos_ids  # stop ids for sampling; from_pretrained prefers generation_config.json
         self.grad_checkpointing = False   # True: keep only each block's input, recompute the rest in backward
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) casts floating buffers too; RoPE's inverse frequencies stay fp32 (a bf16 copy rotates every
+        position by a wrong angle), recomputed from the config on the buffer's new device."""
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
 
     def init_weights(self, std=0.02):
         """Random init as HF does (normal(0, std), zero biases, unit norms); for tests and benchmarks."""
@@ -342,7 +369,8 @@ class Llama(nn.Module):
                    row sees the positions it would see alone
         mask:      (B, T) bool, False at padding (None: no padding). Keys at padding are never attended to.
         cache:     a KVCache: the T tokens go into its next T slots and attend to everything before them
-        logits:    "all" (B, T, V), "last" (B, 1, V) or "none"; always fp32
+        logits:    "all" (B, T, V), "last" (B, 1, V), "none", or a slice of the positions (B, T', V): only those
+                   positions go through the head (PPO's response tokens, say); always fp32
         returns logits, or (logits, hidden) with hidden (B, T, C) the final-norm states (as HF's last_hidden_state)
         """
         positions, attn_mask = self.positions_and_mask(idx, positions, mask, cache)  # (B, T), (B, 1, T, S) or None
@@ -358,10 +386,11 @@ class Llama(nn.Module):
             cache.pos += idx.shape[1]
             cache.lengths += idx.shape[1] if mask is None else mask.sum(-1)
         h = self.norm(x)                                                        # (B, T, C)
-        if logits == "none" or self.lm_head is None:
+        if isinstance(logits, str) and logits == "none" or self.lm_head is None:
             out = None
         else:
-            out = self.lm_head(h[:, -1:] if logits == "last" else h).float()   # (B, T or 1, V)
+            at = {"all": slice(None), "last": slice(-1, None)}.get(logits, logits) if isinstance(logits, str) else logits
+            out = self.lm_head(h[:, at]).float()                                 # (B, T', V)
         return (out, h) if return_hidden else out
 
     def positions_and_mask(self, idx, positions, mask, cache):
@@ -418,7 +447,7 @@ class Llama(nn.Module):
         weights are in memory once. dtype None: fp32 on CPU, bf16 on CUDA.
         lm_head=False loads the trunk only (a stored lm_head.weight is skipped).
         extra: {name: shape} of further tensors to take from the checkpoint if it has them (a reward head,
-        say); they land in model.extra_tensors."""
+        say), read in fp32; they land in model.extra_tensors."""
         cfg = load_config(path)
         device = torch.device(device)
         if dtype is None:
@@ -436,42 +465,46 @@ class Llama(nn.Module):
         model.eos_ids = generation_eos_ids(path) or cfg.eos_ids
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, extra=None, config_updates=None, files=None):
-        """Write config.json (+ generation_config.json) and safetensors in HF's layout, sharded with an index
-        above max_shard_bytes. Written into a temporary folder, then renamed: a crash never leaves half a
-        checkpoint under `path`. extra: {name: tensor} saved beside the weights (a reward head, say);
-        config_updates: keys to set in config.json; files: {name: writer(full_path)} for more files (trainer
-        state, say) that must land in the same atomic step."""
-        # LoRA adapters are merged into their layers (a plain LLaMA checkpoint); under FSDP every rank gathers
-        # each sharded tensor (a collective: all ranks call this) and rank 0 writes
-        state = {hf_name(n): t for n, t in plain_state(self).items()}
-        state.update({n: full_tensor(t).contiguous() for n, t in (extra or {}).items()})
-        if rank() != 0:
-            return
-        tmp = tmp_dir(path)
-        shards, cur, size = [], {}, 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[name] = t
-            size += nbytes
-        shards.append(cur)
+    def save_pretrained(self, path, max_shard_bytes=5 * 10**9, extra=None, config_updates=None, files=None):
+        """Write config.json (+ generation_config.json) and safetensors in HF's layout: model.safetensors, or shards
+        model-0000N-of-0000M.safetensors of at most max_shard_bytes with model.safetensors.index.json. LoRA adapters
+        are merged into their layers (a plain LLaMA checkpoint) and FSDP shards gathered, one tensor at a time: each
+        is moved to the host and the device copy dropped before the next is made, and the host holds one shard at
+        most. Under FSDP every process calls this (each gather is a collective); process 0 alone keeps and writes.
+        Written into a temporary folder, then renamed: a crash never leaves half a checkpoint under `path`.
+        extra: {name: tensor} saved beside the weights (a reward head, say); config_updates: keys to set in
+        config.json; files: {name: writer(full_path)} for more files (trainer state, say) that must land in the same
+        atomic step."""
+        entries = [(hf_name(n), size, get) for n, size, get in plain_tensors(self)]
+        entries += [(n, t.numel() * t.element_size(), lambda t=t: full_tensor(t)) for n, t in (extra or {}).items()]
+        shards = [[]]
+        for e in entries:                                      # fill each shard up to max_shard_bytes
+            if shards[-1] and sum(s for _, s, _ in shards[-1]) + e[1] > max_shard_bytes:
+                shards.append([])
+            shards[-1].append(e)
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        master = rank() == 0
+        tmp = tmp_dir(path) if master else None
         from safetensors.torch import save_file
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({n: fname for n in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
+        for fname, shard in zip(names, shards):
+            host = {}
+            for name, _, get in shard:
+                t = get()                                      # one gathered / merged tensor on the device
+                if master:
+                    host[name] = t.to("cpu").contiguous()
+                del t
+            if master:
+                save_file(host, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del host
+        if not master:
+            return
+        if len(shards) > 1:
             write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                        {"metadata": {"total_size": total}, "weight_map": weight_map})
+                       {"metadata": {"total_size": sum(s for _, s, _ in entries)},
+                        "weight_map": {n: f for f, shard in zip(names, shards) for n, _, _ in shard}})
         d = self.config.to_dict()
-        d["torch_dtype"] = str(state[hf_name("embed_tokens.weight")].dtype).removeprefix("torch.")
+        d["torch_dtype"] = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
         d.update(config_updates or {})
         write_json(os.path.join(tmp, "config.json"), d)
         for name, write in (files or {}).items():
@@ -535,7 +568,8 @@ def tensor_names(path):
 
 def load_safetensors(path, expected, device, dtype, optional=None):
     """Read the checkpoint's tensors, one file at a time, checking names and shapes against `expected`
-    (all required) and `optional` (taken when present). Floating tensors are cast to `dtype`."""
+    (all required) and `optional` (taken when present). Floating tensors are cast to `dtype`; optional ones (a
+    reward model's head) are read in fp32."""
     optional = optional or {}
     from safetensors import safe_open
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
@@ -572,7 +606,8 @@ def load_safetensors(path, expected, device, dtype, optional=None):
                 if tuple(t.shape) != tuple(want):
                     raise UserError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, config.json implies "
                                     f"{tuple(want)}. The weights and config.json do not match.")
-                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                want_dtype = (torch.float32 if name not in expected else dtype) if t.is_floating_point() else t.dtype
+                state[name] = t.to(device=device, dtype=want_dtype)
                 where[name] = f
     missing = [n for n in expected if n not in state]
     if missing:
@@ -588,6 +623,14 @@ def load_tokenizer(path, config):
         raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
                         f"{config.vocab_size}. Use the tokenizer that came with this checkpoint.")
     return tok
+
+
+def free_memory():
+    """Give back what the caller has let go of (the previous generator or policy of a stage, set to None before the next
+    loads): collect it now and empty the CUDA cache, so the next model loads into the room the last one left."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load(path, device="cpu", dtype=None):

@@ -36,7 +36,7 @@ from sample import generate
 from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, trim_to_sentence
 from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, frozen_dtype, load_dtype,
                      lora_key, make_optimizer, memory_dry_run, optimizer_step, prepare_for_training, resume_from,
-                     save_training_checkpoint, setup_distributed, start_or_resume)
+                     save_training_checkpoint, setup_distributed, shard_bytes, start_or_resume)
 
 
 # -----------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def load_models(cfg, tok, dev, dtype, last):
     if lora and not cfg.fsdp:
         ref = None
         reward_model = RewardModel(value.model, value.tok, value.max_length, value.chat)
-        reward_model.head.weight = torch.nn.Parameter(value.head.weight.detach().clone().to(dtype),
+        reward_model.head.weight = torch.nn.Parameter(value.head.weight.detach().clone().float(),
                                                       requires_grad=False)
         reward_model.normalizer = dict(value.normalizer)
     else:
@@ -304,13 +304,18 @@ def without_bos(idx, mask, P, bos_id):
     return vmask
 
 
-def logprobs_of(model, idx, mask, P, temperature):
-    """Logprobs (B, R) of the response tokens under softmax(logits / T), and the entropy of that distribution."""
-    logits = model(idx, mask=mask)[:, P - 1:-1] / temperature               # (B, R, V): position t predicts t+1
+def logprobs_of(model, idx, mask, P, temperature, entropy=False):
+    """Logprobs (B, R) of the response tokens under softmax(logits / T), and the entropy (B, R) of that distribution:
+    with its graph when entropy=True (the loss has an entropy bonus), else without (a statistic). Only the response
+    positions go through the head: the prompt's logits are never made."""
+    logits = model(idx, mask=mask, logits=slice(P - 1, -1))                  # (B, R, V): position t predicts t+1
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, idx[:, P:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    with torch.set_grad_enabled(entropy and torch.is_grad_enabled()):
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
 
 
 def values_of(value_model, idx, mask, P):
@@ -398,7 +403,7 @@ def score_rollout(models, r, cfg, beta):
     return r
 
 
-def ppo_epochs(models, r, opts, params, cfg, g):
+def ppo_epochs(models, r, opts, params, cfg, g, state):
     """4. ppo_epochs passes over the rollout batch, each in minibatches of a fresh permutation, one gradient step on
     ppo_loss per minibatch. A global minibatch is minibatch / world rows of every process; each process's loss is its
     tokens' sum over the global minibatch's token count, and the gradients are summed over the processes. Returns the
@@ -413,7 +418,7 @@ def ppo_epochs(models, r, opts, params, cfg, g):
             m = r.rmask[mb]
             n_tok, = all_sum([m.sum().item()])
             with models.autocast():
-                logp, entropy = logprobs_of(policy, r.idx[mb], r.mask[mb], r.P, cfg.temperature)
+                logp, entropy = logprobs_of(policy, r.idx[mb], r.mask[mb], r.P, cfg.temperature, cfg.ent_coef != 0)
                 v = values_of(value, r.idx[mb], r.vmask[mb], r.P)
             policy_loss, value_loss, ratio = ppo_loss(logp, r.old_logp[mb], v, r.old_values[mb], r.adv[mb],
                                                       r.returns[mb], m, n_tok, cfg.clip, cfg.value_clip)
@@ -421,8 +426,8 @@ def ppo_epochs(models, r, opts, params, cfg, g):
             if cfg.ent_coef:
                 loss = loss - cfg.ent_coef * entropy_bonus(entropy, m, n_tok)
             loss.backward()
-            optimizer_step(params[0], opts[0], cfg, cfg.grad_clip)
-            optimizer_step(params[1], opts[1], cfg, cfg.grad_clip)
+            optimizer_step(params[0], opts[0], cfg, cfg.grad_clip, state)
+            optimizer_step(params[1], opts[1], cfg, cfg.grad_clip, state)
             with torch.no_grad():   # this process's share of the minibatch
                 share = n_tok / max(m.sum().item(), 1)
                 old_logp, old_v = r.old_logp[mb], r.old_values[mb]
@@ -454,7 +459,8 @@ def step_metrics(r, stats, cfg, state, t0):
            "beta": state["beta"], "non_score_reward": non_score_mean, "response_length": length, "eos_rate": eos_rate,
            "explained_variance": ev.item(), "tokens_per_s": rmask.sum().item() * world / dt,
            "gen_tokens_per_s": sum(map(len, r.toks)) / max(r.gen_time, 1e-9), "gen_time_share": r.gen_time / dt,
-           "step_time": dt, "rollout_logprob_mismatch": r.mismatch, "first_minibatch": stats[0]}
+           "step_time": dt, "rollout_logprob_mismatch": r.mismatch, "skipped_steps": state.get("skipped_steps", 0),
+           "first_minibatch": stats[0]}
     if cfg.trim_cut:   # the share of the responses' text after the cut that the reward model did not read
         rec["trimmed_share"] = trimmed
     rec.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
@@ -464,7 +470,7 @@ def step_metrics(r, stats, cfg, state, t0):
 # -----------------------------------------------------------------------------
 # checkpoints and the memory plan
 
-def save_checkpoint(path, policy, tok, value, opts, params, state, final):
+def save_checkpoint(path, policy, tok, value, opts, params, state, final, max_shard_bytes):
     """policy/, value/ and state in one folder, swapped in atomically (a crash never leaves a mixed checkpoint).
     Every process calls this (FSDP gathers its shards); process 0 writes. The final one holds no optimizer moments
     (a later run with more --steps goes on with fresh ones)."""
@@ -472,10 +478,10 @@ def save_checkpoint(path, policy, tok, value, opts, params, state, final):
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    save_training_checkpoint(lambda p, files: policy.save_pretrained(p, files={**tok.files(), **files}),
+    save_training_checkpoint(lambda p, files: policy.save_pretrained(p, max_shard_bytes, files={**tok.files(), **files}),
                              params[0], opts[0], os.path.join(tmp, "policy"), state, policy, final)
-    save_training_checkpoint(value.save_pretrained, params[1], opts[1], os.path.join(tmp, "value"), state, value,
-                             final)
+    save_training_checkpoint(lambda p, files: value.save_pretrained(p, files, max_shard_bytes), params[1], opts[1],
+                             os.path.join(tmp, "value"), state, value, final)
     if rank() == 0:
         commit_dir(tmp, path)
 
@@ -560,7 +566,7 @@ def train(cfg):
         # 2, 3. score, rewards, advantages
         score_rollout(models, batch, cfg, state["beta"])
         # 4. PPO epochs
-        stats = ppo_epochs(models, batch, opts, (p_params, v_params), cfg, g)
+        stats = ppo_epochs(models, batch, opts, (p_params, v_params), cfg, g, state)
         # 5. KL control, once per rollout batch, on the per-sequence KL of the global batch
         rec = step_metrics(batch, stats, cfg, state, t0)
         if cfg.adaptive_kl:
@@ -574,7 +580,8 @@ def train(cfg):
                 tqdm.write(f"  [{batch.score[i].item():+.2f}] {batch.prompt_texts[i][:60]!r} -> "
                            f"{batch.texts[i][:100]!r}")
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            save_checkpoint(last, policy, tok, value, opts, (p_params, v_params), state, state["step"] == cfg.steps)
+            save_checkpoint(last, policy, tok, value, opts, (p_params, v_params), state, state["step"] == cfg.steps,
+                            shard_bytes(cfg))
     bar.close()
     return state
 

@@ -17,7 +17,7 @@ from common import UserError, read_json, read_records, write_json, write_text
 from comparisons import parse_generator, parse_generators, parse_rubric, read_demos, rouge_tokens, turn_prompt
 from eval import MIN_VERDICT_ITEMS, RM_SETS, decided, difference_interval, eval_hhh_judge, mean_interval, \
     results_markdown, spread, wilson
-from model import load
+from model import free_memory, load
 from readers import read_pairs
 from sample import shared_prefix_length
 from tokenizer import Tokenizer, format_dialogue
@@ -28,7 +28,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # the rubric check: is the ranking assumption true here? An independent look at each generator's answers
-# check: is the ranking assumption true here? An independent look at each generator's answers
 @torch.no_grad()
 def stage_check(cfg):
     """Per config, over its non-BAD responses: the judge model's mean NLL per token of the response given the
@@ -61,8 +60,11 @@ def stage_check(cfg):
     result = {"configs": out}
     if cfg.format == "dialogue":
         judge = cfg.judge or cfg.rm_model
-        result["axes"] = judge_rubric(cfg, rs, judge, *((model, tok) if judge == cfg.rm_model else
-                                                         load(judge, device=cfg.device)))
+        if judge != cfg.rm_model:   # one model in memory at a time
+            model = tok = None
+            free_memory()
+            model, tok = load(judge, device=cfg.device)
+        result["axes"] = judge_rubric(cfg, rs, judge, model, tok)
     write_json(os.path.join(cfg.out, "check_stats.json"), result)
     print("check (judge " + os.path.basename(cfg.rm_model.rstrip("/")) + "): " + "; ".join(
         f"{n}: NLL/token {v['nll_per_token']:.3f}, repeated 3-grams {v['repeated_3grams']:.1%}" for n, v in out.items()))

@@ -28,10 +28,10 @@ from lora import reshard
 from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, tensor_names
 from readers import read_pairs
 from tokenizer import dialogue_ids
-from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
+from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch, from_master,
                      load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,
                      prepare_for_training, resume_from, save_training_checkpoint, set_lr, setup_distributed,
-                     start_or_resume)
+                     shard_bytes, start_or_resume)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,8 +57,8 @@ class RewardModel(nn.Module):
         self.model, self.tok, self.max_length, self.chat = trunk, tok, max_length, chat
         C = trunk.config.hidden_size
         p = trunk.embed_tokens.weight
-        # the head; saved under HF's name "score.weight" (our score() is the scoring method)
-        self.head = nn.Linear(C, 1, bias=False, device=p.device, dtype=p.dtype)
+        # the head, fp32 whatever the trunk's dtype; saved under HF's name "score.weight" (score() is the method)
+        self.head = nn.Linear(C, 1, bias=False, device=p.device, dtype=torch.float32)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(C + 1))
         self.normalizer = {"mean": 0.0, "std": 1.0}   # of raw scores on a reference set; see normalize()
 
@@ -96,13 +96,13 @@ class RewardModel(nn.Module):
             reward_model.normalizer = trunk.config.extra.get("reward_normalizer", reward_model.normalizer)
         return reward_model.eval()
 
-    def save_pretrained(self, path, files=None):
+    def save_pretrained(self, path, files=None, max_shard_bytes=5 * 10**9):
         """LlamaForSequenceClassification layout. transformers scores the last token that is not pad_token_id,
         so pad is set to a token the texts never end with (not EOS): that is the token we score."""
         pad = 0 if self.tok.eos_id != 0 else 1
         files = {**self.tok.files(pad_id=pad), **(files or {})}
         reshard(self)   # (FSDP: the head's root module)
-        self.model.save_pretrained(path, extra={"score.weight": self.head.weight}, files=files, config_updates={
+        self.model.save_pretrained(path, max_shard_bytes, extra={"score.weight": self.head.weight}, files=files, config_updates={
             "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
             "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad,
             "reward_normalizer": self.normalizer, "max_length": self.max_length, "chat_template": self.chat})
@@ -113,7 +113,10 @@ class RewardModel(nn.Module):
         _, h = self.model(idx, mask=mask, return_hidden=True, logits="none")    # (B, T, C)
         if not per_token:
             h = h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)]  # (B, C)
-        return self.head(h).squeeze(-1).float()
+        # the head in fp32 on fp32 states whatever the autocast: a bf16 score is +-0.016 at 8, where PPO's per-token
+        # KL rewards are ~1e-3 and close pairs would round to ties
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(h.float()).squeeze(-1)
 
     @torch.no_grad()
     def score(self, prompts, responses, batch_size=32, normalize=False):
@@ -318,9 +321,10 @@ def validate(reward_model, val_set, cfg, dev, dtype, state, log, master_process)
     if master_process:
         tqdm.write(f"step {state['step']}: held-out accuracy {m['accuracy']:.4f} loss {m['loss']:.4f} "
                    f"margin {m['margin']:.3f} length corr {m['length_corr']:.3f}")
+    m["accuracy"] = from_master(m["accuracy"])   # one decision for every process: the save is a collective
     if m["accuracy"] > state["best_accuracy"]:
         state["best_accuracy"] = m["accuracy"]
-        reward_model.save_pretrained(os.path.join(cfg.out, "best"))
+        reward_model.save_pretrained(os.path.join(cfg.out, "best"), max_shard_bytes=shard_bytes(cfg))
     return m
 
 
@@ -360,7 +364,7 @@ def train(cfg):
         set_lr(opt, lr_at(step, total, cfg.lr, cfg.warmup))
         batch = epoch_batch(train_set, step, cfg.batch_size, cfg.seed)
         sums = train_step(reward_model, batch, cfg, dev, dtype, sums)
-        grad_norm = optimizer_step(params, opt, cfg, cfg.grad_clip)
+        grad_norm = optimizer_step(params, opt, cfg, cfg.grad_clip, state)
         pairs_done += len(batch)
         state["step"] = step + 1
         bar.update(1)
@@ -369,14 +373,15 @@ def train(cfg):
             sums = [0.0] * 4
             log({"split": "train", "step": state["step"], "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
                  "pairs_per_s": pairs_done / (time.time() - t0), "loss": loss_sum / n, "accuracy": acc_sum / n,
-                 "margin": margin_sum / n})
+                 "margin": margin_sum / n, "skipped_steps": state.get("skipped_steps", 0)})
             bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{acc_sum / n:.3f}")
         stopping = cfg.stop_after and step + 1 - first == cfg.stop_after
         evaluating = state["step"] % cfg.eval_every == 0 or state["step"] == total
         if evaluating:
             validate(reward_model, val_set, cfg, dev, dtype, state, log, master_process)
         if evaluating or stopping:
-            save_training_checkpoint(reward_model.save_pretrained, params, opt, last, state, reward_model,
+            save = lambda p, files: reward_model.save_pretrained(p, files, shard_bytes(cfg))   # noqa: E731
+            save_training_checkpoint(save, params, opt, last, state, reward_model,
                                      final=state["step"] == total)
         if stopping:
             if master_process:

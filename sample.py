@@ -6,6 +6,7 @@ the logprob of every sampled token. The CLI, data generation, self-play and PPO 
     python sample.py --prompt="Once upon a time" --temperature=0
     python sample.py --model=path/to/llama --prompt_file=prompts.txt --num_samples=4 --max_new_tokens=256
 """
+import contextlib
 import os
 import sys
 import time
@@ -14,43 +15,55 @@ from dataclasses import dataclass
 import torch
 
 from common import UserError, parse_args, read_text, run_cli, world_size
+from lora import merged
 from model import DTYPES, load, pad_batch
 
 
 # -----------------------------------------------------------------------------
 # choosing the next token
 
-def filter_logits(logits, top_k=0, top_p=1.0):
+TOP_P_CANDIDATES = 256   # filter_logits ranks this many tokens first when a full sort costs more than a host sync
+
+
+def filter_logits(logits, top_k=0, top_p=1.0, full_sort=None):
     """Set to -inf every logit outside the top-k, then outside the smallest set whose probability reaches
-    top_p (the most likely token always stays). logits: (B, V) fp32, already divided by the temperature."""
+    top_p (the most likely token always stays). logits: (B, V) fp32, already divided by the temperature.
+    full_sort: rank the whole vocabulary for top-p (None: on a GPU, where sorting is cheap and the shortcut below
+    would cost a host sync). Otherwise the TOP_P_CANDIDATES most likely tokens are ranked first: in a row where they
+    reach top_p every token below them is dropped anyway (the set a full sort gives); only the other rows (flat
+    distributions) are sorted in full, which takes a look at the data (a sync), free on a CPU."""
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        # sorting a 50k vocabulary costs more than a small model's step: rank the 256 most likely tokens; in a row
-        # where they reach top_p every token below them is dropped anyway (the set a full sort gives). Only the other
-        # rows (flat distributions) are sorted in full.
-        probs_all = logits.softmax(-1)
-        probs, order = torch.topk(probs_all, min(256, logits.size(-1)), dim=-1)   # (B, k), descending
-        # drop a token when the tokens ranked above it already reach top_p
+    if top_p >= 1.0:
+        return logits
+    probs_all = logits.softmax(-1)
+
+    def nucleus(probs, order):   # probs (b, k) descending, their token ids -> (b, V) kept: those whose betters < top_p
         drop = probs.cumsum(-1) - probs >= top_p
         drop[:, 0] = False
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, ~drop)
-        short = probs.sum(-1) < top_p                                         # (B,) rows the 256 do not cover
+        keep = torch.zeros(probs.shape[0], probs_all.shape[-1], dtype=torch.bool, device=probs.device)
+        return keep.scatter_(-1, order, ~drop)
+
+    if full_sort is None:
+        full_sort = logits.device.type != "cpu"
+    if full_sort or logits.size(-1) <= TOP_P_CANDIDATES:
+        keep = nucleus(*torch.sort(probs_all, dim=-1, descending=True))
+    else:
+        probs, order = torch.topk(probs_all, TOP_P_CANDIDATES, dim=-1)       # (B, k), descending
+        keep = nucleus(probs, order)
+        short = probs.sum(-1) < top_p                                         # (B,) rows the candidates do not cover
         if bool(short.any()):
-            probs, order = torch.sort(probs_all[short], dim=-1, descending=True)
-            drop = probs.cumsum(-1) - probs >= top_p
-            drop[:, 0] = False
-            keep[short] = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, ~drop)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    return logits
+            keep[short] = nucleus(*torch.sort(probs_all[short], dim=-1, descending=True))
+    return logits.masked_fill(~keep, float("-inf"))
 
 
-def sample_next(logits, temperature, top_k, top_p, generator, rows=None, batch=None):
-    """logits (B, V) fp32 -> (next ids (B,), their logprobs (B,) under the distribution sampled from).
-    Greedy (temperature 0) reports logprobs under the model's untempered distribution. rows: the index in the
-    original batch (of size `batch`) of each row, once finished rows have left it: the noise is still drawn for the
-    whole original batch, so a row samples the same whether or not others have finished."""
+def sample_next(logits, temperature, top_k, top_p, generator, rows=None, index=None, batch=None):
+    """logits (b, V) fp32 -> (next ids (b,), their logprobs (b,) under the distribution sampled from).
+    Greedy (temperature 0) reports logprobs under the model's untempered distribution. Once finished rows have left
+    the batch, rows (a list) and index (a (b,) tensor) give each row's place in the original batch of `batch` rows:
+    the noise is still drawn for the whole original batch (or by each row's own generator), so a row samples the same
+    whether or not others have finished."""
     if temperature == 0:
         logp = logits.log_softmax(-1)
         nxt = logits.argmax(-1)
@@ -61,12 +74,12 @@ def sample_next(logits, temperature, top_k, top_p, generator, rows=None, batch=N
         # exactly 0 would turn p / 0 into inf, or nan for a filtered token, and win
         V, kw = logp.shape[-1], dict(device=logp.device, dtype=logp.dtype)
         if isinstance(generator, list):   # one generator per row: a row's draw does not depend on the batch
-            gens = generator if rows is None else [generator[r] for r in rows.tolist()]
+            gens = generator if rows is None else [generator[r] for r in rows]
             u = torch.stack([torch.rand(V, generator=g, **kw) for g in gens])
         elif rows is None:
             u = torch.rand(logp.shape, generator=generator, **kw)
         else:
-            u = torch.rand(batch, V, generator=generator, **kw)[rows]
+            u = torch.rand(batch, V, generator=generator, **kw)[index]
         noise = u.log_().neg_().clamp_(min=torch.finfo(logp.dtype).tiny)
         nxt = (logp.exp() / noise).argmax(-1)
     return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
@@ -109,6 +122,23 @@ def is_sharded(model):
         return False
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP: every sharded module's weights all-gathered once and kept for the forwards inside (a rollout: one
+    forward a token), then resharded; by default each forward would gather them again. Every process enters it."""
+    from torch.distributed.fsdp import FSDPModule
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    for m in modules:
+        m.unshard()
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        for m in modules:
+            m.reshard()
 
 
 def all_values(x, device):
@@ -174,59 +204,69 @@ class StopStrings:
         self.seen[row] = len(text)
         return any(s in tail for s in self.plain) or any(p.search(text) for p in self.patterns)
 
-    def update(self, rows, nxt, ended, done, n_new, step):
-        """One decode step's new tokens nxt (b,) of the batch rows `rows`: -> `ended` (b,), the rows a stop id ended,
-        with the rows whose text now holds a stop string added; such a row keeps the token (n_new = step + 1)."""
-        hit = ended.tolist()
-        for j, (r, t, d) in enumerate(zip(rows.tolist(), nxt.tolist(), done[rows].tolist())):
-            if not (d or hit[j]) and self.complete(r, t):
-                hit[j], n_new[r] = True, step + 1
-        return torch.tensor(hit, device=ended.device)
+    def hits(self, rows, tokens, ended):
+        """The batch positions of the rows (original indices `rows`, new `tokens`, host lists) that have not ended and
+        whose text now holds a stop string."""
+        return [j for j, (r, t, e) in enumerate(zip(rows, tokens, ended)) if not e and self.complete(r, t)]
 
 
-def drop_ended(rows, nxt, done, cache):
-    """The rows still running (their original indices and last tokens) and their slots of the KV cache: a row that
-    has ended costs no more forwards. Under sync a process whose rows have all ended keeps one as a placeholder, so
-    it joins every forward (its tokens are dropped)."""
-    keep = (~done[rows]).nonzero().squeeze(1)
-    if len(keep) == 0:
-        keep = keep.new_zeros(1)
-    cache.keep(keep)
-    return rows[keep], nxt[keep]
-
-
-def decode(model, cache, logits, pick, max_new_tokens, stop, stops=None, sync=False, compact=True, on_token=None):
-    """The decode loop. From the logits after each prompt (B, V): pick a token for every row still in the batch
-    (pick(logits, rows) -> ids, logprobs), run it through the cached forward, repeat. A row ends at a stop id (not
-    kept) or when `stops` finds a stop string in its text; an ended row leaves the batch (rows: the original index
-    of each row still in). -> tokens and logprobs (B, max_new_tokens), and the number kept per row (B,)."""
+def decode(model, cache, logits, pick, max_new_tokens, stop, stops=None, sync=False, compact=True, on_token=None,
+           check_every=1):
+    """2) The decode loop. From the logits after each prompt (B, V): pick a token for every row in the batch
+    (pick(logits, rows, index) -> ids, logprobs), run it through the cached forward, repeat. A row ends at a stop id
+    (not kept) or when `stops` finds a stop string in its text (kept). Every check_every steps (every step with stop
+    strings or on_token) the ended rows reach the host in one transfer, the host sync of that step: the loop stops
+    when every row has ended (in every process, under sync) and, with compact, the ended rows leave the batch, so they
+    cost no more forwards. Between checks an ended row runs on; its tokens are dropped. rows (host) and index
+    (device) hold the original index of each row still in the batch.
+    -> tokens and logprobs (B, max_new_tokens), and the number kept per row (a list of B ints)."""
     B, device = logits.shape[0], logits.device
-    rows = torch.arange(B, device=device)
     toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-    n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = [max_new_tokens] * B                                      # tokens kept per row, known at the checks
+    rows, index = list(range(B)), torch.arange(B, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)           # (b,) the row has ended
+    kept = torch.full((B,), max_new_tokens, device=device)            # (b,) the tokens it keeps
     for step in range(max_new_tokens):
-        nxt, lp = pick(logits, rows if len(rows) < B else None)                 # (b,), (b,)
-        toks[rows, step], lps[rows, step] = nxt, lp.float()
+        nxt, lp = pick(logits, rows if len(rows) < B else None, index)                # (b,), (b,)
+        toks[index, step], lps[index, step] = nxt, lp.float()
+        new = torch.isin(nxt, stop) & ~ended                                         # a stop id is not kept
+        ended, kept = ended | new, torch.where(new, step, kept)
         if on_token is not None:
             on_token(step, nxt)
-        ended = torch.isin(nxt, stop) & ~done[rows]                            # (b,): a stop id is not kept
-        n_new[rows[ended]] = step
-        if stops is not None:   # decode each row's new text and search it
-            ended = stops.update(rows, nxt, ended, done, n_new, step)
-        done[rows[ended]] = True
-        if step == max_new_tokens - 1 or (all_ranks(bool(done.all()), device) if sync else bool(done.all())):
-            break
-        if compact and bool(ended.any()):
-            rows, nxt = drop_ended(rows, nxt, done, cache)
-        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]          # (b, V), no padding now
+        last = step == max_new_tokens - 1
+        if last or stops is not None or on_token is not None or (step + 1) % check_every == 0:
+            host = torch.stack([nxt, ended.long(), kept]).tolist()                   # the host sync of this step
+            ended_h, kept_h = host[1], host[2]
+            if stops is not None:   # a stop string, found in the rows' text: the row keeps this token
+                hit = stops.hits(rows, host[0], ended_h)
+                if hit:
+                    for j in hit:
+                        ended_h[j], kept_h[j] = 1, step + 1
+                    hit = torch.tensor([j in hit for j in range(len(rows))], device=device)
+                    ended, kept = ended | hit, torch.where(hit, step + 1, kept)
+            for r, e, k in zip(rows, ended_h, kept_h):
+                if e:
+                    n_new[r] = k
+            if last or (all_ranks(all(ended_h), device) if sync else all(ended_h)):
+                break
+            if compact and any(ended_h):   # the rows still running, first in their order (argsort needs no sync)
+                n = max(1, len(rows) - sum(ended_h))   # (under sync a process keeps a finished row as a placeholder)
+                keep = torch.argsort(ended.to(torch.uint8), stable=True)[:n]
+                cache.keep(keep)
+                rows = [r for r, e in zip(rows, ended_h) if not e] or rows[:1]
+                index, nxt, ended, kept = index[keep], nxt[keep], ended[keep], kept[keep]
+        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]             # (b, V)
     return toks, lps, n_new
+
+
+CHECK_EVERY = 8   # decode's checks on a GPU: one host sync every 8 tokens (on a CPU a sync is free: every token)
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=None, seed=None,
-             on_token=None, stop_strings=None, tokenizer=None, compact=True, share_prefix=SHARE_PREFIX, sync=None):
+             on_token=None, stop_strings=None, tokenizer=None, compact=True, share_prefix=SHARE_PREFIX, sync=None,
+             check_every=None):
     """
     prompts: list of B token-id lists (any lengths). They are left-padded into one batch that shares one
     KV cache; per-row positions keep each row exactly as it would be alone.
@@ -243,13 +283,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     Query: is complete").
     A row that has ended leaves the batch: its slots of the KV cache are dropped and no forward pass is spent on it
     (compact=False keeps it in the batch to the end: the baseline bench.py measures against).
+    check_every: decoded tokens between the loop's looks at which rows have ended (a host sync each). None:
+    CHECK_EVERY on a GPU, 1 on a CPU; stop strings and on_token look at every token. The tokens do not depend on it.
     sync: every torchrun process runs the same number of forwards (the model is sharded, so each forward is a
     collective): the batch decodes until the rows of every process have ended, a process whose rows have all ended
     keeps one finished row as a placeholder (its tokens are dropped), and the shared prefix is prefilled in every
-    process or in none. None: when the model is sharded by FSDP (is_sharded); one process never synchronises.
+    process or in none. The weights are gathered once for the whole call (gathered). None: when the model is sharded
+    by FSDP (is_sharded); one process never synchronises.
+    LoRA adapters are folded into copies of their layers for the call (lora.merged): a sampled token costs what
+    it costs the plain model.
     seed: the same seed gives the same samples; a list of B seeds seeds each row alone, so a row samples the same
     whatever batch it is in (PPO's rollouts split over processes use this). on_token(step, ids) is called after every
-    step with the new ids of the rows still in the batch (streaming).
+    step with the new ids of the rows in the batch (streaming).
     returns (tokens, logprobs): per row, the list of new ids and the list of their fp32 logprobs.
     """
     if stop_strings and tokenizer is None:
@@ -261,16 +306,22 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     sync = is_sharded(model) if sync is None else sync and world_size() > 1
     if sync and len(set(all_values(max_new_tokens, device))) > 1:   # the processes leave the loop together
         raise ValueError("under FSDP every process must sample with the same max_new_tokens")
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else CHECK_EVERY
     was_training = model.training
     model.eval()
-    # 1) prefill the prompts; 2) decode one token a step
-    cache, logits = prefill(model, prompts, max_new_tokens, share_prefix, sync, device)   # (B, V)
-    stops = StopStrings(stop_strings, tokenizer, len(prompts)) if stop_strings else None
-    pick = lambda logits, rows: sample_next(logits, temperature, top_k, top_p, generator, rows, len(prompts))
-    toks, lps, n_new = decode(model, cache, logits, pick, max_new_tokens, stop, stops, sync, compact, on_token)
+    with gathered(model) if is_sharded(model) else contextlib.nullcontext(), merged(model):
+        # 1) prefill the prompts; 2) decode one token a step
+        cache, logits = prefill(model, prompts, max_new_tokens, share_prefix, sync, device)   # (B, V)
+        stops = StopStrings(stop_strings, tokenizer, len(prompts)) if stop_strings else None
+        pick = lambda logits, rows, index: sample_next(logits, temperature, top_k, top_p, generator, rows, index,
+                                                       len(prompts))
+        toks, lps, n_new = decode(model, cache, logits, pick, max_new_tokens, stop, stops, sync, compact, on_token,
+                                  check_every)
+        del cache
     model.train(was_training)
-    n_new = n_new.tolist()
-    return [t[:n] for t, n in zip(toks.tolist(), n_new)], [lp[:n] for lp, n in zip(lps.tolist(), n_new)]
+    toks, lps = toks.tolist(), lps.tolist()
+    return [t[:n] for t, n in zip(toks, n_new)], [lp[:n] for lp, n in zip(lps, n_new)]
 
 
 # -----------------------------------------------------------------------------

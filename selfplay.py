@@ -20,7 +20,7 @@ import rm as rmlib
 from common import RecordWriter, UserError, derive_seed, read_records, write_json
 from comparisons import is_bad_response, parse_generator, read_demos, sample_turns, turn_prompt
 from eval import policy_answers
-from model import load
+from model import free_memory, load
 from tokenizer import dialogue_text
 
 
@@ -174,7 +174,10 @@ def compare_policies(cfg, policies, max_new_tokens, stats):
     reward_model = rmlib.RewardModel.from_pretrained(rmlib.RewardModel.check(cfg.reward_model, "--reward_model"),
                                                      device=cfg.device)
     _, held = split_queries(cfg)
+    model = tok = None
     for name, folder in policies.items():
+        model = tok = None                            # one policy in memory at a time (and the reward model)
+        free_memory()
         model, tok = load(folder, device=cfg.device)
         answers = policy_answers(model, tok, [q["query"] for q in held], max_new_tokens, cfg.seed)
         scores = reward_model.score([q["query"] for q in held], answers)

@@ -20,10 +20,10 @@ from tqdm import tqdm
 from common import UserError, out_lock, parse_args, read_records, run_cli
 from model import Llama
 from tokenizer import Tokenizer, dialogue_text
-from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch,
+from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch, from_master,
                      load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,
                      prepare_for_training, resume_from, save_training_checkpoint, set_lr, setup_distributed,
-                     start_or_resume)
+                     shard_bytes, start_or_resume)
 
 
 @dataclass
@@ -91,9 +91,10 @@ def sft_loss(model, batch, dev, dtype):
     for r, (ids, m) in enumerate(batch):
         idx[r, :len(ids)] = torch.tensor(ids)
         tgt[r, :len(ids) - 1] = torch.tensor([t if mm else -100 for t, mm in zip(ids[1:], m[1:])])
-    pad = torch.arange(T)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]
+    # no attention mask: a row's padding all comes after its tokens, where causal attention never looks, and the
+    # positions count from 0 as they would alone; so the GPU runs its causal kernel (flash attention), not a masked one
     with autocast(dev, dtype):
-        logits = model(idx.to(dev), mask=pad.to(dev))                      # (B, T, V) fp32
+        logits = model(idx.to(dev))                                        # (B, T, V) fp32
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.to(dev).flatten(), reduction="sum",
                                              ignore_index=-100)
     return loss, int((tgt != -100).sum())
@@ -154,7 +155,7 @@ def train(cfg):
               f"{dev} {str(dtype).removeprefix('torch.')}; {describe(params, model, cfg)}")
 
     def save(path, files):
-        model.save_pretrained(path, files={**tok.files(), **files})
+        model.save_pretrained(path, shard_bytes(cfg), files={**tok.files(), **files})
 
     model.train()
     for step in tqdm(range(state["step"], total), initial=state["step"], total=total, desc=f"sft {name}",
@@ -167,17 +168,18 @@ def train(cfg):
             loss, _ = sft_loss(model, mb, dev, dtype)
             (weight * loss / max(n_tok, 1)).backward()
             total_loss += weight * loss.item()
-        optimizer_step(params, opt, cfg, cfg.grad_clip)
+        optimizer_step(params, opt, cfg, cfg.grad_clip, state)
         state["step"] = step + 1
         total_loss, = all_sum([total_loss])
-        log({"split": "train", "step": state["step"], "loss": total_loss / max(n_tok, 1), "lr": opt.param_groups[0]["lr"]})
+        log({"split": "train", "step": state["step"], "loss": total_loss / max(n_tok, 1), "lr": opt.param_groups[0]["lr"],
+             "skipped_steps": state.get("skipped_steps", 0)})
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
             model.eval()
             with torch.no_grad():   # every process, the whole held-out set (FSDP needs them all)
                 parts = [sft_loss(model, val_set[i:i + cfg.micro_batch], dev, dtype)
                          for i in range(0, len(val_set), cfg.micro_batch)]
             model.train()
-            val_loss = sum(l.item() for l, _ in parts) / max(1, sum(c for _, c in parts))
+            val_loss = from_master(sum(l.item() for l, _ in parts) / max(1, sum(c for _, c in parts)))
             log({"split": "val", "step": state["step"], "loss": val_loss})
             if master_process:
                 tqdm.write(f"sft step {state['step']}: held-out loss {val_loss:.4f}")

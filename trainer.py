@@ -14,8 +14,10 @@ batch's gradient, whatever the number of processes. DDP sums them (sync_grads, o
 accumulation steps); FSDP (--fsdp) reduce-scatters them as it goes, each process keeping a 1/world shard of the
 weights, gradients and optimizer state.
 """
+import datetime
 import math
 import os
+import sys
 import random
 import shlex
 from dataclasses import asdict, dataclass, fields
@@ -39,14 +41,24 @@ class ScaleConfig:
     fsdp: bool = False             # under torchrun: shard weights, gradients and optimizer state over the processes
     dry_run: bool = False          # print the memory plan of this run (per GPU; see memory.py) and stop
     gpu_gib: float = 0.0           # GPU memory the plan checks against; 0 = this machine's GPU, else 80
+    max_bad_steps: int = 3         # optimizer steps in a row skipped for a non-finite gradient before the run stops
+    max_shard_gb: float = 5.0      # checkpoints are written in safetensors files of at most this many GB each
 
 
 # -----------------------------------------------------------------------------
 # processes
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)   # a collective that waits longer is a hang: the run stops
+MASTER_ALONE_TIMEOUT = datetime.timedelta(days=2)     # barrier(): as long as process 0 works alone (an evaluation)
+WAIT_GROUP = None                                     # the gloo group barrier() waits in
+
+
 def setup_distributed(device):
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), each process on its
-    own GPU. Returns (master_process, world_size, device); the master process (rank 0) prints, logs and saves."""
+    own GPU. Returns (master_process, world_size, device); the master process (rank 0) prints, logs and saves.
+    A collective that waits past COLLECTIVE_TIMEOUT ends the run (a hang, not a slow step); where process 0 works alone
+    (it evaluates, or compares policies) the others wait in barrier(), whose group waits as long as that takes."""
+    global WAIT_GROUP
     dev, world = torch.device(device), int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return True, 1, dev
@@ -55,13 +67,27 @@ def setup_distributed(device):
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
+                                device_id=dev if dev.type == "cuda" else None)
+        WAIT_GROUP = dist.new_group(backend="gloo", timeout=MASTER_ALONE_TIMEOUT)
     return dist.get_rank() == 0, world, dev
 
 
 def barrier():
+    """Every process waits here for the others, for as long as process 0 may work alone (MASTER_ALONE_TIMEOUT): the
+    pipeline's stages end with one, and so does process 0's evaluation of a checkpoint the others do not take part in."""
     if world_size() > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=WAIT_GROUP)
+
+
+def from_master(x):
+    """Process 0's float x in every process: a decision that changes which collectives run (save the best checkpoint,
+    say) is taken once, on process 0's figure, never on figures that may differ in the last bit between processes."""
+    if world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.broadcast(t, src=0)
+    return t.item()
 
 
 def end_distributed():
@@ -125,7 +151,7 @@ def prepare_for_training(module, cfg, dtype, heads=(), seed=0, trained_from=None
         targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
         add_lora(module, cfg.lora_rank, cfg.lora_alpha, targets, seed)
         for h in heads:
-            h.float().requires_grad_(True)
+            h.requires_grad_(True)
         if trained_from:
             load_trained(module, trained_from)
     else:
@@ -139,12 +165,22 @@ def prepare_for_training(module, cfg, dtype, heads=(), seed=0, trained_from=None
         for m in module.modules():
             if isinstance(m, Block):
                 fully_shard(m, mp_policy=mp)
+        for h in heads:   # the reward / value head computes in fp32 (rm.RewardModel.forward)
+            fully_shard(h, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
         fully_shard(module, mp_policy=mp)
+        module.set_reshard_after_forward(True)   # the root too (embeddings, head): no-grad forwards leave no gathered copy
         for m in module.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)   # sum over processes (see above), not the mean
                 m.set_force_sum_reduction_for_comms(True)   # a plain sum (gloo has no pre-multiplied sum)
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def shard_bytes(cfg):
+    """The most bytes one safetensors file of a checkpoint holds (--max_shard_gb, in GB of 10^9 bytes as HF counts)."""
+    if cfg.max_shard_gb <= 0:
+        raise UserError(f"--max_shard_gb={cfg.max_shard_gb}: give a size in GB above 0 (5 is HF's default).")
+    return int(cfg.max_shard_gb * 10**9)
 
 
 def lora_key(cfg):
@@ -235,11 +271,26 @@ def clip_grads(params, max_norm):
     return float(full_tensor(n))
 
 
-def optimizer_step(params, opt, cfg, max_norm):
-    """Sum the gradients over the processes, clip their norm, step, zero them. Returns the norm before clipping."""
+def optimizer_step(params, opt, cfg, max_norm, state):
+    """Sum the gradients over the processes, clip their norm, step, zero them. Returns the norm before clipping.
+    A non-finite norm (a NaN or inf gradient in any process) skips the step, so the weights and AdamW's moments stay as
+    they were (one step on it would make them NaN for good); state["skipped_steps"] counts it and the metrics log it;
+    cfg.max_bad_steps such steps in a row stop the run with one message."""
     sync_grads(params, cfg)
-    norm = clip_grads(params, max_norm)
-    opt.step()
+    norm = clip_grads(params, max_norm)          # the global norm: every process reads the same
+    if all_sum([float(not math.isfinite(norm))])[0] == 0:
+        opt.step()
+        opt.bad_in_a_row = 0
+    else:
+        opt.bad_in_a_row = getattr(opt, "bad_in_a_row", 0) + 1
+        state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+        if rank() == 0:
+            print(f"warning: step {state['step'] + 1}: the gradient norm is {norm}; the optimizer step is skipped "
+                  f"(weights and moments unchanged; {state['skipped_steps']} skipped in this run)", file=sys.stderr)
+        if opt.bad_in_a_row >= cfg.max_bad_steps:
+            raise UserError(f"{opt.bad_in_a_row} optimizer steps in a row had a non-finite gradient norm ({norm}): "
+                            f"stopping (--max_bad_steps={cfg.max_bad_steps}). The last checkpoint is intact; try a lower "
+                            f"--lr, or --dtype=fp32 to see whether bf16 overflows.")
     opt.zero_grad(set_to_none=True)
     return norm
 

@@ -1179,3 +1179,44 @@ def test_one_query_prompt_serves_queries_per_prompt_rows(tmp_path, monkeypatch):
         assert seen and all(len(p) == 8 and len({tuple(x) for x in p}) == distinct for p in seen)
     assert tiny(tmp_path / "d").queries_per_prompt == 32 and \
         resolve(Config(profile="paper", out=str(tmp_path / "p"))).queries_per_prompt == 1
+
+
+@pytest.mark.slow
+def test_each_stage_holds_one_generator_or_policy_at_a_time(tmp_path, monkeypatch):
+    """The paper's generators are 30B models (60 GiB each in bf16): a stage that moves from one to the next lets the
+    last one go before the next loads. At every model.load of the responses stage, of SFT's policy comparison and of
+    the evaluation, no model that stage loaded before is alive (a weakref, after a garbage collection); the judges a
+    stage keeps beside them (the reward model) are loaded another way."""
+    import gc
+    import weakref
+    import eval as evallib
+    import model as modellib
+    import selfplay
+    from rm import RewardModel
+    loaded, real = [], modellib.load
+
+    def load(path, *a, **k):
+        gc.collect()
+        assert all(r() is None for r in loaded), "an earlier model of this stage is still in memory"
+        model, tok = real(path, *a, **k)
+        loaded.append(weakref.ref(model))
+        return model, tok
+    for module in (comparisons, selfplay, evallib):
+        monkeypatch.setattr(module, "load", load)
+    cfg = tiny(tmp_path, n_queries=4)
+    os.makedirs(cfg.out, exist_ok=True)
+    almost.write_jsonl(os.path.join(cfg.out, "queries.jsonl"), [{"id": i, "query": q} for i, q in enumerate(
+        ["Once upon a time, a cat sat.", "Tom had a red ball.", "The sun was hot.", "Lily saw a big dog."])])
+    comparisons.stage_responses(cfg)                         # 4 generators on two models: 260K twice, then 50K twice
+    assert len(loaded) == 2 and len(read_records(os.path.join(cfg.out, "responses.jsonl"))) == 16
+    rm_dir = str(tmp_path / "rm")
+    stories = os.path.join(ROOT, "data", "stories260K")
+    RewardModel.from_pretrained(stories).save_pretrained(rm_dir)
+    cfg.reward_model = rm_dir
+    loaded.clear()
+    stats = selfplay.compare_policies(cfg, {"base": stories, "sft": stories, "sft_plain": stories}, 8, {})
+    assert len(loaded) == 3 and set(stats) == {"base", "sft", "sft_plain"}
+    loaded.clear()
+    evallib.evaluate(evallib.Config(models=f"a={stories},b={stories},c={stories}", rm=rm_dir, max_items=3,
+                                    max_new_tokens=6, rm_sets=False, out=str(tmp_path / "eval"), device="cpu"))
+    assert len(loaded) == 3

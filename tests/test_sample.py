@@ -337,3 +337,67 @@ def test_attention_with_lse_in_chunks_equals_at_once(monkeypatch):
     for (o, lse), m in zip(whole, (None, mask, mask[:, :, :1])):
         o2, lse2 = modellib.attention_with_lse(q, k, v, m)
         assert (o - o2).abs().max() < 1e-6 and (lse - lse2).abs().max() < 1e-6
+
+
+# the tokens this sampler draws for these seeds (recorded once): a change to the draws, the filters or the loop shows
+GOLDEN = {
+    "row_seeds": [[432, 383, 286, 261, 268, 414, 422, 395, 405, 426, 405, 401, 396, 298, 414, 299, 267, 410, 435, 293,
+                   275, 272, 420, 287],
+                  [391, 266, 267, 268, 425, 422, 262, 287, 316, 415, 299, 267, 280, 294, 402, 265, 420, 372, 421, 360,
+                   419, 426, 342, 280],
+                  [269, 279, 325, 360, 382, 276, 298, 314, 406, 426, 342, 382, 276, 261, 282, 417, 451, 451, 412, 322,
+                   265, 315, 300, 264],
+                  [416, 416, 412, 397, 354, 419, 267, 337, 410, 408, 419, 292, 411, 322, 265, 262, 379, 426, 338, 286,
+                   399, 344, 444, 429]],
+    "top_p": [[432, 383, 286, 261, 298, 347, 418, 268, 315, 418, 395, 368, 414, 430, 426, 368, 414, 430, 401, 396, 267,
+               344, 294, 410],
+              [397, 355, 267, 352, 379, 269, 262, 415, 412, 276, 262, 287, 411, 280, 414, 421, 304, 419, 426, 342, 391,
+               266, 267, 282],
+              [397, 396, 404, 295, 265, 352, 414, 340, 426, 274, 287, 286, 399, 270, 379, 428, 420, 422, 269, 263, 415,
+               275, 411, 426],
+              [276, 412, 412, 428, 411, 286, 261, 376, 298, 315, 421, 426, 410, 447, 416, 416, 412, 391, 266, 267, 262,
+               415, 327, 311]],
+    "top_k_stop": [[432, 383, 286, 261, 376, 298, 315, 421, 395, 317],
+                   [334, 427, 302, 266, 265, 282, 412, 271, 413, 299, 432, 366, 394, 261, 370, 259, 276, 411],
+                   [286, 399, 259, 325, 303, 428, 305], [416, 416, 412, 286, 261, 376, 298, 315, 421, 395, 317]],
+}
+GOLDEN_RUNS = {"row_seeds": dict(temperature=1.0, seed=[11, 12, 13, 14]),
+               "top_p": dict(temperature=1.0, top_p=0.9, seed=5),
+               "top_k_stop": dict(temperature=0.8, top_k=40, seed=6, stop_ids=[426])}   # 426: "."
+
+
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_seeded_samples_are_the_recorded_ones_however_often_the_loop_looks(stories, check_every):
+    """The same seeds give the recorded tokens, whether the loop looks for ended rows every token (a CPU's default) or
+    every 8 (a GPU's): rows that ended run on between looks, and their extra tokens are dropped."""
+    model, tok = stories
+    prompts = [tok.encode(p) for p in PROMPTS]
+    for name, kw in GOLDEN_RUNS.items():
+        assert generate(model, prompts, 24, check_every=check_every, **kw)[0] == GOLDEN[name], name
+
+
+def test_decoding_makes_at_most_one_host_sync_a_token(stories):
+    """Counted per decoded token with a dispatch counter (bench.DispatchCounter: a value read on the host, a
+    data-dependent shape, a host-to-device copy): plain sampling, and PPO's rollouts (a seed per row, rows ending at
+    EOS and leaving the batch) make one sync a token when the loop looks every token, one in 8 tokens when it looks
+    every 8; the loop it replaced made 4 or 5."""
+    from bench import per_token
+    model, tok = stories
+    prompts = [tok.encode(p) for p in PROMPTS]
+    for kw in (dict(temperature=1.0, seed=3, stop_ids=[]), dict(temperature=1.0, seed=[1, 2, 3, 4], stop_ids=[426])):
+        for every in (1, 8):
+            _, syncs = per_token(lambda n: generate(model, prompts, n, check_every=every, **kw), 16)
+            assert syncs == 1 / every if kw["stop_ids"] == [] else syncs <= 1 / every   # (rows end early: fewer)
+
+
+def test_top_p_over_the_whole_sorted_vocabulary_needs_no_sync_and_keeps_the_same_set():
+    """A GPU ranks the whole vocabulary for top-p (no sync); a CPU ranks 256 candidates first and sorts only rows they
+    do not cover (a look at the data): the same tokens are kept, for peaked and for flat rows."""
+    from bench import DispatchCounter
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(3, 1000) * 8, torch.randn(3, 1000) * 0.1])    # peaked rows, then flat ones
+    for p in (0.5, 0.9, 0.99):
+        with DispatchCounter() as c:
+            full = filter_logits(logits, top_p=p, full_sort=True)
+        assert c.syncs == 0
+        assert torch.equal(torch.isfinite(full), torch.isfinite(filter_logits(logits, top_p=p, full_sort=False)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, STORIES, eos_prone_policy, toy_pairs, write_jsonl
-from lora import LORA_TARGETS, LoRALinear, add_lora, lora_disabled, merge_lora, plain_state
+from lora import LORA_TARGETS, LoRALinear, add_lora, lora_disabled, merge_lora, plain_tensors
 from model import Llama, LlamaConfig, UserError
 
 import memory
@@ -125,7 +125,7 @@ def test_lora_gradients_are_the_chain_rule_through_the_merged_weight():
     idx = torch.randint(0, 96, (2, 6))
     model(idx).logsumexp(-1).sum().backward()
     lora = model.layers[0].self_attn.q_proj
-    plain.load_state_dict(plain_state(model))                           # every adapter merged
+    plain.load_state_dict({n: get() for n, _, get in plain_tensors(model)})   # every adapter merged
     plain.requires_grad_(False)
     W = plain.layers[0].self_attn.q_proj.weight.requires_grad_(True)
     plain(idx).logsumexp(-1).sum().backward()
@@ -193,6 +193,112 @@ def test_bf16_autocast_trains_fp32_masters_with_bf16_activations(tmp_path):
         logits = model(torch.tensor([[1, 2, 3]]), cache=cache)
     assert cache.k[0].dtype == torch.bfloat16 and logits.dtype == torch.float32
     assert model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_lora_decodes_at_the_plain_models_cost_with_the_unmerged_outputs(stories):
+    """The sampler folds each adapter into a copy of its weight for the call (lora.merged): a decoded token runs as
+    many aten ops as with the plain model (the unmerged adapters ran 1.68x), its logprobs are the unmerged model's
+    to fp32 rounding, and the copies are gone afterwards."""
+    from bench import per_token
+    from sample import generate
+    model, tok = stories
+    model = Llama.from_pretrained(STORIES)
+    prompts = [tok.encode(p) for p in ("Once upon a time", "The dog", "A")]
+    run = lambda n: generate(model, prompts, n, temperature=1.0, seed=[1, 2, 3], stop_ids=[])  # noqa: E731
+    plain_ops, _ = per_token(run, 16)
+    torch.manual_seed(0)
+    for p in add_lora(model, 4, 8):
+        p.data.normal_(std=0.05)                                          # adapters that change the outputs
+    lora_ops, _ = per_token(run, 16)
+    assert lora_ops <= 1.15 * plain_ops
+    toks, lps = generate(model, prompts, 12, temperature=1.0, seed=[1, 2, 3], stop_ids=[])
+    assert all(m.merged is None for m in model.modules() if isinstance(m, LoRALinear))
+    with torch.no_grad():                                                 # teacher-forced, adapters unmerged
+        for p, t, lp in zip(prompts, toks, lps):
+            logp = model(torch.tensor([p + t])).log_softmax(-1)[0, len(p) - 1:-1]
+            again = logp.gather(-1, torch.tensor(t)[:, None]).squeeze(-1)
+            assert (again - torch.tensor(lp)).abs().max() < 1e-4              # (cached vs full: fp32 rounding)
+
+
+def test_reward_scores_are_fp32_under_bf16_autocast():
+    """The reward / value head computes in fp32 on fp32 hidden states whatever the autocast: under bf16 autocast the
+    scores equal the fp32 head applied to the same hidden states, and are not bf16 numbers."""
+    from model import load_tokenizer
+    from rm import RewardModel
+    trunk = Llama.from_pretrained(STORIES, lm_head=False)
+    reward_model = RewardModel(trunk, load_tokenizer(STORIES, trunk.config))
+    torch.manual_seed(0)
+    idx, mask = torch.randint(3, 500, (6, 20)), torch.ones(6, 20, dtype=torch.bool)
+    mask[1, :5] = False
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = reward_model(idx, mask)
+        _, h = trunk(idx, mask=mask, return_hidden=True, logits="none")
+    want = h[torch.arange(6), -1].float() @ reward_model.head.weight[0].float()
+    assert scores.dtype == torch.float32 and torch.allclose(scores, want, rtol=1e-6, atol=1e-6)
+    assert (scores.bfloat16().float() != scores).any()                    # not rounded to bf16
+
+
+def test_a_nan_gradient_skips_the_step_and_a_run_of_them_stops(capsys):
+    """One non-finite gradient would make the weights and AdamW's moments NaN for good: the step is skipped (weights
+    and moments unchanged), counted in the state and said; max_bad_steps in a row stop the run with one message."""
+    from sft import Config
+    from trainer import make_optimizer, optimizer_step
+    model = Llama(small_cfg()).init_weights()
+    params = [p for p in model.parameters()]
+    opt = make_optimizer(model, 1e-2, 0.0)
+    cfg, state = Config(max_bad_steps=2), {"step": 0}
+    idx = torch.randint(0, 96, (2, 6))
+    model(idx).logsumexp(-1).sum().backward()
+    optimizer_step(params, opt, cfg, 1.0, state)                          # a good step: moments exist
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    model(idx).logsumexp(-1).sum().backward()
+    params[3].grad.view(-1)[0] = float("nan")
+    norm = optimizer_step(params, opt, cfg, 1.0, state)
+    assert norm != norm and state["skipped_steps"] == 1 and "skipped" in capsys.readouterr().err
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moments, params))
+    assert all(p.grad is None for p in params)
+    model(idx).logsumexp(-1).sum().backward()
+    params[0].grad.view(-1)[0] = float("inf")
+    with pytest.raises(UserError, match="2 optimizer steps in a row had a non-finite gradient norm"):
+        optimizer_step(params, opt, cfg, 1.0, state)
+
+
+def test_masked_attention_on_a_gpu_leaves_cudnn_out():
+    """The pinned torch's cuDNN attention returns NaN gradients for some masked inputs on H100 / H200: a masked
+    forward on a GPU runs with cuDNN's kernel switched off, every other choice is left to PyTorch."""
+    from model import attention_kernels
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels("cuda", masked=True):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for device, masked in (("cuda", False), ("cpu", True)):
+        with attention_kernels(device, masked):
+            assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_sft_runs_right_padded_rows_without_a_mask(stories, monkeypatch):
+    """SFT's rows are right-padded, so causal attention alone is exact for every real token: its forward passes no
+    mask (a GPU then runs flash attention), and the loss is the masked forward's."""
+    import sft
+    model, tok = stories
+    batch = [(ids, [True] * len(ids)) for ids in (tok.encode("Once upon a time there was a dog"), tok.encode("Hi"))]
+    seen, real = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, *a, **k: seen.append(k.get("mask")) or real(idx, *a, **k))
+    with torch.no_grad():
+        loss, n = sft.sft_loss(model, batch, torch.device("cpu"), torch.float32)
+    assert seen == [None]
+    T = max(len(ids) for ids, _ in batch)
+    idx, mask = torch.zeros(2, T, dtype=torch.long), torch.zeros(2, T, dtype=torch.bool)
+    for r, (ids, _) in enumerate(batch):
+        idx[r, :len(ids)], mask[r, :len(ids)] = torch.tensor(ids), True
+    with torch.no_grad():
+        logits = real(idx, mask=mask)
+    tgt = torch.where(mask[:, 1:], idx[:, 1:], -100)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), reduction="sum")
+    assert n == int(mask[:, 1:].sum()) and torch.allclose(loss, want, rtol=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -560,6 +666,86 @@ def test_fsdp_sampling_keeps_the_processes_in_step(tmp_path):
     launch(str(script), [STORIES, str(tmp_path)], 2, tmp_path, timeout=120)
     outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in (0, 1)]
     assert len(outs) == 2 and outs[0]["ends"] == [[]] and all(len(t) == 16 for t in outs[1]["ends"])
+
+
+FSDP_ROLLOUT_AND_SAVE = """
+import json, sys
+import torch
+from bench import DispatchCounter
+from common import rank
+from memory import AllocationTracker
+from model import load
+from sample import generate
+from sft import Config
+from trainer import end_distributed, prepare_for_training, setup_distributed
+folder, out_dir = sys.argv[1:]
+setup_distributed("cpu")
+model, tok = load(folder)
+alone, _ = load(folder)
+prepare_for_training(model, Config(device="cpu", fsdp=True), torch.float32)
+prompts = [tok.encode(p) for p in ("Once upon a time", "The dog")][rank():rank() + 1]
+out = {"rank": rank(), "gathers": {}}
+for n in (4, 16):
+    with DispatchCounter() as c:
+        toks, _ = generate(model, prompts, n, temperature=1.0, seed=[rank()], stop_ids=[])
+    out["gathers"][n] = sum(v for k, v in c.collectives.items() if "allgather" in k or "all_gather" in k)
+    assert toks == generate(alone, prompts, n, temperature=1.0, seed=[rank()], stop_ids=[])[0]
+largest = max(p.numel() * p.element_size() for p in alone.parameters())
+with AllocationTracker() as t:
+    base = t.live
+    model.save_pretrained(out_dir + "/saved", max_shard_bytes=60_000)
+    out.update(save_peak=t.peak - base, save_after=t.live - base, largest=largest)
+open(f"{out_dir}/out{rank()}.json", "w").write(json.dumps(out))
+del model
+end_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_rollouts_gather_once_and_saves_hold_one_tensor_at_a_time(tmp_path):
+    """FSDP over 2 gloo processes. A rollout gathers every block's weights once (sample.gathered), not once a token:
+    the all-gathers of 4 and of 16 decoded tokens are as many, and the tokens are one process's. A save gathers one
+    tensor at a time (a collective) and writes shards: process 1 keeps nothing and never holds more than one full
+    tensor in flight; process 0 holds one shard and the tensor in flight; the sharded folder loads in transformers."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_ROLLOUT_AND_SAVE)
+    launch(str(script), [STORIES, str(tmp_path)], 2, tmp_path, timeout=180)
+    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in (0, 1)]
+    for o in outs:
+        assert o["gathers"]["4"] == o["gathers"]["16"] > 0
+    # (a gathered tensor is freed when gloo's worker thread lets go of it, a moment after the save drops it: the one
+    # before may still be there when the next arrives; the whole model is 8x the largest tensor)
+    zero, one = outs
+    assert one["save_peak"] <= 2 * one["largest"] and one["save_after"] < one["largest"] / 100
+    assert zero["save_peak"] <= 60_000 + 2 * zero["largest"] and zero["save_after"] < zero["largest"] / 100
+    files = sorted(os.listdir(tmp_path / "saved"))
+    assert "model.safetensors.index.json" in files and sum(f.startswith("model-0") for f in files) > 5
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    ours = Llama.from_pretrained(STORIES)
+    idx = torch.tensor([[1, 400, 300, 200, 100]])
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max() < 1e-4
+
+
+def test_a_lora_save_merges_one_tensor_at_a_time(tmp_path):
+    """Saving a LoRA model merges each adapter into its weight while the file is written: the memory the save adds
+    is one shard and the tensor in flight, not a merged copy of the model; nothing stays behind; the folder is the
+    merged model."""
+    from memory import AllocationTracker
+    model = Llama.from_pretrained(STORIES)
+    torch.manual_seed(0)
+    for p in add_lora(model, 4, 8):
+        p.data.normal_(std=0.05)
+    largest = max(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_" not in n)
+    merged_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, LoRALinear))
+    with AllocationTracker() as t:
+        model.save_pretrained(str(tmp_path / "m"), max_shard_bytes=40_000)
+        peak, after = t.peak, t.live
+    assert peak <= 40_000 + largest < merged_bytes and after < 1000
+    idx = torch.tensor([[1, 400, 300, 200]])
+    with torch.no_grad():
+        assert (Llama.from_pretrained(str(tmp_path / "m"))(idx) - model(idx)).abs().max() < 1e-4   # fp32 rounding
 
 
 LONG_OPENING = ("Once upon a time, there was a little girl named Lily. She loved to play in the park with her friends "
