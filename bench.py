@@ -33,12 +33,14 @@ Cases (CPU fp32 unless --device, greedy, 128 new tokens, no early stop):
 GPU cases (not in the default list; they need CUDA and about 40 GB free; --shape=tiny runs their code path on the
 CPU, without memory figures):
   decode_7b  bf16 decode tokens/s of a random model of --shape (llama-2-7b), batch 1, against its bandwidth bound
-             (weight bytes per token / measured device copy bandwidth)
+             (weight bytes per token / measured device copy bandwidth), and the host syncs per decoded token
+             (DispatchCounter; on CUDA also CUDA's own count)
   rm_step_7b one reward-model training step (rm.train) at --shape with LoRA (rank 16) and gradient checkpointing:
              peak memory (torch.cuda.max_memory_allocated) against memory.py's plan of the same run
   ppo_step_7b one PPO step (ppo.train) at --shape with LoRA and checkpointing: peak memory against the plan
+  gathers    FSDP's all-gathers per rollout of 8 and of 64 tokens (2 gloo processes on the CPU, a tiny model)
 
-    python bench.py --device=cuda --cases=decode_7b,rm_step_7b,ppo_step_7b
+    python bench.py --device=cuda --cases=decode_7b,rm_step_7b,ppo_step_7b,gathers
 """
 import json
 import math
@@ -487,9 +489,64 @@ def run_decode_7b(cfg):
     t = timed(lambda: (generate(model, prompts, cfg.new_tokens, temperature=0, stop_ids=[]), sync()), cfg.repeats)
     tps = cfg.new_tokens / t
     wb, bw = weight_bytes_per_token(model), copy_bandwidth(dev, nbytes=2**30 if dev.type == "cuda" else 2**27)
+    _, syncs = per_token(lambda n: generate(model, prompts, n, temperature=0, stop_ids=[]), 32)
+    cuda_syncs = ""
+    if dev.type == "cuda":   # CUDA's own count: every synchronizing call warns in this debug mode
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            generate(model, prompts, 64, temperature=0, stop_ids=[])
+            torch.cuda.set_sync_debug_mode(0)
+        cuda_syncs = f" ({sum('synchroniz' in str(w.message) for w in caught)} by CUDA's count in a 64-token call)"
     print(f"decode_7b {cfg.shape} {str(dtype).removeprefix('torch.')} batch 1: {tps:.1f} tok/s; weights read/token "
           f"{wb / 1e9:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s -> bound {bw / wb:.1f} tok/s; "
-          f"ours = {tps / (bw / wb):.0%} of bound", flush=True)
+          f"ours = {tps / (bw / wb):.0%} of bound; host syncs per token {syncs:.3f}{cuda_syncs}", flush=True)
+
+
+GATHERS = """
+import json, sys
+import torch
+from bench import DispatchCounter
+from common import rank
+from model import Llama
+from sample import generate
+from sft import Config
+from trainer import end_distributed, prepare_for_training, setup_distributed
+from bench import shape_config
+setup_distributed("cpu")
+torch.manual_seed(0)
+model = Llama(shape_config("tiny")).init_weights()
+prepare_for_training(model, Config(device="cpu", fsdp=True), torch.float32)
+counts = {}
+for n in (8, 64):
+    with DispatchCounter() as c:
+        generate(model, [[1, 20 + rank(), 30]], n, temperature=1.0, seed=[rank()], stop_ids=[])
+    counts[n] = sum(v for k, v in c.collectives.items() if "gather" in k)
+if rank() == 0:
+    print(json.dumps(counts))
+del model
+end_distributed()
+"""
+
+
+def run_gathers(cfg):
+    """FSDP's all-gathers in one rollout of 8 and of 64 tokens: 2 gloo processes on the CPU (one GPU cannot hold two
+    NCCL processes), a tiny random model sharded over them."""
+    import subprocess
+    import sys
+    with tempfile.TemporaryDirectory() as d:
+        script = os.path.join(d, "gathers.py")
+        with open(script, "w") as f:
+            f.write(GATHERS)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            script], capture_output=True, text=True, cwd=HERE, timeout=300,
+                           env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"})
+    if r.returncode:
+        raise UserError(f"gathers: the 2-process run failed:\n{r.stderr[-2000:]}")
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"gathers (FSDP, 2 gloo processes): all-gathers per rollout of 8 tokens {counts['8']}, of 64 tokens "
+          f"{counts['64']} (once per rollout: sample.gathered)", flush=True)
 
 
 def save_random_checkpoints(cfg, d, dev):
@@ -569,7 +626,8 @@ def run_ppo_step_7b(cfg, rollout_rows=16, minibatch=8, new_tokens=128):
         measured_against_plan("ppo_step_7b", cfg, lambda: ppolib.train(pc), job)
 
 
-GPU_CASES = {"decode_7b": run_decode_7b, "rm_step_7b": run_rm_step_7b, "ppo_step_7b": run_ppo_step_7b}
+GPU_CASES = {"decode_7b": run_decode_7b, "rm_step_7b": run_rm_step_7b, "ppo_step_7b": run_ppo_step_7b,
+             "gathers": run_gathers}
 
 
 def main(argv):

@@ -193,36 +193,53 @@ class Job:
     fsdp: bool = False              # weights, gradients and optimizer state sharded over the processes
     rows: int = 16                  # rows per forward (rm: 2 x micro_batch; sft: micro_batch; ppo: minibatch / world)
     shared: int = 0                 # sample: tokens of a prompt prefix every row shares (prefilled and cached once)
-    seq: int = 1024                 # tokens per row (ppo: prompt + response)
+    seq: int = 1024                 # tokens per row (ppo: prompt + response; sample: prompt + new tokens)
+    new: int = 0                    # sample: the new tokens of seq (0: a prompt of seq tokens, the largest prefill)
     rollout_rows: int = 64          # ppo: rollout rows per process
     response: int = 512             # ppo: response tokens of seq
     gpu_gib: float = 80.0           # the memory to fit in (GPU memory; on device=cpu, RAM)
     device: str = "cuda"            # cuda (adds the CUDA context) or cpu
 
 
+def forward_bytes(cfg, cb, res, unmerged_lora=False):
+    """Bytes per token that one block's forward holds at its peak when nothing is kept for backward (a prefill, a
+    scoring forward), beside the KV cache: SwiGLU's three H-wide intermediates (four while an unmerged adapter adds its
+    part to one of them) with the block's input, the residual after attention and a norm's output; or attention's
+    q with its rotary copies, k and v; whichever is larger. res: the residual stream's bytes, cb: the compute dtype's."""
+    C, H = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    mlp = 3 * res * C + cb * H * (4 if unmerged_lora else 3)
+    attention = 2 * res * C + cb * (4 * q + 2 * kv)
+    return max(mlp, attention) + 2 * res * cfg.head_dim                  # + RoPE's cos and sin
+
+
+def backward_bytes(cfg, cb, res):
+    """Bytes per token in flight while one block's backward runs: the gradients of SwiGLU's two H-wide inputs and of
+    the block's input and output."""
+    return cb * (2 * cfg.intermediate_size + cfg.hidden_size) + 2 * res * cfg.hidden_size
+
+
 def sampler_rows(cfg, j, cb):
-    """THE sampler: the weights, the KV cache of rows x seq, one block's prefill transients. A shared prefix of P
-    tokens is cached once; each row holds its own seq - P tokens, and the prefill of the rows' own tokens also holds
-    their scores against the prefix (cascade attention, fp32 scores and weights)."""
-    L, V, C = cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size
+    """THE sampler: the weights, the KV cache of rows x seq, and the larger of the prefill's and the decoding's
+    transients. A shared prefix of P tokens is cached once; each row holds its own seq - P tokens, and the prefill of
+    the rows' own tokens also holds their scores against the prefix (cascade attention, fp32, in chunks)."""
+    L, V = cfg.num_hidden_layers, cfg.vocab_size
     kv = cfg.num_key_value_heads * cfg.head_dim
     n, _ = param_counts(cfg)
-    q, H = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
     P = min(j.shared, j.seq - 1)
     own = j.seq - P
     rows = [("weights", cb * n)]
     if P:
         rows += [(f"KV cache of the shared prefix ({P} tokens, once)", 2 * L * kv * cb * P)]
-    rows += [(f"KV cache ({j.rows} rows x {own} tokens{' of their own' if P else ''})", 2 * L * kv * cb * j.rows * own),
-             ("prefill: one block's intermediates (q, k, v, attention, SwiGLU)",
-              cb * max(P, j.rows * own) * (2 * C + 2 * q + 2 * kv + 3 * H))]
+    cache = 2 * L * kv * cb * j.rows * own
+    rows += [(f"KV cache ({j.rows} rows x {own} tokens{' of their own' if P else ''})", cache)]
+    prefill = [("prefill: one block's intermediates", forward_bytes(cfg, cb, cb) * max(P, j.rows * (own - j.new)))]
     if P:   # model.attention_with_lse holds at most SCORES_BYTES of them at a time
-        rows += [("prefill: the rows' scores against the prefix (fp32, in chunks)",
-                  min(8 * cfg.num_attention_heads * j.rows * own * P, 2**28 + 8 * cfg.num_attention_heads * P))]
-    rows += [("logits and sampling (fp32)", 4 * 4 * V * j.rows)]
-    if j.device == "cuda":
-        rows.append(("CUDA context and kernels (about)", 0.6 * GiB))
-    return rows
+        prefill += [("prefill: the rows' scores against the prefix (fp32, in chunks)",
+                     min(8 * cfg.num_attention_heads * j.rows * own * P, 2**28 + 8 * cfg.num_attention_heads * P))]
+    decode = 4 * 4 * V * j.rows + cache // L                 # logits and sampling (fp32); a row compaction's layer
+    return rows + (prefill if sum(b for _, b in prefill) >= decode else
+                   [("decoding: logits and sampling (fp32), one layer of a row compaction", decode)])
 
 
 def trained_models(j):
@@ -232,11 +249,11 @@ def trained_models(j):
 
 
 def state_rows(cfg, j, cb, lora, targets, fsdp):
-    """What a trainer keeps for the whole run: weights, gradients and AdamW moments of every trained model (sharded
-    under FSDP), the DDP bucket, PPO's frozen reference and reward model. -> (rows, notes)."""
+    """What a trainer keeps for the whole run: weights, adapters and AdamW moments of every trained model (sharded
+    under FSDP), the DDP bucket, PPO's frozen reference and reward model. -> (rows, gradient bytes, notes)."""
     shard = j.world if fsdp else 1
     C = cfg.hidden_size
-    rows, note = [], []
+    rows, grads, note = [], 0, []
     for lm_head in trained_models(j):
         n, mats = param_counts(cfg, lm_head)
         name = {True: "policy" if j.job == "ppo" else "model", False: "value" if j.job == "ppo" else "model"}[lm_head]
@@ -244,18 +261,15 @@ def state_rows(cfg, j, cb, lora, targets, fsdp):
             na = lora_params(cfg, j.lora_rank, targets) + (0 if lm_head else C)   # adapters (+ the head)
             part = [(f"{name} weights ({'bf16' if cb == 2 else 'fp32'} base, frozen)", cb * n / shard),
                     (f"{name} adapters{'' if lm_head else ' + head'} (fp32)", 4 * na / shard)]
-            if cb == 2 and not fsdp:
-                part.append((f"{name} adapters' bf16 copies (autocast)", 2 * na))
         else:
             na = n
             part = [(f"{name} weights (fp32 masters)", 4 * n / shard)]
-            if cb == 2 and not fsdp:
-                part.append((f"{name} bf16 weight copies (autocast, forward to backward)", 2 * mats))
-        part += [(f"{name} gradients (fp32)", 4 * na / shard), (f"{name} AdamW moments (fp32)", 8 * na / shard)]
+        part += [(f"{name} AdamW moments (fp32)", 8 * na / shard)]
         if fsdp:
             part.append((f"{name} FSDP gathered blocks (2 in flight)", 2 * cb * block_params(cfg)))
         elif j.world > 1:
             part.append((f"{name} DDP all-reduce bucket", 4 * min(na, 2**26)))
+        grads += 4 * na / shard
         rows += part
     if j.job == "ppo":
         frozen = param_counts(cfg)[0] + param_counts(cfg, lm_head=False)[0]
@@ -264,34 +278,57 @@ def state_rows(cfg, j, cb, lora, targets, fsdp):
         else:   # stored as the trained models compute (trainer.frozen_dtype): step 0's reference = the policy
             fb = cb if (lora or fsdp) else 4
             rows.append((f"reference policy + reward model (frozen, {'bf16' if fb == 2 else 'fp32'})", fb * frozen))
-    return rows, note
+    return rows, grads, note
 
 
-def phase_rows(cfg, j, cb, lora, targets, fsdp):
-    """What each phase of a step holds on top: {phase: rows}. The activations of one forward/backward of rows x seq
-    tokens (each block's input only, with gradient checkpointing), the logits; PPO's rollout, scoring and training."""
+def phase_rows(cfg, j, cb, lora, targets, fsdp, grads):
+    """What each phase of a step holds on top of the state: {phase: rows}. Training: the gradients, what the forward
+    keeps for backward (every block's activations, or each block's input alone with gradient checkpointing), the bf16
+    copies autocast makes of fp32 weights, and the larger of the head's backward (the logits' fp32 log-softmax and
+    gradients) and one block's (recomputed under checkpointing, with its gradients in flight). PPO also has the
+    rollout (the sampler on the policy) and the scoring (no-grad forwards of a chunk of rows)."""
     L, V, C = cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size
     kv = cfg.num_key_value_heads * cfg.head_dim
     residual = 4 if (cb == 4 or (not lora and not fsdp)) else 2
     per_layer = block_activation_bytes(cfg, cb, residual, targets, j.lora_rank, j.seq)
     tokens = j.rows * j.seq
-    if j.grad_checkpointing:   # each block's input kept, one block's activations rebuilt at a time
-        act = L * residual * C * tokens + per_layer * tokens
-    else:
-        act = L * per_layer * tokens
-    act += (4 * C + 4 + residual * C) * tokens   # the final norm
+    final_norm = (4 * C + 4 + residual * C) * tokens
+    kept = (residual * C if j.grad_checkpointing else per_layer) * L * tokens + final_norm
+    block = ((per_layer if j.grad_checkpointing else 0) + backward_bytes(cfg, cb, residual)) * tokens
+    copies = 2 * param_counts(cfg)[1] if (cb == 2 and not lora and not fsdp) else 0   # autocast's weight copies
+    n_models = len(trained_models(j))
+
+    def train(head_name, head):
+        rows = [(f"activations kept for backward ({n_models} model(s), {j.rows} rows x {j.seq} tokens)",
+                 n_models * kept)]
+        if copies:
+            rows.append(("bf16 weight copies (autocast, forward to backward)", n_models * copies))
+        if j.job != "ppo":   # a step of several micro-batches: the first one's gradients are there while the next runs
+            rows.append(("gradients (fp32)", grads))
+        elif grads > n_models * (kept + copies):   # one backward a step: gradients fill in as activations are freed
+            rows = [("gradients (fp32), made as the backward frees the activations", grads)]
+        return rows + [(head_name, head) if head >= block else ("backward of one block" + (
+            " (recomputed)" if j.grad_checkpointing else ""), block)]
+
     if j.job == "rm":
-        return {"train": [("activations (one micro-batch)", act)]}
+        return {"train": train("the head's backward", 0)}
     if j.job == "sft":
-        return {"train": [("activations (one micro-batch)", act),
-                          ("logits, log-softmax and their gradient (fp32)", 12 * V * tokens)]}
+        return {"train": train("the logits' backward (fp32 log-softmax and gradients)", 12 * V * tokens)}
     resp = j.rows * j.response
-    return {"rollout": [("KV cache of the rollout", 2 * L * kv * cb * j.rollout_rows * j.seq),
-                        ("logits and sampling (fp32)", 4 * 4 * V * j.rollout_rows)],
-            "scoring": [(f"logits of one scoring chunk of {j.rows} rows (fp32, no grad)",
-                         4 * V * tokens + 12 * V * resp)],
-            "train": [(f"activations (policy + value, one minibatch of {j.rows} rows)", len(trained_models(j)) * act),
-                      ("policy logits, log-softmax, entropy (fp32)", 4 * V * tokens + 12 * V * resp)]}
+    prompt = j.seq - j.response
+    cache = 2 * L * kv * cb * j.rollout_rows * j.seq
+    rollout = [("KV cache of the rollout", cache),
+               ("prefill: one block's intermediates", forward_bytes(cfg, cb, cb if lora or fsdp else residual)
+                * j.rollout_rows * prompt)]
+    if lora:
+        merged = sum(i * o for n, (i, o) in linear_shapes(cfg).items() if n in targets) * L
+        rollout.append(("LoRA adapters merged into copies of their layers (lora.merged)", cb * merged))
+    if fsdp:
+        rollout.append(("the policy gathered whole for the rollout (sample.gathered)", cb * param_counts(cfg)[0]))
+    scoring = max(forward_bytes(cfg, cb, residual, unmerged_lora=lora) * tokens, 8 * V * resp)  # logits, log-softmax
+    return {"rollout": rollout,
+            "scoring": [(f"a scoring chunk of {j.rows} rows (no grad): a block's forward or the logits", scoring)],
+            "train": train("the policy logits' backward (fp32 log-softmax, entropy and gradients)", 12 * V * resp)}
 
 
 def plan(cfg, j):
@@ -300,21 +337,20 @@ def plan(cfg, j):
     if j.job not in ("rm", "sft", "ppo", "sample"):
         raise UserError(f"--job={j.job!r}: plan one of rm, sft, ppo, sample.")
     cb = 4 if j.dtype == "fp32" else 2
+    context = [("CUDA context and kernels (about)", 0.6 * GiB)] if j.device == "cuda" else []
     if j.job == "sample":
-        rows = sampler_rows(cfg, j, cb)
+        rows = sampler_rows(cfg, j, cb) + context
         return rows, sum(b for _, b in rows), ""
     lora = j.lora_rank > 0
     targets = tuple(t.strip() for t in j.lora_targets.split(",") if t.strip()) if lora else LORA_TARGETS
     fsdp = j.fsdp and j.world > 1
-    rows, note = state_rows(cfg, j, cb, lora, targets, fsdp)
+    rows, grads, note = state_rows(cfg, j, cb, lora, targets, fsdp)
+    rows += context
     static = sum(b for _, b in rows)
-    phases = phase_rows(cfg, j, cb, lora, targets, fsdp)
+    phases = phase_rows(cfg, j, cb, lora, targets, fsdp, grads)
     worst = max(phases, key=lambda k: sum(b for _, b in phases[k]))
     for k, part in phases.items():
         rows += [(f"[{k}] {name}", b) for name, b in part]
-    if j.device == "cuda":
-        rows.append(("CUDA context and kernels (about)", 0.6 * GiB))
-        static += 0.6 * GiB
     peak = static + sum(b for _, b in phases[worst])
     note.append(f"peak in the {worst} phase" if len(phases) > 1 else "")
     return rows, peak, "; ".join(n for n in note if n)
@@ -356,14 +392,130 @@ def describe_plan(cfg, j, title=""):
     return "\n".join(out), fits
 
 
+# -----------------------------------------------------------------------------
+# the plan held against real allocations: each job run at small shapes on the CPU, its peak measured
+
+CHECK_SHAPES = {   # (model shape, rows and tokens of the jobs)
+    "tiny": (dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=512), 64),
+    "small": (dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
+                   num_key_value_heads=2, max_position_embeddings=512), 128),
+}
+CHECK_JOBS = {"rm": 8, "sft": 4, "ppo": 4, "sample": 8}   # rows per forward (rm: 4 pairs)
+CHECK_SETTINGS = {   # the paper's profile on a GPU (bf16, LoRA, checkpointing) and a CPU run's (fp32, every weight)
+    "paper": dict(dtype="bf16", lora_rank=8, grad_checkpointing=True), "full": dict(dtype="fp32")}
+
+
+def check_jobs(shapes):
+    """[(shape name, settings name, LlamaConfig, Job)] of every case --check runs."""
+    out = []
+    for shape in shapes:
+        fields, seq = CHECK_SHAPES[shape]
+        cfg = LlamaConfig.from_dict({"model_type": "llama", **fields}, where=shape)
+        for job, rows in CHECK_JOBS.items():
+            for name, s in CHECK_SETTINGS.items():
+                if job == "sample":
+                    s = dict(dtype=s["dtype"])
+                extra = dict(rollout_rows=8, response=seq // 2) if job == "ppo" else dict(new=seq // 4) \
+                    if job == "sample" else {}
+                out.append((shape, name, cfg, Job(job=job, rows=rows, seq=seq, device="cpu", **s, **extra)))
+    return out
+
+
+def measure(cfg, j):
+    """The peak of allocated bytes (AllocationTracker) of one step of job j on a random model of shape cfg, on the CPU,
+    through the project's own code: an RM or SFT step of two micro-batches (the first one's gradients are there while
+    the second runs) after a first step (AdamW's moments exist); a PPO step (rollout, scoring, PPO epoch) after a first;
+    the sampler on rows prompts. Its weights and the models' are counted from the start."""
+    import tempfile
+    import ppo as ppolib
+    from rm import RewardModel, TrainConfig, train_step
+    from sample import generate
+    from sft import Config as SFTConfig, sft_loss
+    from model import Llama
+    from tokenizer import Tokenizer
+    from trainer import make_optimizer, optimizer_step, prepare_for_training
+    dtype, dev = (torch.float32 if j.dtype == "fp32" else torch.bfloat16), torch.device("cpu")
+    tok = Tokenizer(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stories260K"))
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()   # noqa: E731
+    weights = lambda *ms: [t for m in ms if m is not None for t in [*m.parameters(), *m.buffers()]]  # noqa: E731
+    scale = dict(device="cpu", dtype=j.dtype, lora_rank=j.lora_rank, grad_checkpointing=j.grad_checkpointing)
+    torch.manual_seed(0)
+    if j.job == "sample":
+        model = Llama(cfg).init_weights().to(dtype)
+        prompts = [ids(j.seq - j.new) for _ in range(j.rows)]
+        with AllocationTracker(*weights(model)) as t:
+            generate(model, prompts, j.new, temperature=1.0, seed=0, stop_ids=[], share_prefix=0)
+        return t.peak
+    if j.job in ("rm", "sft"):
+        model = Llama(cfg, lm_head=j.job == "sft").init_weights()
+        if j.lora_rank:                                       # a LoRA base is frozen in the compute dtype
+            model = model.to(dtype)
+        if j.job == "rm":
+            model, tc = RewardModel(model, tok, max_length=j.seq), TrainConfig(**scale, micro_batch=j.rows // 2)
+            batch = [(ids(j.seq), ids(j.seq), {}) for _ in range(j.rows)]
+        else:
+            tc, batch = SFTConfig(**scale), [(ids(j.seq), [True] * j.seq) for _ in range(2 * j.rows)]
+        with AllocationTracker(*weights(model)) as t:
+            params = prepare_for_training(model, tc, dtype, heads=[model.head] if j.job == "rm" else ())
+            opt, state = make_optimizer(model, 1e-4, 0.0), {"step": 0}
+            for step in range(2):
+                t.reset()
+                if j.job == "rm":                            # rm.train_step runs the micro-batches
+                    train_step(model, batch, tc, dev, dtype, [0.0] * 4)
+                for k in range(2 if j.job == "sft" else 0):  # sft.train's loop
+                    loss, n = sft_loss(model, batch[k * j.rows:(k + 1) * j.rows], dev, dtype)
+                    (loss / n).backward()
+                optimizer_step(params, opt, tc, 1.0, state)
+        return t.peak
+    with tempfile.TemporaryDirectory() as d:                 # PPO: load_models reads checkpoints
+        Llama(cfg).init_weights().save_pretrained(os.path.join(d, "policy"), files=tok.files())
+        RewardModel(Llama(cfg, lm_head=False).init_weights(), tok, j.seq).save_pretrained(os.path.join(d, "rm"))
+        pc = ppolib.Config(policy=os.path.join(d, "policy"), rm=os.path.join(d, "rm"), batch_size=j.rollout_rows,
+                           minibatch=j.rows, ppo_epochs=1, max_new_tokens=j.response, penalize_missing_eos=False,
+                           **scale)
+        models, _, pp, vp = ppolib.load_models(pc, tok, dev, dtype, os.path.join(d, "last"))
+        prompts = [ids(j.seq - j.response) for _ in range(j.rollout_rows)]
+        with AllocationTracker(*weights(models.policy, models.ref, models.value, models.reward_model)) as t:
+            opts, state = (make_optimizer(models.policy, 1e-5, 0.0), make_optimizer(models.value, 1e-5, 0.0)), \
+                {"step": 0, "beta": 0.05}
+            for step in range(2):
+                t.reset()
+                r = ppolib.rollout(models, prompts, [""] * j.rollout_rows, list(range(j.rollout_rows)), tok, pc)
+                ppolib.score_rollout(models, r, pc, state["beta"])
+                ppolib.ppo_epochs(models, r, opts, (pp, vp), pc, torch.Generator().manual_seed(step), state)
+                del r
+        return t.peak
+
+
+def check(shapes):
+    """Each case of check_jobs: planned against measured bytes, one JSON line a case. Returns the lines' records."""
+    out = []
+    for shape, name, cfg, j in check_jobs(shapes):
+        planned, measured = plan(cfg, j)[1], measure(cfg, j)
+        out.append({"job": j.job, "shape": shape, "settings": name, "dtype": j.dtype, "lora_rank": j.lora_rank,
+                    "grad_checkpointing": j.grad_checkpointing, "planned_bytes": int(planned),
+                    "measured_bytes": int(measured), "ratio": round(planned / measured, 3)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 @dataclass
 class Config(Job):
     model: str = "llama-2-7b"       # a model folder or a named shape
     json: bool = False              # print the rows as JSON
+    check: str = ""                 # "tiny,small": run every job at these shapes on the CPU, plan against measured
 
 
 def main(argv):
     c = parse_args(Config, argv)
+    if c.check:
+        shapes = [s.strip() for s in c.check.split(",") if s.strip()]
+        unknown = [s for s in shapes if s not in CHECK_SHAPES]
+        if unknown or not shapes:
+            raise UserError(f"--check={c.check!r}: give shapes from {', '.join(CHECK_SHAPES)}, e.g. --check=tiny,small.")
+        return check(shapes)
     cfg = model_config(c.model)
     if c.json:
         rows, peak, note = plan(cfg, c)

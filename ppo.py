@@ -304,18 +304,19 @@ def without_bos(idx, mask, P, bos_id):
     return vmask
 
 
-def logprobs_of(model, idx, mask, P, temperature, entropy=False):
-    """Logprobs (B, R) of the response tokens under softmax(logits / T), and the entropy (B, R) of that distribution:
-    with its graph when entropy=True (the loss has an entropy bonus), else without (a statistic). Only the response
-    positions go through the head: the prompt's logits are never made."""
+def logprobs_of(model, idx, mask, P, temperature):
+    """Logprobs (B, R) of the response tokens under softmax(logits / T), and that whole distribution (B, R, V), from
+    which entropy() reads. Only the response positions go through the head: the prompt's logits are never made."""
     logits = model(idx, mask=mask, logits=slice(P - 1, -1))                  # (B, R, V): position t predicts t+1
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, idx[:, P:, None]).squeeze(-1)
-    with torch.set_grad_enabled(entropy and torch.is_grad_enabled()):
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, ent
+    return logp_all.gather(-1, idx[:, P:, None]).squeeze(-1), logp_all
+
+
+def entropy(logp_all):
+    """The entropy (B, R) of each distribution (B, R, V) of logprobs: -sum p log p."""
+    return -(logp_all.exp() * logp_all).sum(-1)
 
 
 def values_of(value_model, idx, mask, P):
@@ -418,13 +419,16 @@ def ppo_epochs(models, r, opts, params, cfg, g, state):
             m = r.rmask[mb]
             n_tok, = all_sum([m.sum().item()])
             with models.autocast():
-                logp, entropy = logprobs_of(policy, r.idx[mb], r.mask[mb], r.P, cfg.temperature, cfg.ent_coef != 0)
+                logp, logp_all = logprobs_of(policy, r.idx[mb], r.mask[mb], r.P, cfg.temperature)
+                with torch.set_grad_enabled(cfg.ent_coef != 0):   # a graph only when the loss has the bonus
+                    ent = entropy(logp_all)
+                del logp_all
                 v = values_of(value, r.idx[mb], r.vmask[mb], r.P)
             policy_loss, value_loss, ratio = ppo_loss(logp, r.old_logp[mb], v, r.old_values[mb], r.adv[mb],
                                                       r.returns[mb], m, n_tok, cfg.clip, cfg.value_clip)
             loss = policy_loss + cfg.vf_coef * value_loss
             if cfg.ent_coef:
-                loss = loss - cfg.ent_coef * entropy_bonus(entropy, m, n_tok)
+                loss = loss - cfg.ent_coef * entropy_bonus(ent, m, n_tok)
             loss.backward()
             optimizer_step(params[0], opts[0], cfg, cfg.grad_clip, state)
             optimizer_step(params[1], opts[1], cfg, cfg.grad_clip, state)
@@ -436,7 +440,7 @@ def ppo_epochs(models, r, opts, params, cfg, g, state):
                               "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, m).item(),
                               "clipfrac": masked_mean(((ratio - 1).abs() > cfg.clip).float(), m).item(),
                               "value_clipfrac": masked_mean(((v - old_v).abs() > cfg.value_clip).float(), m).item(),
-                              "entropy": masked_mean(entropy, m).item()})
+                              "entropy": masked_mean(ent, m).item()})
     policy.eval()
     value.eval()
     return stats

@@ -15,6 +15,7 @@ accumulation steps); FSDP (--fsdp) reduce-scatters them as it goes, each process
 weights, gradients and optimizer state.
 """
 import datetime
+import gc
 import math
 import os
 import sys
@@ -91,10 +92,16 @@ def from_master(x):
 
 
 def end_distributed():
-    """Leave the process group together (a process that tears gloo down while another still writes can abort)."""
+    """Leave the process group together (a process that tears gloo down while another still writes can abort), and
+    let the process groups go while the interpreter is whole: call it once the models are gone (an FSDP module holds
+    its process group). A group that outlives this is freed in the interpreter's teardown, where gloo's worker threads
+    can no longer take the GIL, and the process aborts ("terminate called without an active exception")."""
+    global WAIT_GROUP
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        WAIT_GROUP = None
+        gc.collect()
 
 
 def all_sum(values):
@@ -224,12 +231,14 @@ def my_micro_batches(batch, micro):
 # the optimizer
 
 def make_optimizer(module, lr, weight_decay, betas=(0.9, 0.95)):
-    """AdamW with weight decay on matrices only (not on norms or biases)."""
+    """AdamW with weight decay on matrices only (not on norms or biases). On a GPU its fused kernel: one launch for
+    every tensor and no temporaries (the default there, foreach, makes a temporary copy of every moment)."""
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
+                             fused=True if params and params[0].device.type == "cuda" else None)
 
 
 def lr_at(step, total, lr, warmup):

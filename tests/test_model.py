@@ -192,6 +192,20 @@ def test_bf16_matches_hf_bf16(tmp_path):
     assert (got - ref16).abs().max().item() < 2e-4
 
 
+def test_a_dtype_cast_keeps_ropes_frequencies_in_fp32(stories):
+    """model.to(torch.bfloat16) casts floating buffers too; RoPE's inverse frequencies stay fp32 (a bf16 copy rotates
+    every position by a wrong angle): a model built fp32 and cast gives the logits of the same weights loaded in
+    bf16 from a checkpoint."""
+    from model import rope_inv_freq
+    model, _ = stories
+    cast = Llama.from_pretrained(STORIES).to(torch.bfloat16)
+    assert cast.inv_freq.dtype == torch.float32 and torch.equal(cast.inv_freq, rope_inv_freq(model.config))
+    loaded = Llama.from_pretrained(STORIES, dtype=torch.bfloat16)
+    idx = torch.tensor([[1] + list(range(300, 400))])               # long enough for the angles to matter
+    with torch.no_grad():
+        assert torch.equal(cast(idx), loaded(idx))
+
+
 @needs_transformers
 def test_bundled_model_parity_with_hf(stories):
     model, tok = stories

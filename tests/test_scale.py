@@ -371,18 +371,45 @@ def test_plans_for_llama_2_7b_on_one_80gb_gpu():
     rows, peak, _ = memory.plan(cfg, memory.Job(job="rm", rows=16, seq=1024))
     r = dict(rows)
     assert r["model weights (fp32 masters)"] == 4 * (6_738_415_616 - 32000 * 4096 + 4096)
-    assert r["model AdamW moments (fp32)"] == 2 * r["model gradients (fp32)"] == 2 * r["model weights (fp32 masters)"]
+    assert r["model AdamW moments (fp32)"] == 2 * r["[train] gradients (fp32)"] == 2 * r["model weights (fp32 masters)"]
     assert peak > 80 * GiB                                                 # full fine-tuning does not fit
     _, lora_peak, _ = memory.plan(cfg, memory.Job(job="rm", rows=16, seq=1024, lora_rank=16, grad_checkpointing=True))
     assert 12 * GiB < lora_peak < 40 * GiB                                 # frozen bf16 base (12.3 GiB) + a little
     rows, ppo_peak, note = memory.plan(cfg, memory.Job(job="ppo", rows=8, seq=768, response=256, rollout_rows=64,
                                                        lora_rank=16, grad_checkpointing=True))
-    assert ppo_peak < 80 * GiB and "adapters off" in note
+    assert ppo_peak < 80 * GiB and "adapters off" in note and "rollout phase" in note
     assert not any("reference" in n for n, _ in rows)                     # no copy of the reference or the RM
+    assert dict(rows)["[rollout] LoRA adapters merged into copies of their layers (lora.merged)"] == \
+        2 * 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)                     # the sampler's merged weights, bf16
     rows, fsdp_peak, _ = memory.plan(cfg, memory.Job(job="rm", rows=4, seq=1024, world=8, fsdp=True,
                                                      grad_checkpointing=True))
     assert dict(rows)["model AdamW moments (fp32)"] == pytest.approx(8 * (6_738_415_616 - 32000 * 4096 + 4096) / 8)
     assert fsdp_peak < 80 * GiB                                            # full fine-tuning over 8 GPUs
+
+
+def test_the_allocation_tracker_counts_each_live_storage_once():
+    """memory.AllocationTracker: a storage counts once however many views share it, from its making to the death of
+    its last reference; what autograd saves counts until backward frees it; a storage resized in place (FSDP frees its
+    gathered weights so) counts at its new size; the peak is the most at once."""
+    from memory import AllocationTracker
+    with AllocationTracker() as t:
+        a = torch.zeros(1000)
+        views = a[10:], a.view(10, 100), a.t() if a.dim() == 2 else a[::2]
+        assert t.live == t.peak == 4000
+        b = a + 1
+        assert t.live == 8000
+        del b, views
+        assert t.live == 4000 and t.peak == 8000
+        x = torch.randn(100, 100, requires_grad=True)
+        y = x.exp()                                   # saved for backward: exp keeps its output
+        z = y.sum()
+        del y
+        assert t.live == 4000 + 80000 + 4
+        z.backward()
+        assert t.live == 4000 + 40000 + 4 + 40000     # y freed; x.grad made
+        a.untyped_storage().resize_(0)
+        assert t.live == 80004
+    del a
 
 
 @pytest.mark.slow
@@ -398,6 +425,14 @@ def test_memory_cli_and_trainer_dry_runs_print_a_plan():
     assert r.returncode == 0 and "[rollout] KV cache" in r.stdout and "40 GiB" in r.stdout, r.stderr
     r = run("memory.py", "--model=nope")
     assert r.returncode == 2 and "known shape" in r.stderr
+    # the plan held against real allocations: every job at the tiny shape, the paper's settings and a CPU run's
+    r = run("memory.py", "--check=tiny")
+    cases = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert r.returncode == 0 and len(cases) == 8, r.stderr
+    assert {(c["job"], c["settings"]) for c in cases} == {(j, s) for j in ("rm", "sft", "ppo", "sample")
+                                                          for s in ("paper", "full")}
+    assert all(0.85 <= c["planned_bytes"] / c["measured_bytes"] <= 1.15 for c in cases), cases
+    assert run("memory.py", "--check=huge").returncode == 2
     r = run("almost.py", "--dry_run=true", "--stages=rm,sft,ppo")
     assert r.returncode == 0 and all(f"memory plan ({j}," in r.stdout for j in ("rm", "sft", "ppo")), r.stderr
 
@@ -651,6 +686,7 @@ assert (rank() == 0) == (out["prefix"] >= SHARE_PREFIX)
 out["shared"] = generate(sharded, prompts, 12, temperature=1.0, seed=[1, 2])[0]
 assert out["shared"] == generate(alone, prompts, 12, temperature=1.0, seed=[1, 2], share_prefix=0)[0], out
 open(f"{sys.argv[2]}/out{rank()}.json", "w").write(json.dumps({"rank": rank(), **out}))
+del sharded
 end_distributed()
 """
 
@@ -805,6 +841,7 @@ with torch.no_grad():                                               # one plain 
 weights = {f"weight.{i}": full_tensor(p).contiguous() for i, p in enumerate(params)}
 if rank() == 0:
     save_file({**grads, **weights}, out)
+del reward_model, params
 end_distributed()
 """
 
