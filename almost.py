@@ -35,8 +35,8 @@ import torch
 import ppo as ppolib
 import rm as rmlib
 import sft as sftlib
-from common import (UserError, out_lock, parse_args, rank, read_json, read_records, run_cli, user_set, world_size,
-                    write_json, write_jsonl)
+from common import (UserError, model_folder, out_lock, parse_args, rank, read_json, read_records, run_cli, user_set,
+                    world_size, write_json, write_jsonl)
 from comparisons import (QUERY_STOPS, Generator, ensure_rl_queries, parse_generator, parse_generators, parse_rubric,
                          stage_compare, stage_queries, stage_responses)
 from eval import RM_SETS, Config as EvalConfig, evaluate
@@ -203,6 +203,7 @@ def resolve(cfg):
         if not cfg.model:
             raise UserError("--profile=chat needs --model: a chat model folder (a LLaMA-family HF folder, "
                             "SmolLM2-135M-Instruct say); it plays every role.")
+        cfg.model = model_folder(cfg.model, "--model")
         if not os.path.isfile(os.path.join(cfg.model, "config.json")):
             raise UserError(f"--model={cfg.model}: no config.json there. Point it at a model folder.")
         if ":" in cfg.model or "," in cfg.model:
@@ -227,6 +228,8 @@ def resolve(cfg):
         cfg.eval_rm_items = -1     # a cap given for the evaluation sets holds for the reward models' sets too
     if cfg.rm_checkpoint not in ("last", "best"):
         raise UserError(f"--rm_checkpoint={cfg.rm_checkpoint!r}: use last or best.")
+    for k in ("query_model", "rm_model", "sft_model", "judge", "reward_model"):   # a hub id: its cached folder
+        setattr(cfg, k, model_folder(getattr(cfg, k), f"--{k}", weights=not cfg.dry_run))
     cfg.reward_model = cfg.reward_model or os.path.join(cfg.out, "rm", cfg.rm_checkpoint)
     cfg.format = prof.format
     if cfg.query_line not in QUERY_STOPS:

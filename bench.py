@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import UserError, parse_args, run_cli
+from common import UserError, model_folder, parse_args, run_cli
 from model import Llama, LlamaConfig, pad_batch
 from sample import generate
 from tokenizer import Tokenizer, format_dialogue
@@ -557,7 +557,7 @@ def save_random_checkpoints(cfg, d, dev):
     policy = random_model(cfg, dev, dtype)
     policy.save_pretrained(os.path.join(d, "policy"), files=tok.files())
     del policy
-    rm = RewardModel(random_model(cfg, dev, dtype, lm_head=False), tok, max_length=cfg.max_position_embeddings)
+    rm = RewardModel(random_model(cfg, dev, dtype, lm_head=False), tok, max_length=cfg.context)
     rm.save_pretrained(os.path.join(d, "rm"))
     del rm
     if dev.type == "cuda":
@@ -632,6 +632,7 @@ GPU_CASES = {"decode_7b": run_decode_7b, "rm_step_7b": run_rm_step_7b, "ppo_step
 
 def main(argv):
     cfg = parse_args(Config, argv)
+    cfg.model, cfg.tokenizer = model_folder(cfg.model), model_folder(cfg.tokenizer, "--tokenizer", weights=False)
     names = cfg.cases.split(",")
     if all(n in GPU_CASES for n in names):   # these need no transformers
         print(f"torch {torch.__version__}, device {cfg.device}"

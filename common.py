@@ -103,6 +103,62 @@ def run_cli(main):
 
 
 # -----------------------------------------------------------------------------
+# model folders: a local path, or a Hugging Face hub id found in the local cache. Nothing is ever downloaded.
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # "org/name"
+
+
+def hub_cache():
+    """The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub (XDG_CACHE_HOME in
+    place of ~/.cache when set), as huggingface_hub finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface"), "hub")
+
+
+def cached_snapshot(repo_id, cache=None):
+    """The cache's folder for a hub id's main revision, read from the cache's layout: models--org--name/refs/main
+    holds the commit, snapshots/<commit>/ the files. None when it is not there."""
+    repo = os.path.join(cache or hub_cache(), "models--" + repo_id.replace("/", "--"))
+    try:
+        commit = open(os.path.join(repo, "refs", "main"), encoding="utf-8").read().strip()
+    except OSError:
+        return None
+    folder = os.path.join(repo, "snapshots", commit)
+    return folder if os.path.isdir(folder) else None
+
+
+def model_folder(path, flag="--model", weights=True):
+    """A model flag's folder: the path itself when it exists (a local path always wins); else a hub id ("org/name")
+    resolved offline from the Hugging Face cache to the snapshot of its main revision, through huggingface_hub when
+    it is installed, else from the cache's layout (cached_snapshot); the files the loader needs are checked there
+    (config.json, and with weights the safetensors and a tokenizer). An id not in the cache ends in one message that
+    says how to download it."""
+    if not path or os.path.exists(path) or not HUB_ID.match(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        try:
+            folder = snapshot_download(path, cache_dir=hub_cache(), local_files_only=True)
+        except LocalEntryNotFoundError:
+            folder = None
+    except ImportError:
+        folder = cached_snapshot(path)
+    if folder is None:
+        raise UserError(f"{flag}={path}: no such folder, and not in the Hugging Face cache ({hub_cache()}). Download "
+                        f"it first (huggingface-cli download {path}) or pass its folder: nothing is downloaded here.")
+    need = [("config.json",)] + ([("model.safetensors", "model.safetensors.index.json"),
+                                  ("tokenizer.json", "tokenizer.model")] if weights else [])
+    for names in need:
+        if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
+            raise UserError(f"{flag}={path}: the Hugging Face cache holds it ({folder}) without {' or '.join(names)}. "
+                            f"Download the rest (huggingface-cli download {path}); only safetensors weights load.")
+    return folder
+
+
+# -----------------------------------------------------------------------------
 # files. Whatever a stage produces is written to a temporary name and renamed, so a crash never leaves half a file;
 # jsonl records are appended one flushed line at a time, so a kill loses at most the record being written.
 

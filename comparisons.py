@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from common import RecordWriter, UserError, derive_seed, read_records, read_text, write_json, write_jsonl
+from common import RecordWriter, UserError, derive_seed, model_folder, read_records, read_text, write_json, write_jsonl
 from model import free_memory, load
 from sample import generate
 from tokenizer import TURN_ENDS, dialogue_text, postprocess_response, trim_to_sentence
@@ -53,7 +53,7 @@ def parse_generator(name, spec, fmt):
     parts = spec.split(":")
     if len(parts) not in (3, 4) or not parts[2].isdigit() or (len(parts) == 4 and not parts[3].isdigit()):
         raise UserError(f"{name}: {spec!r} is not MODEL:PROMPT_FILE:SHOTS[:MAX_NEW_TOKENS].")
-    model, pfile, shots = parts[0], parts[1], int(parts[2])
+    model, pfile, shots = model_folder(parts[0], name), parts[1], int(parts[2])
     default_new = 160 if fmt == "story" else (768 if "Faithful" in pfile else 384)   # the paper's budgets
     new = int(parts[3]) if len(parts) == 4 else default_new
     if pfile and not os.path.isfile(pfile):
@@ -335,10 +335,10 @@ def make_queries(cfg, name, n, others):
                 prompts += [query_prompt(tok, cfg.format, instruction, rng.sample(pool, min(10, len(pool))))] * \
                     cfg.queries_per_prompt
             prompts = prompts[:cfg.batch_size]
-            budget = min(64, model.config.max_position_embeddings - max(map(len, prompts)))
+            budget = min(64, model.config.context - max(map(len, prompts)))
             if budget < 16:
                 raise UserError(f"queries: a 10-shot query prompt of {max(map(len, prompts))} tokens leaves no room "
-                                f"in the context window ({model.config.max_position_embeddings}) of "
+                                f"in the context window ({model.config.context}) of "
                                 f"{cfg.query_model}: use shorter seeds or a model with a longer context.")
             stop = QUERY_STOPS[cfg.query_line] if cfg.format == "dialogue" else STORY_QUERY_STOP
             outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31),
@@ -400,7 +400,7 @@ def stage_responses(cfg):
                 raise UserError(f"{g.prompt_file}: {g.name} asks for {g.shots} shots, the file has {len(demos)}.")
             prompts = {q["id"]: turn_prompt(tok, cfg.format, preamble, demos, g.shots, [("user", q["query"])])
                        for q in todo}
-            ctx = model.config.max_position_embeddings
+            ctx = model.config.context
             longest = max(map(len, prompts.values()))
             if longest >= ctx:
                 raise UserError(f"{g.name}: a prompt of {longest} tokens does not fit the context window ({ctx}) "
@@ -423,7 +423,7 @@ def sample_turns(model, tok, prompts, g, fmt, role, seed, trim_cut=False):
     """Sample one turn per prompt with THE sampler; returns texts, None where the prompt leaves fewer than 8 tokens of
     the context window (no room for the turn). trim_cut: a dialogue turn that the token budget cut short goes back to
     its last full sentence (--trim_cut)."""
-    ctx = model.config.max_position_embeddings
+    ctx = model.config.context
     fit = [i for i, p in enumerate(prompts) if len(p) + 8 <= ctx]
     texts = [None] * len(prompts)
     if not fit:

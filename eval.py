@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import (UserError, out_lock, parse_args, read_json, read_records, run_cli, write_json, write_jsonl,
+from common import (UserError, model_folder, out_lock, parse_args, read_json, read_records, run_cli, write_json, write_jsonl,
                     write_text)
 from model import DTYPES, free_memory, load, pad_batch
 from readers import read_pairs
@@ -174,7 +174,7 @@ def next_token_probs(model, tok, texts, token_ids, max_length, batch_size=16):
     """The authors' scoring: P(next token = t) after each text for each t in token_ids, (N, len(token_ids)). A text
     is encoded as their tokenizer call does it (BOS where the tokenizer adds one) and keeps its first max_length
     tokens (the truncation cuts the end, as theirs does)."""
-    ctx = model.config.max_position_embeddings
+    ctx = model.config.context
     seqs = [tok.encode(t, bos=True)[:min(max_length, ctx)] for t in texts]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))        # similar lengths batch together
     out = torch.empty(len(seqs), len(token_ids))
@@ -198,7 +198,7 @@ def continuation_logprob(model, tok, texts, word, batch_size=16):
     """Ours: log P(" " + word | text) for each text, (N,): the sum of the logprobs of the word's tokens after the text
     (one token with a LLaMA vocabulary, several with the bundled 512-piece one). Prompts longer than the context
     keep their end (the question and the lead-in)."""
-    ctx = model.config.max_position_embeddings
+    ctx = model.config.context
     seqs, starts = [], []
     for t in texts:
         base, full = tok.encode(t, bos=True), tok.encode(t + " " + word, bos=True)
@@ -294,7 +294,7 @@ def answer_prompt(tok, question, protocol="authors"):
 
 def policy_answers(model, tok, questions, max_new_tokens, seed, protocol="authors", batch_size=16):
     """Answers sampled at temperature 0.7, top-p 1.0 (the Vicuna protocol), each cut at the next turn."""
-    ctx = model.config.max_position_embeddings
+    ctx = model.config.context
     prompts = [answer_prompt(tok, q, protocol)[-(ctx // 2):] for q in questions]
     budget = min(max_new_tokens, ctx - max(map(len, prompts)))
     outs = []
@@ -354,7 +354,7 @@ def llm_reviews(judge, judge_tok, prompts_file, questions, pairs, batch_size=16)
                 [{"role": "system", "content": system}, {"role": "user", "content": user}], True), bos=False))
         else:
             prompts.append(judge_tok.encode(format_dialogue(system + "\n\n" + user), bos=True))
-    ctx = judge.config.max_position_embeddings
+    ctx = judge.config.context
     prompts = [p[-(ctx - 32):] for p in prompts]
     lines = []
     for b in tqdm(range(0, len(prompts), batch_size), desc="reviews", leave=False):
@@ -416,6 +416,7 @@ def parse_models(spec):
     for item in filter(None, (x.strip() for x in spec.split(","))):
         name, eq, folder = item.partition("=")
         name, folder = (name, folder) if eq else ("/".join(os.path.normpath(item).split(os.sep)[-2:]), item)
+        folder = model_folder(folder, "--models")
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise UserError(f"--models: {folder} is not a model folder (no config.json). Give NAME=FOLDER,...")
         if name in models:
@@ -433,6 +434,7 @@ def check(cfg):
         raise UserError("--on_error must be 'stop' or 'skip'.")
     if cfg.data and not cfg.rm:
         raise UserError("--data is a pairs file for the reward model: give --rm too.")
+    cfg.rm, cfg.judge = model_folder(cfg.rm, "--rm"), model_folder(cfg.judge, "--judge")
     if cfg.rm:
         RewardModel.check(cfg.rm, "--rm")
     if cfg.dtype and cfg.dtype not in DTYPES:

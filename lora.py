@@ -32,7 +32,8 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(A.to(dev))                                           # (seeded on the CPU)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))    # (out, r)
         self.scale, self.enabled = alpha / rank, True
-        self.merged = None                    # W + (alpha / r) B A while the sampler runs (merged)
+        self.merged = None                    # while the sampler runs (merged): W + (alpha / r) B A, or (A, s B) cast
+        self.cast = None                      # once to the base's dtype
 
     def forward(self, x):
         if self.enabled and self.merged is not None:
@@ -40,6 +41,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
+        if self.cast is not None:
+            return y + F.linear(F.linear(x, self.cast[0]), self.cast[1])
         # in x's dtype (a bf16 base computes its adapters in bf16; the fp32 A and B get the gradients)
         return y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
 
@@ -84,18 +87,25 @@ class lora_disabled:
 
 @contextlib.contextmanager
 def merged(model):
-    """with merged(model): each enabled adapter folded into a copy of its layer's weight, W + (alpha / r) B A, so that
-    a forward costs what the plain model's costs (the sampler's loop runs one a token; unmerged, every adapter adds a
-    cast, two matmuls, a scale and an add). The copies are dropped on leaving. No-grad forwards only: training
-    reaches A and B through the unmerged form. Under FSDP, enter it with the weights gathered (sample.gathered)."""
+    """with merged(model): each enabled adapter prepared for no-grad forwards (the sampler's loop runs one a token;
+    unmerged, every adapter adds two casts, two matmuls, a scale and an add). An fp32 layer gets a copy of its weight
+    with the adapter folded in, W + (alpha / r) B A: a forward then costs what the plain model's costs. A layer in a
+    lower precision keeps its adapter apart, cast and scaled once for the call: rounding W + (alpha / r) B A to bf16
+    would erase most of a young adapter (at |BA| = 1e-3 |W|, 79% of it), and the sampler would draw from nearly the
+    base policy while PPO's logprobs are the adapted one's. Dropped on leaving; training reaches A and B through the
+    unmerged form. Under FSDP, enter it with the weights gathered (sample.gathered)."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.enabled]
     for m in layers:
-        m.merged = m.merged_weight()
+        if m.weight.dtype == torch.float32:
+            m.merged = m.merged_weight()
+        else:
+            dtype = m.weight.dtype
+            m.cast = full_tensor(m.lora_A).to(dtype), (full_tensor(m.lora_B) * m.scale).to(dtype)
     try:
         yield
     finally:
         for m in layers:
-            m.merged = None
+            m.merged = m.cast = None
 
 
 def merge_lora(model):

@@ -23,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from common import UserError, parse_args, run_cli
+from common import UserError, model_folder, parse_args, run_cli
 from lora import LORA_TARGETS
 from model import LlamaConfig, load_config
 
@@ -112,6 +112,18 @@ SHAPES = {
                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         max_position_embeddings=32768, rope_theta=1000000.0),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         max_position_embeddings=32768, rope_theta=1000000.0),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                       rope_theta=1000000.0),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, max_position_embeddings=32768,
+                       rope_theta=1000000.0),
 }
 
 
@@ -119,6 +131,7 @@ def model_config(model):
     """A LlamaConfig from a folder's config.json or a named shape."""
     if model in SHAPES:
         return LlamaConfig.from_dict({"model_type": "llama", **SHAPES[model]}, where=model)
+    model = model_folder(model, "--model", weights=False)
     if os.path.isdir(model):
         return load_config(model)
     raise UserError(f"--model={model!r}: not a model folder, nor a known shape ({', '.join(SHAPES)}).")
@@ -138,7 +151,7 @@ def linear_shapes(cfg):
 def block_params(cfg):
     C, H = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    bias = (q + 2 * kv + C) * cfg.attention_bias + (2 * H + C) * cfg.mlp_bias
+    bias = (q + 2 * kv) * cfg.qkv_bias + C * cfg.attention_bias + (2 * H + C) * cfg.mlp_bias
     return sum(i * o for i, o in linear_shapes(cfg).values()) + bias + 2 * C      # linears, biases, two norms
 
 
@@ -320,9 +333,12 @@ def phase_rows(cfg, j, cb, lora, targets, fsdp, grads):
     rollout = [("KV cache of the rollout", cache),
                ("prefill: one block's intermediates", forward_bytes(cfg, cb, cb if lora or fsdp else residual)
                 * j.rollout_rows * prompt)]
-    if lora:
+    if lora and cb == 4:   # fp32 layers sample with their adapters merged into copies; bf16 ones keep them apart
         merged = sum(i * o for n, (i, o) in linear_shapes(cfg).items() if n in targets) * L
-        rollout.append(("LoRA adapters merged into copies of their layers (lora.merged)", cb * merged))
+        rollout.append(("LoRA adapters merged into copies of their fp32 layers (lora.merged)", cb * merged))
+    elif lora:
+        rollout.append(("LoRA adapters cast once for the rollout (lora.merged)", cb * lora_params(cfg, j.lora_rank,
+                                                                                                  targets)))
     if fsdp:
         rollout.append(("the policy gathered whole for the rollout (sample.gathered)", cb * param_counts(cfg)[0]))
     scoring = max(forward_bytes(cfg, cb, residual, unmerged_lora=lora) * tokens, 8 * V * resp)  # logits, log-softmax
@@ -402,8 +418,9 @@ CHECK_SHAPES = {   # (model shape, rows and tokens of the jobs)
                    num_key_value_heads=2, max_position_embeddings=512), 128),
 }
 CHECK_JOBS = {"rm": 8, "sft": 4, "ppo": 4, "sample": 8}   # rows per forward (rm: 4 pairs)
-CHECK_SETTINGS = {   # the paper's profile on a GPU (bf16, LoRA, checkpointing) and a CPU run's (fp32, every weight)
-    "paper": dict(dtype="bf16", lora_rank=8, grad_checkpointing=True), "full": dict(dtype="fp32")}
+CHECK_SETTINGS = {   # the paper's profile on a GPU (bf16, LoRA, checkpointing) and a CPU run's (fp32, every weight or LoRA)
+    "paper": dict(dtype="bf16", lora_rank=8, grad_checkpointing=True), "full": dict(dtype="fp32"),
+    "lora": dict(dtype="fp32", lora_rank=8)}
 
 
 def check_jobs(shapes):
@@ -414,6 +431,8 @@ def check_jobs(shapes):
         cfg = LlamaConfig.from_dict({"model_type": "llama", **fields}, where=shape)
         for job, rows in CHECK_JOBS.items():
             for name, s in CHECK_SETTINGS.items():
+                if job == "sample" and name == "lora":
+                    continue                                   # (the sampler has no LoRA setting: paper is bf16)
                 if job == "sample":
                     s = dict(dtype=s["dtype"])
                 extra = dict(rollout_rows=8, response=seq // 2) if job == "ppo" else dict(new=seq // 4) \

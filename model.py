@@ -1,5 +1,6 @@
 """
-The LLaMA decoder and its HF-format checkpoints (LoRA adapters are in lora.py).
+The LLaMA-family decoder (LLaMA 1-3, Qwen2 / Qwen2.5, Mistral) and its HF-format checkpoints (LoRA adapters are in
+lora.py).
 
 One forward serves training, prefill and cached decoding:
 
@@ -7,8 +8,9 @@ One forward serves training, prefill and cached decoding:
     logits = model(idx, mask=mask, cache=cache)           # left-padded batch, KV cache
     logits, h = model(idx, mask=mask, return_hidden=True) # h feeds the reward / value heads
 
-Module names follow transformers' LlamaForCausalLM, so a checkpoint's tensor names map onto ours by one
-rule (`hf_name` below) and any HF LLaMA folder loads without conversion. RoPE uses HF's rotate-half layout.
+Module names follow transformers' LlamaForCausalLM (Qwen2's and Mistral's are the same), so a checkpoint's tensor
+names map onto ours by one rule (`hf_name` below) and any such HF folder loads without conversion. RoPE uses HF's
+rotate-half layout.
 """
 import contextlib
 import gc
@@ -29,8 +31,13 @@ from tokenizer import Tokenizer
 # -----------------------------------------------------------------------------
 # config: the fields of HF's LlamaConfig that change the computation
 
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}   # model_type -> its architectures' prefix
+
+
 @dataclass
 class LlamaConfig:
+    """A LLaMA-family decoder: LLaMA 1-3, and Qwen2 / Qwen2.5 (a bias on q, k and v) and Mistral (an optional sliding
+    window), which differ from it in nothing else this code computes."""
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -42,12 +49,15 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict = None             # None, {"rope_type": "linear", "factor"} or llama3's five keys
-    attention_bias: bool = False
+    attention_bias: bool = False          # a bias on q, k, v and o (LLaMA's option)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: object = 2              # an int or a list of ints
     pad_token_id: int = None
+    model_type: str = "llama"             # llama, qwen2 (q, k and v always have a bias) or mistral
+    window: int = None                    # the sliding window attention keeps to (Mistral's sliding_window, Qwen2's
+                                          # when use_sliding_window), None: none; not a config.json key
     extra: dict = field(default_factory=dict)  # other keys of config.json, written back unchanged on save
 
     def __post_init__(self):
@@ -56,15 +66,34 @@ class LlamaConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
+    @property
+    def qkv_bias(self):
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def context(self):
+        """The longest sequence this code computes as the model does: the context window, or the sliding window when
+        it is shorter (a window at least as long as every sequence changes nothing; sliding-window attention itself is
+        not written, so no sequence may pass it)."""
+        return min(self.max_position_embeddings, self.window or self.max_position_embeddings)
+
+    def context_note(self):
+        """How the context window is named in a message."""
+        return f"the sliding window of {self.window} tokens (config.json: sliding_window; sliding-window attention is " \
+               f"not written here)" if self.context < self.max_position_embeddings else \
+            f"the context window of {self.context} tokens"
+
     @classmethod
     def from_dict(cls, d, where="config.json"):
         d = dict(d)
         arch = d.get("architectures") or []
-        if d.get("model_type") != "llama" or any(not a.startswith("Llama") for a in arch):
-            raise UserError(f"{where}: model_type={d.get('model_type')!r}, architectures={arch}: not a LLaMA "
-                            f"model. Point --model at a folder holding a LlamaForCausalLM checkpoint.")
+        family = d.get("model_type")
+        if family not in FAMILIES or any(not a.startswith(FAMILIES[family]) for a in arch):
+            raise UserError(f"{where}: model_type={family!r}, architectures={arch}: not a LLaMA, Qwen2 or Mistral "
+                            f"model. Point --model at a folder holding a LlamaForCausalLM, Qwen2ForCausalLM or "
+                            f"MistralForCausalLM checkpoint (or a ...ForSequenceClassification one).")
         if d.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{where}: hidden_act={d['hidden_act']!r}; LLaMA uses 'silu'.")
+            raise UserError(f"{where}: hidden_act={d['hidden_act']!r}; the LLaMA family uses 'silu'.")
         # transformers >= 5 writes rope_theta and the scaling together as "rope_parameters"
         rp = d.pop("rope_parameters", None)
         if rp:
@@ -72,13 +101,18 @@ class LlamaConfig:
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
             if rp.get("rope_type", rp.get("type", "default")) != "default":
                 d.setdefault("rope_scaling", rp)
-        names = {f.name for f in fields(cls)} - {"extra"}
+        names = {f.name for f in fields(cls)} - {"extra", "window"}
         kw = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(kw.get(k), int) or kw[k] <= 0:
                 raise UserError(f"{where}: '{k}' is missing or not a positive integer (got {kw.get(k)!r}).")
-        cfg = cls(**kw, extra=extra)
+        # Mistral's window applies to every layer; Qwen2's only with use_sliding_window (off in the released configs)
+        # and then to the layers from max_window_layers on: either way no sequence may pass it (context)
+        window = d.get("sliding_window") if family == "mistral" or d.get("use_sliding_window") else None
+        if window is not None and (not isinstance(window, int) or window <= 0):
+            raise UserError(f"{where}: sliding_window={window!r} is not a positive integer.")
+        cfg = cls(**kw, window=window, extra=extra)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise UserError(f"{where}: num_attention_heads={cfg.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={cfg.num_key_value_heads}.")
@@ -91,9 +125,10 @@ class LlamaConfig:
         return cfg
 
     def to_dict(self):
-        d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}
+        """config.json: the keys read, and every other key as it was."""
+        d = {"architectures": [FAMILIES[self.model_type] + "ForCausalLM"], "hidden_act": "silu"}
         d.update(self.extra)
-        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "window")})
         return d
 
     @property
@@ -201,11 +236,11 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        C, b = cfg.hidden_size, cfg.attention_bias
+        C, b = cfg.hidden_size, cfg.qkv_bias
         self.q_proj = nn.Linear(C, self.n_head * self.hd, bias=b)
         self.k_proj = nn.Linear(C, self.n_kv * self.hd, bias=b)
         self.v_proj = nn.Linear(C, self.n_kv * self.hd, bias=b)
-        self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=cfg.attention_bias)
 
     def forward(self, x, cos, sin, attn_mask, cache, layer):
         B, T, _ = x.shape
@@ -353,9 +388,8 @@ class Llama(nn.Module):
     def new_cache(self, batch_size, max_len, prefix=None):
         """A KV cache of batch_size rows x max_len slots; prefix: a filled one-row cache every row continues."""
         P = prefix.pos if prefix is not None else 0
-        if P + max_len > self.config.max_position_embeddings:
-            raise ValueError(f"a KV cache of {P} + {max_len} slots is past the context window "
-                             f"({self.config.max_position_embeddings} tokens)")
+        if P + max_len > self.config.context:
+            raise ValueError(f"a KV cache of {P} + {max_len} slots is past {self.config.context_note()}")
         p = self.embed_tokens.weight
         dtype = p.dtype
         if torch.is_autocast_enabled(p.device.type):   # fp32 master weights computing in bf16: a bf16 cache
@@ -399,8 +433,8 @@ class Llama(nn.Module):
         B, T = idx.shape
         dev = idx.device
         past = cache.pos if cache is not None else 0
-        if past + T > (cache.max_len if cache is not None else self.config.max_position_embeddings):
-            raise ValueError(f"{past} + {T} tokens do not fit the context window / KV cache")
+        if past + T > (cache.max_len if cache is not None else self.config.context):
+            raise ValueError(f"{past} + {T} tokens do not fit the KV cache or {self.config.context_note()}")
         # which keys are real: mask None means no padding, and then the decode path needs no host sync
         if cache is not None:
             cache.mask[:, past:past + T] = True if mask is None else mask
@@ -414,9 +448,8 @@ class Llama(nn.Module):
                 positions = start + torch.arange(T, device=dev)[None]            # (B or 1, T)
             else:
                 positions = (start + mask.long().cumsum(-1) - 1).clamp(min=0)   # (B, T)
-        elif int(positions.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(positions.max())} is past the context window "
-                             f"({self.config.max_position_embeddings} tokens)")
+        elif int(positions.max()) >= self.config.context:
+            raise ValueError(f"position {int(positions.max())} is past {self.config.context_note()}")
         # causal AND key is real. Each query also sees itself, so the rows of padding queries are never empty (their
         # outputs are junk that nothing reads, but finite).
         attn_mask = None
@@ -442,7 +475,8 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, lm_head=True, extra=None):
-        """Load any HF LlamaForCausalLM folder: config.json + model.safetensors or a sharded index.
+        """Load an HF folder of the LLaMA family (Llama, Qwen2, Mistral ...ForCausalLM, or a reward model's
+        ...ForSequenceClassification): config.json + model.safetensors or a sharded index.
         The model is built on the meta device and the checkpoint's tensors are assigned into it, so the
         weights are in memory once. dtype None: fp32 on CPU, bf16 on CUDA.
         lm_head=False loads the trunk only (a stored lm_head.weight is skipped).
@@ -530,14 +564,14 @@ def default_dtype(device):
 def _need_dir(path):
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such model folder. Pass a folder holding config.json and "
-                        f"model.safetensors (an HF LLaMA checkpoint), e.g. --model=data/stories260K.")
+                        f"model.safetensors (an HF checkpoint of the LLaMA family), e.g. --model=data/stories260K.")
 
 
 def load_config(path):
     _need_dir(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise UserError(f"{cfg_path}: missing. A model folder needs the config.json of an HF LLaMA checkpoint.")
+        raise UserError(f"{cfg_path}: missing. A model folder needs the config.json of an HF checkpoint.")
     return LlamaConfig.from_dict(read_json(cfg_path), where=cfg_path)
 
 
@@ -601,7 +635,7 @@ def load_safetensors(path, expected, device, dtype, optional=None):
                 want = expected.get(name, optional.get(name))
                 if want is None:
                     raise UserError(f"{f}: unexpected tensor '{name}' for this config.json. The weights do not "
-                                    f"belong to this config (or are not a LlamaForCausalLM).")
+                                    f"belong to this config (or are not a ...ForCausalLM).")
                 t = handle.get_tensor(name)
                 if tuple(t.shape) != tuple(want):
                     raise UserError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, config.json implies "

@@ -13,8 +13,8 @@ A PPO step, as train() runs it:
   4. PPO epochs   ppo_epochs passes of minibatches over fresh permutations, each a gradient step on ppo_loss
                   (less ent_coef x entropy_bonus)
   5. KL control   beta follows the measured KL towards --kl_target (adaptive_kl, Ziegler et al. 2019)
-  6. log, save    one metrics.jsonl line; HF checkpoints of the policy (LlamaForCausalLM) and the value model
-                  (LlamaForSequenceClassification) every --save_every steps; a rerun resumes
+  6. log, save    one metrics.jsonl line; HF checkpoints of the policy (...ForCausalLM) and the value model
+                  (...ForSequenceClassification) every --save_every steps; a rerun resumes
 docs/ppo.md lists the implementation details that make this work and where each of them lives below.
 """
 import os
@@ -27,16 +27,18 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from common import UserError, commit_dir, derive_seed, out_lock, parse_args, rank, read_json, run_cli, world_size
+from common import (UserError, commit_dir, derive_seed, model_folder, out_lock, parse_args, rank, read_json, run_cli,
+                    world_size)
 from lora import lora_disabled
 from model import Llama, PAD_ID, last_token_index, load_config
 from readers import read_prompts
 from rm import RewardModel
 from sample import generate
 from tokenizer import Tokenizer, dialogue_ids, has_tokenizer, trim_to_sentence
-from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, frozen_dtype, load_dtype,
-                     lora_key, make_optimizer, memory_dry_run, optimizer_step, prepare_for_training, resume_from,
-                     save_training_checkpoint, setup_distributed, shard_bytes, start_or_resume)
+from trainer import (ScaleConfig, all_sum, autocast, check_flags, compute_dtype, describe, end_distributed,
+                     frozen_dtype, load_dtype, lora_key, make_optimizer, memory_dry_run, optimizer_step,
+                     prepare_for_training, resume_from, save_training_checkpoint, setup_distributed, shard_bytes,
+                     start_or_resume)
 
 
 # -----------------------------------------------------------------------------
@@ -482,8 +484,8 @@ def save_checkpoint(path, policy, tok, value, opts, params, state, final, max_sh
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    save_training_checkpoint(lambda p, files: policy.save_pretrained(p, max_shard_bytes, files={**tok.files(), **files}),
-                             params[0], opts[0], os.path.join(tmp, "policy"), state, policy, final)
+    save_policy = lambda p, files: policy.save_pretrained(p, max_shard_bytes, files={**tok.files(), **files})  # noqa
+    save_training_checkpoint(save_policy, params[0], opts[0], os.path.join(tmp, "policy"), state, policy, final)
     save_training_checkpoint(lambda p, files: value.save_pretrained(p, files, max_shard_bytes), params[1], opts[1],
                              os.path.join(tmp, "value"), state, value, final)
     if rank() == 0:
@@ -511,6 +513,8 @@ def check_config(cfg):
     for k in ("policy",) if cfg.dry_run else ("policy", "rm", "prompts"):
         if not getattr(cfg, k):
             raise UserError(f"--{k} is required (python ppo.py --policy=SFT_FOLDER --rm=RM_FOLDER --prompts=FILE).")
+    cfg.policy, cfg.rm = model_folder(cfg.policy, "--policy", not cfg.dry_run), model_folder(cfg.rm, "--rm")
+    check_flags(cfg)
     if cfg.batch_size % cfg.minibatch:
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of --minibatch={cfg.minibatch}.")
     if cfg.temperature <= 0:
@@ -535,7 +539,7 @@ def train(cfg):
         raise UserError(f"{cfg.rm}: its tokenizer differs from the policy's ({cfg.policy}). The value model starts "
                         f"from the reward model and reads the policy's token ids, so the two must share one "
                         f"tokenizer: train the reward model from the policy's base model.")
-    prompt_texts, prompt_ids = encode_prompts(cfg, tok, load_config(cfg.policy).max_position_embeddings,
+    prompt_texts, prompt_ids = encode_prompts(cfg, tok, load_config(cfg.policy).context,
                                               master_process)
     last = os.path.join(cfg.out, "last")
     models, resuming, p_params, v_params = load_models(cfg, tok, dev, dtype, last)

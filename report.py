@@ -46,7 +46,7 @@ def stage_check(cfg):
             else:
                 prefix = tok.encode(format_dialogue(r["query"]))
                 full = tok.encode(format_dialogue(r["query"], r["response"]))
-            full = full[-model.config.max_position_embeddings:]
+            full = full[-model.config.context:]
             n = len(full) - min(len(prefix), len(full) - 1)
             logits = model(torch.tensor([full], device=cfg.device))[0, -n - 1:-1]
             nll += torch.nn.functional.cross_entropy(logits, torch.tensor(full[-n:], device=cfg.device),
@@ -582,7 +582,7 @@ def print_plan(cfg, stages, ppo_settings, trainer_dry_runs):
             g = parse_generator(f"--{role}", getattr(cfg, role), cfg.format)
             samplers.setdefault(g.model, []).append((f"selfplay {role}", g))
     for model, uses in samplers.items():
-        ctx = memory.model_config(model).max_position_embeddings
+        ctx = memory.model_config(model).context
         shared = min(shared_prefix_tokens(model, g, cfg.format) for _, g in uses)
         memory_dry_run(cfg, model, "sample", cfg.batch_size, ctx, shared=shared)
         print(f"  (used by: {', '.join(u for u, _ in uses)}; " +

@@ -1,5 +1,5 @@
 """
-The Bradley-Terry reward model of ALMoST step 1d: a LLaMA trunk and a Linear(hidden, 1) head that scores the last
+The Bradley-Terry reward model of ALMoST step 1d: a LLaMA-family trunk and a Linear(hidden, 1) head that scores the last
 real token (the appended EOS) of "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}</s>", and its trainer.
 
     python rm.py                                                          # the bundled synthetic pairs, ~1 min
@@ -7,7 +7,8 @@ real token (the appended EOS) of "\\n\\nHuman: {prompt}\\n\\nAssistant: {respons
     python rm.py --data=PAIRS.jsonl --preset=tiny                         # the bundled 260K model, minutes on CPU
     python eval.py --rm=out/rm/last                                       # static HHH + Anthropic HH test splits
 
-Checkpoints are transformers' LlamaForSequenceClassification (num_labels=1, head "score.weight"), so
+Checkpoints are transformers' LlamaForSequenceClassification (Qwen2's or Mistral's for those trunks; num_labels=1,
+head "score.weight"), so
 `transformers` gives the same scores. Data: jsonl lines {"prompt", "chosen", "rejected"} (TRL's pair format), or
 Anthropic HH lines where `chosen` / `rejected` hold the whole dialogue.
 """
@@ -23,15 +24,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, out_lock, parse_args, run_cli, user_set
+from common import UserError, model_folder, out_lock, parse_args, run_cli, user_set
 from lora import reshard
-from model import Llama, last_token_index, load_config, load_tokenizer, pad_batch, tensor_names
+from model import FAMILIES, Llama, last_token_index, load_config, load_tokenizer, pad_batch, tensor_names
 from readers import read_pairs
 from tokenizer import dialogue_ids
-from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch, from_master,
-                     load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,
-                     prepare_for_training, resume_from, save_training_checkpoint, set_lr, setup_distributed,
-                     shard_bytes, start_or_resume)
+from trainer import (ScaleConfig, all_sum, autocast, check_flags, compute_dtype, describe, end_distributed, epoch_batch,
+                     from_master, load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches,
+                     optimizer_step, prepare_for_training, resume_from, save_training_checkpoint, set_lr,
+                     setup_distributed, shard_bytes, start_or_resume)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +54,7 @@ class RewardModel(nn.Module):
     def __init__(self, trunk, tok, max_length=1024, chat=False):
         super().__init__()
         # chat: texts in the model's chat template instead of the paper's format (saved with the model)
-        max_length = min(max_length, trunk.config.max_position_embeddings)    # never past the context window
+        max_length = min(max_length, trunk.config.context)    # never past the context window
         self.model, self.tok, self.max_length, self.chat = trunk, tok, max_length, chat
         C = trunk.config.hidden_size
         p = trunk.embed_tokens.weight
@@ -65,7 +66,7 @@ class RewardModel(nn.Module):
     @staticmethod
     def check(path, flag="--rm"):
         """A folder used as a reward model (PPO's reward and value start, the evaluation, self-play) must hold a
-        trained scalar head, score.weight (HF's LlamaForSequenceClassification layout); a causal LM would get a fresh,
+        trained scalar head, score.weight (HF's ...ForSequenceClassification layout); a causal LM would get a fresh,
         random head and its scores would be noise. One message names the folder and what it holds."""
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"{flag}={path}: not a model folder (no config.json). Give a reward model that rm.py "
@@ -79,7 +80,7 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, max_length=1024, seed=0):
-        """A saved reward model (its head and normaliser), or any LLaMA folder (trunk only, fresh head)."""
+        """A saved reward model (its head and normaliser), or any LLaMA-family folder (trunk only, fresh head)."""
         C = load_config(path).hidden_size
         trunk = Llama.from_pretrained(path, device=device, dtype=dtype, lm_head=False,
                                       extra={"score.weight": (1, C)})
@@ -97,15 +98,18 @@ class RewardModel(nn.Module):
         return reward_model.eval()
 
     def save_pretrained(self, path, files=None, max_shard_bytes=5 * 10**9):
-        """LlamaForSequenceClassification layout. transformers scores the last token that is not pad_token_id,
+        """...ForSequenceClassification layout (Llama, Qwen2 or Mistral, as the trunk). transformers scores the last
+        token that is not pad_token_id,
         so pad is set to a token the texts never end with (not EOS): that is the token we score."""
         pad = 0 if self.tok.eos_id != 0 else 1
         files = {**self.tok.files(pad_id=pad), **(files or {})}
         reshard(self)   # (FSDP: the head's root module)
-        self.model.save_pretrained(path, max_shard_bytes, extra={"score.weight": self.head.weight}, files=files, config_updates={
-            "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
-            "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad,
-            "reward_normalizer": self.normalizer, "max_length": self.max_length, "chat_template": self.chat})
+        arch = FAMILIES[self.model.config.model_type] + "ForSequenceClassification"
+        self.model.save_pretrained(path, max_shard_bytes, extra={"score.weight": self.head.weight}, files=files,
+                                   config_updates={
+            "architectures": [arch], "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+            "pad_token_id": pad, "reward_normalizer": self.normalizer, "max_length": self.max_length,
+            "chat_template": self.chat})
 
     def forward(self, idx, mask, per_token=False):
         """(B, T) ids and mask -> (B,) fp32 raw scores, read at each row's last real token; per_token=True: the
@@ -256,7 +260,9 @@ def check_config(cfg):
             if not user_set(cfg, k):   # flags given on the command line win, whatever their value
                 setattr(cfg, k, v)
     if not cfg.model:
-        raise UserError("--model is required: a LLaMA folder (the base model) or --preset=tiny.")
+        raise UserError("--model is required: a LLaMA-family folder (the base model) or --preset=tiny.")
+    check_flags(cfg)
+    cfg.model = model_folder(cfg.model, "--model", weights=not cfg.dry_run)
     if cfg.dry_run:
         return
     if not cfg.data:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, parse_args, read_text, run_cli, world_size
+from common import UserError, model_folder, parse_args, read_text, run_cli, world_size
 from lora import merged
 from model import DTYPES, load, pad_batch
 
@@ -89,18 +89,18 @@ def sample_next(logits, temperature, top_k, top_p, generator, rows=None, index=N
 # batched generation
 
 def check_lengths(model, prompts, max_new_tokens):
-    ctx = model.config.max_position_embeddings
+    ctx = model.config.context
     if not prompts:
         raise UserError("no prompts to sample from: pass at least one prompt.")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise UserError(f"prompt {i} is empty: a prompt needs at least one token (BOS counts).")
         if len(p) >= ctx:
-            raise UserError(f"prompt {i} has {len(p)} tokens, but the context window is {ctx}: shorten the "
-                            f"prompt (it must leave room for at least one new token).")
+            raise UserError(f"prompt {i} has {len(p)} tokens, but the model holds {model.config.context_note()}: "
+                            f"shorten the prompt (it must leave room for at least one new token).")
         if len(p) + max_new_tokens > ctx:
-            raise UserError(f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} is past the "
-                            f"context window of {ctx} tokens: lower --max_new_tokens to {ctx - len(p)} or less.")
+            raise UserError(f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} is past "
+                            f"{model.config.context_note()}: lower --max_new_tokens to {ctx - len(p)} or less.")
 
 
 def shared_prefix_length(prompts):
@@ -250,8 +250,8 @@ def decode(model, cache, logits, pick, max_new_tokens, stop, stops=None, sync=Fa
                     n_new[r] = k
             if last or (all_ranks(all(ended_h), device) if sync else all(ended_h)):
                 break
-            if compact and any(ended_h):   # the rows still running, first in their order (argsort needs no sync)
-                n = max(1, len(rows) - sum(ended_h))   # (under sync a process keeps a finished row as a placeholder)
+            n = max(1, len(rows) - sum(ended_h))   # (under sync a process keeps a finished row as a placeholder)
+            if compact and n < len(rows):   # the rows still running, first in their order (argsort needs no sync)
                 keep = torch.argsort(ended.to(torch.uint8), stable=True)[:n]
                 cache.keep(keep)
                 rows = [r for r, e in zip(rows, ended_h) if not e] or rows[:1]
@@ -290,8 +290,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     keeps one finished row as a placeholder (its tokens are dropped), and the shared prefix is prefilled in every
     process or in none. The weights are gathered once for the whole call (gathered). None: when the model is sharded
     by FSDP (is_sharded); one process never synchronises.
-    LoRA adapters are folded into copies of their layers for the call (lora.merged): a sampled token costs what
-    it costs the plain model.
+    LoRA adapters are prepared once for the call (lora.merged): folded into copies of fp32 layers, so that a sampled
+    token costs what it costs the plain model; cast once beside bf16 layers, which cannot hold a small adapter.
     seed: the same seed gives the same samples; a list of B seeds seeds each row alone, so a row samples the same
     whatever batch it is in (PPO's rollouts split over processes use this). on_token(step, ids) is called after every
     step with the new ids of the rows in the batch (streaming).
@@ -356,7 +356,7 @@ def main(argv):
                          (cfg.top_k < 0, f"--top_k={cfg.top_k}: use 0 (no cut) or more.")):
         if bad:
             raise UserError(message)
-    model, tok = load(cfg.model, device=cfg.device, dtype=DTYPES.get(cfg.dtype))
+    model, tok = load(model_folder(cfg.model), device=cfg.device, dtype=DTYPES.get(cfg.dtype))
     if cfg.prompt_file:
         texts = [line for line in read_text(cfg.prompt_file, "prompt file").splitlines() if line.strip()]
         if not texts:

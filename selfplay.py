@@ -110,7 +110,7 @@ def selfplay(cfg, n, path, assistant, user, reward_model):
                 user_turn([d for d in dls if not d.ended], u_model, u_tok, u_demos, user, cfg, seed + 1, t)
             for d in dls:
                 w.write(d.record(n))
-    warn_no_room(read_records(path), n, a_model.config.max_position_embeddings, assistant.shots)
+    warn_no_room(read_records(path), n, a_model.config.context, assistant.shots)
 
 
 def user_turn(live, model, tok, demos, user, cfg, seed, t):

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import UserError, out_lock, parse_args, read_records, run_cli
+from common import UserError, model_folder, out_lock, parse_args, read_records, run_cli
 from model import Llama
 from tokenizer import Tokenizer, dialogue_text
-from trainer import (ScaleConfig, all_sum, autocast, compute_dtype, describe, end_distributed, epoch_batch, from_master,
-                     load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches, optimizer_step,
-                     prepare_for_training, resume_from, save_training_checkpoint, set_lr, setup_distributed,
-                     shard_bytes, start_or_resume)
+from trainer import (ScaleConfig, all_sum, autocast, check_flags, compute_dtype, describe, end_distributed, epoch_batch,
+                     from_master, load_dtype, lora_key, lr_at, make_optimizer, memory_dry_run, my_micro_batches,
+                     optimizer_step, prepare_for_training, resume_from, save_training_checkpoint, set_lr,
+                     setup_distributed, shard_bytes, start_or_resume)
 
 
 @dataclass
@@ -130,6 +130,8 @@ def train(cfg):
             raise UserError(f"--{k} is required (python sft.py --data=DIALOGUES.jsonl --model=LLAMA_FOLDER).")
     if cfg.loss_on not in ("final", "all"):
         raise UserError(f"--loss_on={cfg.loss_on!r}: use final or all.")
+    check_flags(cfg)
+    cfg.model = model_folder(cfg.model, "--model", weights=not cfg.dry_run)
     if cfg.dry_run:
         return memory_dry_run(cfg, cfg.model, "sft", cfg.micro_batch, cfg.max_length)
     if not os.path.isfile(cfg.data):
@@ -171,8 +173,8 @@ def train(cfg):
         optimizer_step(params, opt, cfg, cfg.grad_clip, state)
         state["step"] = step + 1
         total_loss, = all_sum([total_loss])
-        log({"split": "train", "step": state["step"], "loss": total_loss / max(n_tok, 1), "lr": opt.param_groups[0]["lr"],
-             "skipped_steps": state.get("skipped_steps", 0)})
+        log({"split": "train", "step": state["step"], "loss": total_loss / max(n_tok, 1),
+             "lr": opt.param_groups[0]["lr"], "skipped_steps": state.get("skipped_steps", 0)})
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
             model.eval()
             with torch.no_grad():   # every process, the whole held-out set (FSDP needs them all)

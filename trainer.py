@@ -76,7 +76,7 @@ def setup_distributed(device):
 
 def barrier():
     """Every process waits here for the others, for as long as process 0 may work alone (MASTER_ALONE_TIMEOUT): the
-    pipeline's stages end with one, and so does process 0's evaluation of a checkpoint the others do not take part in."""
+    pipeline's stages end with one, and so does process 0's evaluation of a checkpoint the others take no part in."""
     if world_size() > 1:
         torch.distributed.barrier(group=WAIT_GROUP)
 
@@ -117,6 +117,17 @@ def all_sum(values):
 
 # -----------------------------------------------------------------------------
 # precision
+
+def check_flags(cfg):
+    """The shared flags a trainer refuses before anything loads."""
+    for bad, message in ((cfg.grad_clip <= 0, f"--grad_clip={cfg.grad_clip}: give the largest gradient norm, above 0 "
+                                              f"(0 would zero every gradient)."),
+                         (cfg.max_bad_steps < 1, f"--max_bad_steps={cfg.max_bad_steps}: give 1 or more."),
+                         (cfg.max_shard_gb <= 0, f"--max_shard_gb={cfg.max_shard_gb}: give a size in GB above 0 (5 is "
+                                                 f"HF's default).")):
+        if bad:
+            raise UserError(message)
+
 
 def compute_dtype(cfg, dev):
     """A trainer's compute dtype: bf16 or fp32 (fp16 would need loss scaling, which is not written)."""
@@ -175,7 +186,7 @@ def prepare_for_training(module, cfg, dtype, heads=(), seed=0, trained_from=None
         for h in heads:   # the reward / value head computes in fp32 (rm.RewardModel.forward)
             fully_shard(h, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
         fully_shard(module, mp_policy=mp)
-        module.set_reshard_after_forward(True)   # the root too (embeddings, head): no-grad forwards leave no gathered copy
+        module.set_reshard_after_forward(True)   # the root too (embeddings, head): no gathered copy left after a forward
         for m in module.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)   # sum over processes (see above), not the mean
@@ -185,8 +196,6 @@ def prepare_for_training(module, cfg, dtype, heads=(), seed=0, trained_from=None
 
 def shard_bytes(cfg):
     """The most bytes one safetensors file of a checkpoint holds (--max_shard_gb, in GB of 10^9 bytes as HF counts)."""
-    if cfg.max_shard_gb <= 0:
-        raise UserError(f"--max_shard_gb={cfg.max_shard_gb}: give a size in GB above 0 (5 is HF's default).")
     return int(cfg.max_shard_gb * 10**9)
 
 
