@@ -138,7 +138,11 @@ class Tokenizer:
             raise UserError(f"{os.path.dirname(self.path)}: the chat template refused a dialogue ({e}).") from None
 
     def decode(self, ids):
-        return self.sp.decode(list(ids)) if self.sp is not None else self.bpe.decode(ids)
+        """The text of ids. An id past the tokenizer's pieces (a vocabulary padded beyond them, as Qwen's is, can
+        sample one) has no text."""
+        if self.sp is not None:
+            return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+        return self.bpe.decode(ids)
 
     def files(self, pad_id=None):
         """{file name: writer(path)} of this tokenizer in a checkpoint folder: tokenizer.model or tokenizer.json,
@@ -296,6 +300,8 @@ class BPE:
             if step["type"] not in ("Prepend", "Replace", "NFC") or \
                     step["type"] == "Replace" and "String" not in step["pattern"]:
                 raise UserError(f"{where}: normalizer {step['type']!r} is not supported (Prepend, Replace, NFC are).")
+        # SentencePiece written as BPE: spaces became "▁" (Metaspace, or the normalizers Prepend and Replace)
+        self.sp_style = bool(self.metaspace) or any(s["type"] in ("Prepend", "Replace") for s in self.normalizers)
         self.added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
         self.id_to_piece = {i: p for p, i in self.vocab.items()}
         self.id_to_piece.update({i: p for p, i in self.added.items()})
@@ -414,7 +420,7 @@ class BPE:
             else:
                 out += piece.encode("utf-8")
         text = out.decode("utf-8", errors="replace")
-        if self.metaspace or self.normalizers:                # SentencePiece style: "▁" back to spaces,
+        if self.sp_style:                                     # SentencePiece style: "▁" back to spaces,
             rep = self.metaspace["replacement"] if self.metaspace else "▁"
             text = text.replace(rep, " ")
             text = text[1:] if text.startswith(" ") else text   # without the space prepended to the first word

@@ -116,3 +116,37 @@ def chatml_tokenizer(tmp_path_factory):
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE}))
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def qwen2_stories(tmp_path_factory):
+    """A tiny Qwen2 folder made here, with no download: the bundled story model's weights written as a Qwen2 checkpoint
+    (model_type qwen2, Qwen2ForCausalLM, tied embeddings), with random biases on q, k and v (Qwen2's, which LLaMA has
+    not), its vocabulary padded past the tokenizer's pieces as Qwen pads it, a context of 4,096 positions, and a ChatML
+    chat template. It writes story-like text, so the pipeline's rules (the BAD filter, the comparisons) have answers
+    to work on, where a random model's would all be dropped."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    d = tmp_path_factory.mktemp("qwen2_stories")
+    t = load_file(os.path.join(STORIES, "model.safetensors"))
+    cfg = json.load(open(os.path.join(STORIES, "config.json")))
+    C, V, pad = cfg["hidden_size"], cfg["vocab_size"], 64
+    g = torch.Generator().manual_seed(0)
+    t["model.embed_tokens.weight"] = torch.cat([t["model.embed_tokens.weight"], torch.zeros(pad, C)])
+    t.pop("lm_head.weight", None)                                   # tied
+    kv = cfg["num_key_value_heads"] * C // cfg["num_attention_heads"]
+    for i in range(cfg["num_hidden_layers"]):
+        for name, n in (("q_proj", C), ("k_proj", kv), ("v_proj", kv)):
+            t[f"model.layers.{i}.self_attn.{name}.bias"] = torch.randn(n, generator=g) * 0.02
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    qwen = {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "rms_norm_eps", "bos_token_id", "eos_token_id")}
+    qwen.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=V + pad, hidden_act="silu",
+                max_position_embeddings=4096, rope_theta=cfg.get("rope_theta", 10000.0), tie_word_embeddings=True,
+                use_sliding_window=False, sliding_window=4096, max_window_layers=cfg["num_hidden_layers"],
+                torch_dtype="float32")
+    (d / "config.json").write_text(json.dumps(qwen))
+    shutil.copy(os.path.join(STORIES, "tokenizer.model"), d / "tokenizer.model")
+    tc = json.load(open(os.path.join(STORIES, "tokenizer_config.json")))
+    (d / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": CHATML_TEMPLATE}))
+    return str(d)

@@ -1220,3 +1220,29 @@ def test_each_stage_holds_one_generator_or_policy_at_a_time(tmp_path, monkeypatc
     evallib.evaluate(evallib.Config(models=f"a={stories},b={stories},c={stories}", rm=rm_dir, max_items=3,
                                     max_new_tokens=6, rm_sets=False, out=str(tmp_path / "eval"), device="cpu"))
     assert len(loaded) == 3
+
+
+@pytest.mark.slow
+def test_chat_profile_runs_end_to_end_on_a_qwen2_folder(qwen2_stories, tmp_path):
+    """--profile=chat on a Qwen2 folder (conftest.qwen2_stories: q/k/v biases, tied head, a vocabulary padded past the
+    tokenizer), made small: every stage runs, the reward models are Qwen2ForSequenceClassification checkpoints that
+    transformers loads, the SFT and PPO policies stay Qwen2ForCausalLM, and the report gives its verdicts."""
+    d, m = os.path.join(ROOT, "data", "almost"), qwen2_stories
+    gens = ",".join(f"{n}={m}:{d}/{f}:{k}:40" for n, f, k in (("faithful-1shot", "Faithful_prompt.txt", 1),
+                                                              ("hhh-1shot", "HHH_prompt.txt", 1),
+                                                              ("hhh-0shot", "HHH_prompt.txt", 0)))
+    almost.main(["--profile=chat", f"--model={m}", f"--out={tmp_path}", "--n_queries=40", "--n_rl_queries=4",
+                 "--batch_size=20", "--device=cpu", "--query_line=first", f"--generators={gens}",
+                 "--rubric=faithful-1shot>hhh-1shot>hhh-0shot", f"--assistant={m}:{d}/Faithful_prompt.txt:1:32",
+                 f"--user={m}:{d}/HHH_prompt.txt:1:24", "--n=2", "--selfplay_baseline=false", "--ppo_steps=1",
+                 "--eval_max_items=3", "--eval_rm_items=3", "--check_items=3", "--sft_epochs=1",
+                 "--ppo_args=--batch_size=4 --minibatch=4 --ppo_epochs=1 --max_new_tokens=16"])
+    for f in ("rm/last", "sft/best", "ppo/last/policy", "ppo/last/value"):
+        cfg = read_json(str(tmp_path / f / "config.json"))
+        kind = "ForSequenceClassification" if f.startswith("rm") or f.endswith("value") else "ForCausalLM"
+        assert cfg["model_type"] == "qwen2" and cfg["architectures"] == ["Qwen2" + kind], f
+    transformers = pytest.importorskip("transformers")
+    transformers.Qwen2ForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "last"))
+    assert len(read_records(str(tmp_path / "responses.jsonl"))) == 120 and read_records(str(tmp_path / "comparisons.jsonl"))
+    assert set(read_json(str(tmp_path / "eval" / "results.json"))["models"]) == {"base", "sft", "ppo"}
+    assert "## Did it work?" in (tmp_path / "report.md").read_text()

@@ -272,3 +272,119 @@ print(max(peak[0], anon()) - base)
 """
     grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert nbytes * 0.8 < grown < nbytes * 1.3, (grown, nbytes)  # two copies would be 2x
+
+
+# -----------------------------------------------------------------------------
+# the LLaMA family: Qwen2 / Qwen2.5 (a bias on q, k and v; tied or untied heads) and Mistral (a sliding window)
+
+FAMILIES = {   # name: (transformers' prefix, config fields)
+    "qwen2_tied": ("Qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0, num_key_value_heads=2)),
+    "qwen2_untied": ("Qwen2", dict(tie_word_embeddings=False, rope_theta=1000000.0, num_key_value_heads=1)),
+    "mistral": ("Mistral", dict(sliding_window=4096, head_dim=24, rope_theta=1000000.0)),
+}
+
+
+def hf_family(name, seed=0, **kw):
+    prefix, fields = FAMILIES[name]
+    base = dict(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    cfg = getattr(transformers, prefix + "Config")(**{**base, **fields, **kw})
+    torch.manual_seed(seed)
+    m = getattr(transformers, prefix + "ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # the biases HF zero-initialises, and the norms, perturbed so that they are tested
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+@needs_transformers
+@pytest.mark.parametrize("name", FAMILIES)
+def test_qwen2_and_mistral_match_transformers(tmp_path, name):
+    """A transformers-saved random Qwen2 (tied and untied) or Mistral: our logits within 1e-4 (fp32), left-padded and
+    whole; greedy tokens equal to transformers' generate over 16 steps; our save loads in transformers with the same
+    logits and keeps its model_type; Qwen2's o_proj has no bias and q, k, v have one."""
+    hf = hf_family(name)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = Llama.from_pretrained(str(tmp_path / "hf"))
+    family = FAMILIES[name][0].lower()
+    assert ours.config.model_type == family and ours.config.context == 128
+    attn = ours.layers[0].self_attn
+    assert (attn.q_proj.bias is not None, attn.o_proj.bias is not None) == ((True, False) if family == "qwen2" else
+                                                                         (False, False))
+    idx = batch(640, T=13)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, :5] = False
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-4
+        got, ref = ours(idx, mask=mask), hf(idx, attention_mask=mask.long(), position_ids=pos).logits
+        assert (got - ref)[mask].abs().max().item() < 1e-4
+        want = hf.generate(idx[:1], max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert generate(ours, [idx[0].tolist()], 16, temperature=0, stop_ids=[])[0][0] == want[0, 13:].tolist()
+    ours.save_pretrained(str(tmp_path / "ours"))
+    saved = json.load(open(tmp_path / "ours" / "config.json"))
+    assert saved["model_type"] == family and saved["architectures"] == [FAMILIES[name][0] + "ForCausalLM"]
+    back = getattr(transformers, FAMILIES[name][0] + "ForCausalLM").from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(idx).logits - ours(idx)).abs().max().item() < 1e-4
+
+
+@needs_transformers
+def test_a_qwen2_reward_model_scores_as_transformers_both_ways(tmp_path, chatml_tokenizer):
+    """A Qwen2 trunk with a vocabulary larger than its tokenizer (Qwen pads it): our reward model saves as
+    Qwen2ForSequenceClassification and transformers gives its scores; a transformers-saved one loads in ours with
+    the same scores."""
+    import shutil
+    from rm import RewardModel, encode
+    hf = hf_family("qwen2_untied")
+    hf.save_pretrained(tmp_path / "base")
+    for f in os.listdir(chatml_tokenizer):
+        shutil.copy(os.path.join(chatml_tokenizer, f), tmp_path / "base")
+    rm = RewardModel.from_pretrained(str(tmp_path / "base"), seed=3)
+    assert rm.tok.vocab_size < rm.model.config.vocab_size
+    rm.save_pretrained(str(tmp_path / "rm"))
+    cfg = json.load(open(tmp_path / "rm" / "config.json"))
+    assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and cfg["model_type"] == "qwen2"
+    seq_cls = transformers.Qwen2ForSequenceClassification
+    texts = [("What is a cat?", "A cat is a small animal."), ("Hi", "Hello there, how are you?")]
+    ours = rm.score(*zip(*texts))
+    with torch.no_grad():
+        theirs = torch.cat([seq_cls.from_pretrained(tmp_path / "rm").eval()(torch.tensor([encode(rm.tok, p, r, 320)]))
+                            .logits[:, 0] for p, r in texts])
+    assert (theirs - ours).abs().max() < 1e-4
+    torch.manual_seed(4)
+    hf.config.num_labels, hf.config.pad_token_id = 1, 0
+    hf_rm = seq_cls(hf.config).eval()
+    hf_rm.save_pretrained(tmp_path / "hf_rm")
+    for f in os.listdir(chatml_tokenizer):
+        shutil.copy(os.path.join(chatml_tokenizer, f), tmp_path / "hf_rm")
+    loaded = RewardModel.from_pretrained(str(tmp_path / "hf_rm"))
+    with torch.no_grad():
+        want = torch.cat([hf_rm(torch.tensor([encode(loaded.tok, p, r, 320)])).logits[:, 0] for p, r in texts])
+    assert (loaded.score(*zip(*texts)) - want).abs().max() < 1e-4
+
+
+@needs_transformers
+def test_a_sliding_window_is_the_context_limit(tmp_path):
+    """Mistral attends within a sliding window; sliding-window attention is not written here, so the window is the
+    longest sequence this code runs: within it the logits are transformers' (the window changes nothing there), past
+    it the sampler refuses in one message that names the window. Qwen2's window counts only with
+    use_sliding_window, off in its released configs."""
+    from model import LlamaConfig, UserError
+    hf = hf_family("mistral", sliding_window=8)
+    hf.save_pretrained(tmp_path)
+    ours = Llama.from_pretrained(str(tmp_path))
+    assert ours.config.context == 8 and ours.config.max_position_embeddings == 128
+    idx = batch(640, T=8)
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-4
+    with pytest.raises(UserError, match="sliding window of 8 tokens"):
+        generate(ours, [idx[0, :5].tolist()], 4, temperature=0)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+        ours(batch(640, T=9))
+    assert json.load(open(tmp_path / "config.json"))["sliding_window"] == 8
+    qwen = {"model_type": "qwen2", "vocab_size": 9, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 64, "sliding_window": 16}
+    assert LlamaConfig.from_dict(qwen).context == 64
+    assert LlamaConfig.from_dict({**qwen, "use_sliding_window": True}).context == 16

@@ -93,6 +93,53 @@ def test_llama3_style_tokenizer_json(tmp_path):
     assert_parity(tok, hf, PARITY_TEXTS + hh_texts(100))
 
 
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+          "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def qwen2_style_folder(d):
+    """A small tokenizer folder written the way Qwen2 / Qwen2.5's is: NFC normalisation, Qwen's split regex (one digit
+    a word), byte-level BPE, no BOS, ChatML special tokens with <|im_end|> as EOS, a ChatML chat template."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    t = HFTokenizer(models.BPE())
+    t.normalizer = normalizers.NFC()
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    t.post_processor = processors.ByteLevel(trim_offsets=False)
+    t.train_from_iterator(hh_texts(400) + PARITY_TEXTS, trainers.BpeTrainer(
+        vocab_size=1200, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False, "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace", "pad_token": "<|endoftext|>",
+        "split_special_tokens": False, "unk_token": None, "chat_template": CHATML}))   # (Qwen2.5's keys)
+    return t
+
+
+def test_qwen2_style_tokenizer_json(tmp_path):
+    """Qwen2's tokenizer.json (its split pattern with one digit a word, NFC, ChatML special tokens, no BOS): token
+    for token with transformers on accents (composed and decomposed), digits, CJK, emoji and special tokens."""
+    transformers = pytest.importorskip("transformers")
+    t = qwen2_style_folder(tmp_path)
+    tok = Tokenizer(str(tmp_path))
+    assert not tok.add_bos and tok.bos_id is None and tok.eos_id == t.token_to_id("<|im_end|>")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = PARITY_TEXTS + hh_texts(100) + ["e\u0301te\u0301 vs \u00e9t\u00e9: NFC composes both", "2024-12-02 3141592653"]
+    assert_parity(tok, hf, [x for x in texts if x != "a\u0301 combining" and "e\u0301" not in x])
+    for x in texts:   # NFC changes a decomposed accent, so only the ids (not the round trip) can match there
+        assert tok.encode(x) == hf(x)["input_ids"], x
+    assert len(tok.encode("2024")) == 4                                           # \p{N}: a digit a word
+    messages = [{"role": "user", "content": "日本語? 😀"}, {"role": "assistant", "content": "Oui, très bien."}]
+    text = tok.apply_chat_template(messages, False)
+    assert text == hf.apply_chat_template(messages, tokenize=False)
+    assert tok.encode(text, bos=True) == hf(text)["input_ids"]
+
+
 def test_sentencepiece_model_saved_by_transformers_as_tokenizer_json(tmp_path, stories):
     """transformers 5 saves a SentencePiece model as tokenizer.json alone (Metaspace, byte fallback): it loads, gives
     transformers' ids, and the SentencePiece ids wherever transformers' conversion agrees with SentencePiece."""
