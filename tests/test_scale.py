@@ -335,6 +335,10 @@ def test_parameter_counts_match_the_models_and_known_checkpoints():
     # the published sizes: Llama-2-7B 6,738,415,616 and Llama-2-70B 68,976,648,192 parameters
     assert memory.param_counts(memory.model_config("llama-2-7b"))[0] == 6_738_415_616
     assert memory.param_counts(memory.model_config("llama-2-70b"))[0] == 68_976_648_192
+    # Qwen2.5 (q/k/v biases; 0.5B and 1.5B tie their heads) and Mistral-7B-v0.3, as their safetensors count them
+    for shape, n in (("qwen2.5-0.5b", 494_032_768), ("qwen2.5-1.5b", 1_543_714_304), ("qwen2.5-7b", 7_615_616_512),
+                     ("mistral-7b", 7_248_023_552)):
+        assert memory.param_counts(memory.model_config(shape))[0] == n, shape
 
 
 MODES = {   # name: (weights dtype, autocast, lora targets or None, residual bytes, compute bytes)
@@ -573,6 +577,17 @@ def test_rm_lora_under_fsdp_matches_one_process_and_resumes(tmp_path, pairs):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "rm.py"), f"--data={pairs}", *RM_ARGS, "--lora_rank=8",
                         "--out=split"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "another run" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_qwen2_reward_model_with_lora_under_fsdp_matches_one_process(tmp_path, pairs, qwen2_stories):
+    """The Qwen2 folder (q/k/v biases under the adapters, a tied, padded vocabulary) through rm.py with LoRA, alone
+    and under FSDP over 2 processes: the same adapters, and a Qwen2ForSequenceClassification checkpoint."""
+    args = [f"--data={pairs}", *RM_ARGS, f"--model={qwen2_stories}", "--lora_rank=4"]
+    launch("rm.py", [*args, "--out=one"], 1, tmp_path)
+    launch("rm.py", [*args, "--out=two", "--fsdp=true"], 2, tmp_path)
+    assert max_diff(tmp_path / "one/last/adapter_model.safetensors", tmp_path / "two/last/adapter_model.safetensors") < WEIGHT_TOL
+    assert json.load(open(tmp_path / "two/last/config.json"))["architectures"] == ["Qwen2ForSequenceClassification"]
 
 
 @pytest.mark.slow
