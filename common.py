@@ -338,7 +338,8 @@ def claim_out(path, flag):
             from None
     if os.path.abspath(path) in HELD or int(os.environ.get("RANK", "0")) != 0:
         return None
-    lock, me = os.path.join(path, ".lock"), {"pid": os.getpid(), "host": socket.gethostname()}
+    lock = os.path.join(path, ".lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": (process_state(os.getpid()) or (None, None))[1]}
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -361,9 +362,9 @@ def claim_out(path, flag):
 
 
 def lock_holder(lock, me):
-    """The live run that holds a lock file ({"pid", "host"}), or None when the lock is stale: its pid is gone from
-    this host (or is this very process's, which can only be a lock that outlived a restart), or it is empty and
-    older than 5 seconds (its writer died between creating and writing it)."""
+    """The live run that holds a lock file ({"pid", "host", "start"}), or None when the lock is stale: its process
+    is gone from this host (pid_alive), or its pid is this very process's (a lock that outlived a restart), or the file
+    is empty and older than 5 seconds (its writer died between creating and writing it)."""
     try:
         other = json.loads(open(lock, encoding="utf-8").read())
     except (OSError, ValueError):
@@ -375,12 +376,33 @@ def lock_holder(lock, me):
     if not isinstance(other, dict):
         return None
     pid = other.get("pid")
-    if other.get("host") == me["host"] and (not isinstance(pid, int) or pid == me["pid"] or not pid_alive(pid)):
+    if other.get("host") == me["host"] and (not isinstance(pid, int) or pid == me["pid"] or
+                                            not pid_alive(pid, other.get("start"))):
         return None
     return other
 
 
-def pid_alive(pid):
+def process_state(pid):
+    """(state letter, start time in clock ticks since boot) of a process, from /proc; None where /proc has no entry
+    for it (or there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()                    # after "pid (comm) ": state is the first field
+    return fields[0], int(fields[19])                                  # starttime: field 22 of the line
+
+
+def pid_alive(pid, start=None):
+    """Whether the process that took a lock is still running here. Dead: no such process; a zombie (killed, not yet
+    reaped by its parent, which os.kill still finds); or a process that has since been given the same pid (its start
+    time is not the one the lock recorded)."""
+    state = process_state(pid)
+    if state is not None:
+        return state[0] not in ("Z", "X") and (start is None or state[1] == start)
+    if os.path.isdir("/proc/self"):                                     # Linux: no entry, no process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -8,6 +8,7 @@ import os
 import statistics
 from collections import Counter
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -127,6 +128,32 @@ def diversity(texts, n=4):
     per_text = Counter(g for w in words for g in {tuple(w[i:i + n]) for i in range(len(w) - n + 1)})
     phrase, count = per_text.most_common(1)[0] if per_text else ((), 0)
     return {**d, "top_phrase": " ".join(phrase), "top_phrase_share": count / max(1, len(texts)), "texts": len(texts)}
+
+
+def distinct_2_ratio_interval(texts, base, draws=2000, seed=0):
+    """The 95% interval of distinct-2(texts) / distinct-2(base), two policies' answers to the same prompts, by the
+    bootstrap over the prompts: each draw resamples the prompts with replacement and takes both policies' answers to
+    them (a paired resample), percentiles 2.5 and 97.5 of the ratio over the draws. Seeded: a report is the same on a
+    rerun. A text's bigrams are counted once in the unique ones and as often as it is drawn in the total."""
+    vocab, sets, sizes = {}, [], []
+    for t in texts + base:
+        w = t.lower().split()
+        grams = [vocab.setdefault(g, len(vocab)) for g in zip(w, w[1:])]
+        sets.append(sorted(set(grams)))
+        sizes.append(len(grams))
+    present = np.zeros((len(sets), max(1, len(vocab))), dtype=bool)             # (texts, bigrams)
+    for i, g in enumerate(sets):
+        present[i, g] = True
+    sizes, n = np.array(sizes), len(texts)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(draws):
+        pick = rng.integers(0, n, n)                                            # the prompts, drawn with replacement
+        counts = np.bincount(pick, minlength=n)                                 # how often each prompt is drawn
+        d = [present[off:off + n][counts > 0].any(0).sum() / max(1, (counts * sizes[off:off + n]).sum())
+             for off in (0, n)]
+        ratios.append(d[0] / max(d[1], 1e-9))
+    return tuple(float(x) for x in np.percentile(ratios, [2.5, 97.5]))
 
 
 def nice_ticks(lo, hi, n=5):
@@ -261,14 +288,14 @@ def warn(cfg, which):
         print(w)
 
 
-def verdict(key, claim, line, value, lo=None, hi=None, n=0, holds=None, share=True):
+def verdict(key, claim, line, value, lo=None, hi=None, n=0, holds=None, share=True, bar=None):
     """One "did it work?" verdict: what is claimed (a short name of the figure and the bar it must clear), its report
     line, its figure with a 95% interval over n items, and whether the claim held (False too where the data cannot
     tell; None: a figure that makes no claim). share: the figure is a share (written in %), else a score difference.
-    verdicts.json keeps these for each run; seeds.py tabulates them."""
+    bar: what the interval's lower edge must clear. verdicts.json keeps these for each run; seeds.py tabulates them."""
     if holds is not None:
         holds = bool(holds and n >= MIN_VERDICT_ITEMS)
-    return dict(key=key, claim=claim, line=line, value=value, lo=lo, hi=hi, n=n, holds=holds, share=share)
+    return dict(key=key, claim=claim, line=line, value=value, lo=lo, hi=hi, n=n, holds=holds, share=share, bar=bar)
 
 
 def verdicts(cfg, rs, sft, ev, div=None):
@@ -305,7 +332,7 @@ def rm_verdicts(cfg, rs):
                     "beats chance, not the longer-answer baseline" if lo > 0.5 else "does not beat chance")
             line = (f"- Step 1, reward model on {name} ({n} pairs): {pct(m)} [{pct(lo)}, {pct(hi)}] against chance 50% "
                     f"and \"prefer the longer answer\" {pct(base)}{others}: **{decided(text, n)}**.")
-            out.append(verdict(f"rm_{split}", f"RM accuracy on {name} (> 50%)", line, m, lo, hi, n, holds=lo > 0.5))
+            out.append(verdict(f"rm_{split}", f"RM accuracy on {name} (> 50%)", line, m, lo, hi, n, holds=lo > 0.5, bar=0.5))
     check = read_json(os.path.join(cfg.out, "check_stats.json")) if os.path.isfile(
         os.path.join(cfg.out, "check_stats.json")) else {}
     for axis, a in check.get("axes", {}).items():
@@ -316,7 +343,7 @@ def rm_verdicts(cfg, rs):
                 f"{pct(a['accuracy'])} [{pct(lo)}, {pct(hi)}] of {a['n']} queries: "
                 f"**{decided(a['verdict'], a['n'])}**.")
         out.append(verdict(f"rubric {axis}", f"the judge agrees with the rubric's {axis} (> 50%)", line,
-                           a["accuracy"], lo, hi, a["n"], holds=lo > 0.5))
+                           a["accuracy"], lo, hi, a["n"], holds=lo > 0.5, bar=0.5))
     return out
 
 
@@ -333,7 +360,7 @@ def step2_verdicts(cfg, sft):
                 f"mean candidate of its turn ({len(gains)} turns): **{text}** (judged by the reward model that chose "
                 f"them).")
         out.append(verdict("selfplay_gain", "self-play: chosen minus mean candidate, RM score (> 0)", line,
-                           g, lo, hi, len(gains), holds=lo > 0, share=False))
+                           g, lo, hi, len(gains), holds=lo > 0, share=False, bar=0.0))
     if sft and "scores" in sft.get("sft", {}) and "scores" in sft.get("sft_plain", {}):
         d = [a - b for a, b in zip(sft["sft"]["scores"], sft["sft_plain"]["scores"])]
         g, (lo, hi) = mean_interval(d)                          # paired: each query's difference
@@ -341,7 +368,7 @@ def step2_verdicts(cfg, sft):
         line = (f"- Step 2, SFT on RM-guided against plain self-play, {len(d)} held-out queries: RM score {g:+.3f} "
                 f"[{lo:+.3f}, {hi:+.3f}] (paired t interval): **{text}** (the same reward model judges).")
         out.append(verdict("sft_vs_plain", "SFT on RM-guided minus plain self-play, RM score (> 0)", line,
-                           g, lo, hi, len(d), holds=lo > 0, share=False))
+                           g, lo, hi, len(d), holds=lo > 0, share=False, bar=0.0))
     return out
 
 
@@ -359,16 +386,19 @@ def ppo_verdicts(cfg, ev, div):
                 f"steps against the first {q}: {statistics.fmean(first):+.3f} -> {statistics.fmean(last):+.3f}, a "
                 f"change of {g:+.3f} [{lo:+.3f}, {hi:+.3f}] (Welch t interval over the steps): **{text}**.")
         out.append(verdict("ppo_reward", "PPO training reward, last quarter minus first (> 0)", line,
-                           g, lo, hi, q, holds=lo > 0, share=False))
+                           g, lo, hi, q, holds=lo > 0, share=False, bar=0.0))
     if div and "sft" in div and "ppo" in div:
         r = div["ppo"]["distinct_2"] / max(div["sft"]["distinct_2"], 1e-9)
-        text = "kept its diversity" if r >= 0.8 else "collapsed onto what the reward model likes"
-        line = (f"- Step 3, diversity: PPO's distinct-2 is {r:.0%} of the SFT policy's "
+        lo, hi = div["ppo"].get("ratio_ci", (None, None))
+        text = decided("kept its diversity" if lo is not None and lo >= 0.8 else "collapsed onto what the reward model "
+                       "likes" if hi is not None and hi < 0.8 else "too close to the bar to tell", div["ppo"]["texts"])
+        ci = f" [{lo:.0%}, {hi:.0%}] (bootstrap over the prompts)" if lo is not None else ""
+        line = (f"- Step 3, diversity: PPO's distinct-2 is {r:.0%}{ci} of the SFT policy's "
                 f"({div['ppo']['distinct_2']:.3f} vs {div['sft']['distinct_2']:.3f}); its most shared 4-gram, "
                 f"\"{div['ppo']['top_phrase']}\", is in {div['ppo']['top_phrase_share']:.0%} of its answers: **{text}** "
                 f"(80% of SFT's is the bar).")
-        out.append(verdict("ppo_diversity", "PPO's distinct-2 over SFT's (>= 80%)", line, r, n=div["ppo"]["texts"],
-                           holds=r >= 0.8))
+        out.append(verdict("ppo_diversity", "PPO's distinct-2 over SFT's (>= 80%)", line, r, lo, hi,
+                           n=div["ppo"]["texts"], holds=lo is not None and lo >= 0.8, bar=0.8))
     if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
         v = ev["vicuna"]["ppo"]["rm"]
         n = v["win"] + v["loss"]                                 # the pairs the reward model decides
@@ -381,7 +411,7 @@ def ppo_verdicts(cfg, ev, div):
                 f"pairs: **{text}**. **Caveat: this judge is the reward model PPO optimised**; a higher score shows "
                 f"the reward went up, not that the answers are better.")
         out.append(verdict("ppo_vicuna_rm", "PPO's answer above SFT's on Vicuna-80 by the RM (> 50%)", line,
-                           v["win"] / max(n, 1), lo, hi, n, holds=lo > 0.5))
+                           v["win"] / max(n, 1), lo, hi, n, holds=lo > 0.5, bar=0.5))
     return out
 
 
@@ -396,7 +426,7 @@ def eval_verdicts(ev):
             line = (f"- Evaluation, {name} as judge on static HHH ({a['n']} items): {pct(a['accuracy'])} "
                     f"[{pct(lo)}, {pct(hi)}]: **{text}**; TruthfulQA MC1 {pct(t['accuracy'])}.")
             out.append(verdict(f"judge_{name}", f"{name} as judge on static HHH (> 50%)", line, a["accuracy"],
-                               lo, hi, a["n"], holds=lo > 0.5))
+                               lo, hi, a["n"], holds=lo > 0.5, bar=0.5))
             out.append(verdict(f"truthfulqa_{name}", f"TruthfulQA MC1, {name} (no claim)", "", t["accuracy"],
                                *t.get("ci95", (None, None)), n=t.get("n", 0)))
     return out
@@ -414,6 +444,8 @@ def stage_report(cfg):
                for n in ("base", "sft", "ppo")}
     answers = {n: a for n, a in answers.items() if a}
     div = {n: diversity(a) for n, a in answers.items()}
+    if "ppo" in div and "sft" in div and len(answers["ppo"]) == len(answers["sft"]):
+        div["ppo"]["ratio_ci"] = distinct_2_ratio_interval(answers["ppo"], answers["sft"])
     table = figures_table(cs, rs, sp, sft, ppo_rows, div, tm)
     md = ["# ALMoST run report", "", f"Output folder `{cfg.out}`, profile `{cfg.profile}`.", ""]
     warnings = small_data_warnings(cfg)

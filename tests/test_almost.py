@@ -1116,30 +1116,35 @@ def test_the_same_seed_gives_the_same_run(tmp_path):
     assert read_records(str(a / "queries.jsonl")) != read_records(str(runs["c"] / "queries.jsonl"))
 
 
-def test_seed_table_counts_the_seeds_each_claim_held_on(tmp_path):
-    """seeds.py: each verdict's figure per seed, its mean and range, and the seeds its claim held on; a seed whose
-    run is finished is not run again."""
+def test_seed_table_counts_the_runs_each_claim_held_on(tmp_path):
+    """seeds.py: for each verdict the runs its claim held on, its mean and range, the run nearest its bar, and a status:
+    "held on every run" only with every run's interval clear of the bar by more than the runs' spread, "borderline"
+    when it held on all but sits within that spread, else how often; a finished run is not run again."""
     import seeds
     from report import verdict
-    runs = {1: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.2, 0.1, 0.3, 10, holds=True, share=False),
-                 verdict("rm_static_hhh", "RM acc (> 50%)", "l", 0.6, 0.55, 0.65, 221, holds=True)], {"rm": 10.0}),
-            2: ([verdict("ppo_reward", "PPO reward (> 0)", "l", -0.1, -0.3, 0.1, 10, holds=False, share=False),
-                 verdict("rm_static_hhh", "RM acc (> 50%)", "l", 0.5, 0.45, 0.55, 221, holds=False)], {"rm": 30.0}),
-            3: ([verdict("ppo_reward", "PPO reward (> 0)", "l", 0.5, 0.4, 0.6, 4, holds=True, share=False)], {})}
+    v = lambda key, x, lo, n=221, share=True, bar=0.5: verdict(key, key, "l", x, lo, x + 0.1, n, holds=lo > bar,  # noqa
+                                                               share=share, bar=bar)
+    runs = {"1/t1": ([v("far", 0.70, 0.62), v("near", 0.56, 0.505), v("mixed", 0.2, 0.1, 10, False, 0.0)], {"rm": 10.0}),
+            "1/t2": ([v("far", 0.71, 0.63), v("near", 0.60, 0.54), v("mixed", -0.1, -0.3, 10, False, 0.0)], {"rm": 30.0}),
+            "2/t1": ([v("far", 0.72, 0.64), v("near", 0.58, 0.52), v("mixed", 0.5, 0.4, 4, False, 0.0)], {})}
     md, rows = seeds.table(runs)
-    ppo, rm = rows
-    assert ppo["held"] == 1 and ppo["of"] == 3          # seed 3 had 4 items: too few to hold
-    assert abs(ppo["mean"] - 0.2) < 1e-12 and (ppo["min"], ppo["max"]) == (-0.1, 0.5)
-    assert rm["held"] == 1 and rm["of"] == 2 and rm["seeds"][3] is None
-    assert "| 1 of 3 |" in md and "60.0% [55.0%, 65.0%] ✓" in md and "-0.100 [-0.300, +0.100] ✗" in md
-    assert "| wall time of the run | 10 s | 30 s | - | 20 s [10, 30] | - |" in md
-    for s in (1, 2):                                    # finished runs are read, not run again
-        (tmp_path / f"seed_{s}").mkdir()
-        (tmp_path / f"seed_{s}" / "verdicts.json").write_text(json.dumps(runs[s][0]))
-    seeds.main([f"--out={tmp_path}", "--seeds=1,2"])
-    assert "2 seeds" in (tmp_path / "seeds.md").read_text() and len(json.load(open(tmp_path / "seeds.json"))) == 2
-    with pytest.raises(UserError, match="at least two different seeds"):
+    far, near, mixed = rows
+    assert far["status"] == "held on every run" and far["held"] == far["of"] == 3
+    assert near["status"].startswith("borderline") and near["held"] == 3 and near["nearest"] == [0.505, 0.66]
+    assert mixed["held"] == 1 and mixed["of"] == 3 and mixed["status"] == "held on 1 of 3 runs"   # 4 items: too few
+    assert abs(mixed["mean"] - 0.2) < 1e-12 and (mixed["min"], mixed["max"]) == (-0.1, 0.5)
+    assert "| far, n = 221 | 3 of 3 | 71.0% [70.0%, 72.0%] | [62.0%, 80.0%] | held on every run |" in md
+    assert "| wall time of a run | - | 20 s [10, 30] | - | - |" in md
+    for s_, t in ((1, 1), (2, 1)):                       # finished runs are read, not run again
+        (tmp_path / f"seed_{s_}_t{t}").mkdir()
+        (tmp_path / f"seed_{s_}_t{t}" / "verdicts.json").write_text(json.dumps(runs[f"{s_}/t{t}"][0]))
+    seeds.main([f"--out={tmp_path}", "--seeds=1,2", "--threads=1"])
+    text = (tmp_path / "seeds.md").read_text()
+    assert "over 2 runs" in text and "| far | 70.0% ✓ | 72.0% ✓ |" in text and len(json.load(open(tmp_path / "seeds.json"))) == 3
+    with pytest.raises(UserError, match="different numbers"):
         seeds.main([f"--out={tmp_path}", "--seeds=1,1"])
+    with pytest.raises(UserError, match="at least two runs"):
+        seeds.main([f"--out={tmp_path}", "--seeds=1", "--threads=2"])
 
 
 def test_the_story_stop_rule_never_changes_the_opening():

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -292,7 +293,9 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_dead_runs_lock_is_ta
     try:
         assert holder.stdout.readline().strip() == "held"               # the event: the lock is written and held
         lock = out / ".lock"
-        assert json.loads(lock.read_text()) == {"pid": holder.pid, "host": socket.gethostname()}
+        from common import process_state
+        assert json.loads(lock.read_text()) == {"pid": holder.pid, "host": socket.gethostname(),
+                                                "start": process_state(holder.pid)[1]}
         r = cli_of("rm.py", "--preset=tiny", "--data=data/stories/comparisons.jsonl", f"--out={out}")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert f"in use by another run (pid {holder.pid}" in r.stderr and ".lock" in r.stderr
@@ -335,7 +338,32 @@ def test_lock_file_states(tmp_path):
     assert lock_holder(str(lock), me)                                   # being written by another run
     os.utime(lock, (time.time() - 60, time.time() - 60))
     assert lock_holder(str(lock), me) is None                           # its writer died mid-write
+    from common import process_state
+    init_start = process_state(1)[1]
     for held, stale in [({"pid": 1, "host": me["host"]}, False), ({"pid": me["pid"], "host": me["host"]}, True),
-                        ({"pid": "x", "host": me["host"]}, True), ({"pid": 1, "host": "elsewhere"}, False)]:
+                        ({"pid": "x", "host": me["host"]}, True), ({"pid": 1, "host": "elsewhere"}, False),
+                        ({"pid": 1, "host": me["host"], "start": init_start}, False),
+                        ({"pid": 1, "host": me["host"], "start": init_start + 1}, True)]:   # the pid given again since
         lock.write_text(json.dumps(held))
         assert (lock_holder(str(lock), me) is None) == stale, held
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_is_restarted_at_once(tmp_path):
+    """A run killed with SIGKILL and restarted at once: the killed process is a zombie until its parent reaps it (here
+    it is never reaped while the restart runs), which os.kill still finds; the restart sees a dead holder, takes the
+    lock, runs, and releases it."""
+    import signal
+    out = tmp_path / "rm"
+    for attempt in range(3):   # (three kills in a row: each restart must find its predecessor dead)
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common import out_lock\n"
+                                   f"with out_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+                                  cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGKILL)
+        while open(f"/proc/{holder.pid}/stat").read().split(")")[1].split()[0] != "Z":
+            time.sleep(0.01)                                            # killed, not reaped: a zombie
+        r = cli_of("rm.py", "--preset=tiny", "--data=data/stories/comparisons.jsonl", f"--out={out}", "--epochs=1",
+                   "--stop_after=1", "--device=cpu", "--resume=false", timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert holder.poll() is not None and not (out / ".lock").exists()
