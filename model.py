@@ -175,50 +175,6 @@ def rope_inv_freq(cfg):
     return inv_freq
 
 
-SCORES_BYTES = 2**28   # attention_with_lse works through the queries in chunks whose fp32 scores fit in this
-
-
-def attention_with_lse(q, k, v, mask=None):
-    """Softmax attention that also returns the log-sum-exp of each query's scores, so that attention over two key
-    sets can be merged. q (..., M, hd), k and v (..., S, hd), mask (bool, (..., M, S) or broadcast to it) or None
-    -> out (..., M, hd), lse (..., M) fp32. Scores and softmax in fp32, SCORES_BYTES of them at a time: a long
-    prefill against a long prefix would otherwise hold every score at once."""
-    M, S = q.shape[-2], k.shape[-2]
-    step = max(1, SCORES_BYTES // (8 * S * q[..., 0, 0].numel()))            # query rows a chunk
-    if M > step:
-        rows = lambda i: mask if mask is None or mask.shape[-2] == 1 else mask[..., i:i + step, :]
-        parts = [attention_with_lse(q[..., i:i + step, :], k, v, rows(i)) for i in range(0, M, step)]
-        return torch.cat([o for o, _ in parts], -2), torch.cat([lse for _, lse in parts], -1)
-    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5              # (..., M, S)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = s.logsumexp(-1)                                                     # (..., M)
-    return (s - lse[..., None]).exp().to(v.dtype) @ v, lse
-
-
-def cascade_attention(q, pk, pv, k, v, attn_mask):
-    """Attention over a prompt prefix that all B rows share, then each row's own keys, merged exactly (Hydragen,
-    Juravsky et al. 2024; FlashInfer's cascade attention). The prefix's keys are read once for the whole batch:
-    its part is one matmul whose rows are every query of every row, instead of B copies of the prefix in the cache.
-    q (B, nh, T, hd); pk, pv (1, nkv, P, hd), the prefix; k, v (B, nkv, S, hd), each row's own slots;
-    attn_mask: (B, 1, T, S) bool or None (every own key visible) -> (B, nh, T, hd)."""
-    B, nh, T, hd = q.shape
-    nkv = k.shape[1]
-    g = nh // nkv                                              # GQA: query heads kv*g .. kv*g+g-1 read kv head kv
-    qg = q.reshape(B, nkv, g * T, hd)                                         # (B, nkv, g*T, hd)
-    # 1) the shared prefix: every query of the batch in one matmul a kv head (no mask: the prefix comes first)
-    op, lp = attention_with_lse(qg.transpose(0, 1).reshape(1, nkv, B * g * T, hd), pk, pv)
-    op = op.view(nkv, B, g * T, hd).transpose(0, 1)                           # (B, nkv, g*T, hd)
-    lp = lp.view(nkv, B, g * T).transpose(0, 1)                               # (B, nkv, g*T)
-    # 2) each row's own keys, under its mask (causal, padding)
-    mask = None if attn_mask is None else attn_mask[:, :, None].expand(B, 1, g, T, -1).reshape(B, 1, g * T, -1)
-    os_, ls = attention_with_lse(qg, k, v, mask)
-    # 3) softmax over the union = each part weighted by its share of the total exp-sum: sigmoid(lse_a - lse_b)
-    w = torch.sigmoid(lp - ls)[..., None]                                     # (B, nkv, g*T, 1)
-    y = op.float() * w + os_.float() * (1 - w)
-    return y.to(q.dtype).reshape(B, nh, T, hd)
-
-
 MASKED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -230,6 +186,15 @@ def attention_kernels(device_type, masked):
     PPO forward passes a mask, so it runs the memory-efficient kernel instead; causal attention without a mask
     (SFT's right-padded rows, a decode step without padding) keeps PyTorch's choice."""
     return sdpa_kernel(MASKED_SDPA) if masked and device_type == "cuda" else contextlib.nullcontext()
+
+
+def attention(q, k, v, attn_mask):
+    """Softmax attention of q (B, nh, T, hd) over k and v (B, nkv, S, hd) -> (B, nh, T, hd): under attn_mask (B, 1, T,
+    S) where one is given, else causal over the T queries (one query sees every key). GQA: query head h reads kv head
+    h // (nh / nkv), as HF's repeat_kv does."""
+    with attention_kernels(q.device.type, attn_mask is not None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and q.shape[2] > 1,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -249,16 +214,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         q = q * cos + q.roll(self.hd // 2, -1) * sin                           # RoPE, see Llama.rope
         k = k * cos + k.roll(self.hd // 2, -1) * sin
-        if cache is not None:
-            k, v = cache.update(layer, k, v)                                 # (B, nkv, S, hd), S = slots so far
-        if cache is not None and cache.prefix_k is not None:                 # a prompt prefix the rows share
-            y = cascade_attention(q, cache.prefix_k[layer], cache.prefix_v[layer], k, v, attn_mask)
-        else:
-            # GQA: query head h reads kv head h // (nh / nkv), as HF's repeat_kv does
-            with attention_kernels(q.device.type, attn_mask is not None):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                   is_causal=attn_mask is None and T > 1,
-                                                   enable_gqa=self.n_kv != self.n_head)
+        # with a cache, the new keys and values join the earlier ones, and the queries attend over them all
+        y = attention(q, k, v, attn_mask) if cache is None else cache.attend(layer, q, k, v, attn_mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)           # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -313,12 +270,10 @@ def pad_batch(seqs, left=True, device="cpu"):
 class KVCache:
     """Preallocated keys and values for `max_len` slots. Slots fill left to right for every row at once;
     `mask` marks which slots hold real tokens (left padding does not), `lengths` counts them per row, so the
-    next token's RoPE position is lengths[b] whatever the padding.
-    prefix: a filled cache of one row whose tokens every row of this batch starts with. Its keys and values are
-    kept once (not copied into each row), attention reads them through cascade_attention, and each row's
-    positions continue after them."""
+    next token's RoPE position is lengths[b] whatever the padding."""
+    shared = 0                                # tokens of a prefix every row shares (SharedPrefixCache, below)
 
-    def __init__(self, cfg, batch_size, max_len, device, dtype, prefix=None):
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -326,11 +281,25 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len, self.pos = max_len, 0   # pos: slots filled so far
         self.padded = False                   # True once any slot is padding: attention then needs the mask
-        self.prefix_k = self.prefix_v = None
-        if prefix is not None:                # (1, nkv, P, hd) a layer, P = the shared prefix's length
-            self.prefix_k = [k[:, :, :prefix.pos] for k in prefix.k]
-            self.prefix_v = [v[:, :, :prefix.pos] for v in prefix.v]
-            self.lengths += prefix.pos
+
+    def add(self, T, mask):
+        """The next T tokens' mask (B, T), None for no padding, recorded -> (which slots so far are real (B, S), whether
+        any is padding). Without padding no value is read on the host: a decode step needs no sync."""
+        self.mask[:, self.pos:self.pos + T] = True if mask is None else mask
+        self.padded = self.padded or (mask is not None and not bool(mask.all()))
+        return self.mask[:, :self.pos + T], self.padded
+
+    def attend(self, layer, q, k, v, attn_mask):
+        """The layer's new keys and values k, v (B, nkv, T, hd) into their slots; q attends over every slot so far."""
+        T = k.shape[2]
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return attention(q, self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T], attn_mask)
+
+    def advance(self, T, mask):
+        """After a forward: T more slots filled, `mask`'s real tokens (all T without one) added to each row's length."""
+        self.pos += T
+        self.lengths += T if mask is None else mask.sum(-1)
 
     def keep(self, rows):
         """Keep only the batch rows `rows` (a (b,) index): rows that finished leave the batch. One layer at a time, so
@@ -339,12 +308,6 @@ class KVCache:
             self.k[layer] = self.k[layer][rows]
             self.v[layer] = self.v[layer][rows]
         self.mask, self.lengths = self.mask[rows], self.lengths[rows]
-
-    def update(self, layer, k, v):
-        T = k.shape[2]
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
 
 
 def hf_name(name):
@@ -394,7 +357,9 @@ class Llama(nn.Module):
         dtype = p.dtype
         if torch.is_autocast_enabled(p.device.type):   # fp32 master weights computing in bf16: a bf16 cache
             dtype = torch.get_autocast_dtype(p.device.type)
-        return KVCache(self.config, batch_size, max_len, p.device, dtype, prefix)
+        if prefix is not None:
+            return SharedPrefixCache(self.config, batch_size, max_len, p.device, dtype, prefix)
+        return KVCache(self.config, batch_size, max_len, p.device, dtype)
 
     def forward(self, idx, positions=None, mask=None, cache=None, return_hidden=False, logits="all"):
         """
@@ -417,8 +382,7 @@ class Llama(nn.Module):
             else:
                 x = block(x, cos, sin, attn_mask, cache, i)
         if cache is not None:
-            cache.pos += idx.shape[1]
-            cache.lengths += idx.shape[1] if mask is None else mask.sum(-1)
+            cache.advance(idx.shape[1], mask)
         h = self.norm(x)                                                        # (B, T, C)
         if isinstance(logits, str) and logits == "none" or self.lm_head is None:
             out = None
@@ -437,9 +401,7 @@ class Llama(nn.Module):
             raise ValueError(f"{past} + {T} tokens do not fit the KV cache or {self.config.context_note()}")
         # which keys are real: mask None means no padding, and then the decode path needs no host sync
         if cache is not None:
-            cache.mask[:, past:past + T] = True if mask is None else mask
-            cache.padded = cache.padded or (mask is not None and not bool(mask.all()))
-            key_mask, padded = cache.mask[:, :past + T], cache.padded          # (B, S)
+            key_mask, padded = cache.add(T, mask)                              # (B, S)
         else:
             key_mask, padded = mask, mask is not None and not bool(mask.all())
         if positions is None:
@@ -455,7 +417,7 @@ class Llama(nn.Module):
         attn_mask = None
         if padded and T == 1 and mask is None:
             attn_mask = key_mask[:, None, None, :]     # a decode step: the new token sees every real key
-        elif padded or (T > 1 and (past > 0 or (cache is not None and cache.prefix_k is not None))):
+        elif padded or (T > 1 and (past > 0 or (cache is not None and cache.shared))):
             S = past + T
             qi = torch.arange(past, S, device=dev)[:, None]
             kj = torch.arange(S, device=dev)[None, :]
@@ -548,6 +510,74 @@ class Llama(nn.Module):
             gen["pad_token_id"] = self.config.pad_token_id
         write_json(os.path.join(tmp, "generation_config.json"), gen)
         commit_dir(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# prompt-prefix sharing, plugged into the forward through its KV cache: the prefix's keys and values are kept once
+# for the batch, and attention over them is merged with each row's own (cascade attention)
+
+SCORES_BYTES = 2**28   # attention_with_lse works through the queries in chunks whose fp32 scores fit in this
+
+
+def attention_with_lse(q, k, v, mask=None):
+    """Softmax attention that also returns the log-sum-exp of each query's scores, so that attention over two key
+    sets can be merged. q (..., M, hd), k and v (..., S, hd), mask (bool, (..., M, S) or broadcast to it) or None
+    -> out (..., M, hd), lse (..., M) fp32. Scores and softmax in fp32, SCORES_BYTES of them at a time: a long
+    prefill against a long prefix would otherwise hold every score at once."""
+    M, S = q.shape[-2], k.shape[-2]
+    step = max(1, SCORES_BYTES // (8 * S * q[..., 0, 0].numel()))            # query rows a chunk
+    if M > step:
+        rows = lambda i: mask if mask is None or mask.shape[-2] == 1 else mask[..., i:i + step, :]
+        parts = [attention_with_lse(q[..., i:i + step, :], k, v, rows(i)) for i in range(0, M, step)]
+        return torch.cat([o for o, _ in parts], -2), torch.cat([lse for _, lse in parts], -1)
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5              # (..., M, S)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = s.logsumexp(-1)                                                     # (..., M)
+    return (s - lse[..., None]).exp().to(v.dtype) @ v, lse
+
+
+def cascade_attention(q, pk, pv, k, v, attn_mask):
+    """Attention over a prompt prefix that all B rows share, then each row's own keys, merged exactly (Hydragen,
+    Juravsky et al. 2024; FlashInfer's cascade attention). The prefix's keys are read once for the whole batch:
+    its part is one matmul whose rows are every query of every row, instead of B copies of the prefix in the cache.
+    q (B, nh, T, hd); pk, pv (1, nkv, P, hd), the prefix; k, v (B, nkv, S, hd), each row's own slots;
+    attn_mask: (B, 1, T, S) bool or None (every own key visible) -> (B, nh, T, hd)."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv                                              # GQA: query heads kv*g .. kv*g+g-1 read kv head kv
+    qg = q.reshape(B, nkv, g * T, hd)                                         # (B, nkv, g*T, hd)
+    # 1) the shared prefix: every query of the batch in one matmul a kv head (no mask: the prefix comes first)
+    op, lp = attention_with_lse(qg.transpose(0, 1).reshape(1, nkv, B * g * T, hd), pk, pv)
+    op = op.view(nkv, B, g * T, hd).transpose(0, 1)                           # (B, nkv, g*T, hd)
+    lp = lp.view(nkv, B, g * T).transpose(0, 1)                               # (B, nkv, g*T)
+    # 2) each row's own keys, under its mask (causal, padding)
+    mask = None if attn_mask is None else attn_mask[:, :, None].expand(B, 1, g, T, -1).reshape(B, 1, g * T, -1)
+    os_, ls = attention_with_lse(qg, k, v, mask)
+    # 3) softmax over the union = each part weighted by its share of the total exp-sum: sigmoid(lse_a - lse_b)
+    w = torch.sigmoid(lp - ls)[..., None]                                     # (B, nkv, g*T, 1)
+    y = op.float() * w + os_.float() * (1 - w)
+    return y.to(q.dtype).reshape(B, nh, T, hd)
+
+
+class SharedPrefixCache(KVCache):
+    """A KV cache whose rows all continue one prompt prefix, `prefix` (a filled one-row KVCache): its keys and values
+    are kept once (not copied into each row), attention reads them through cascade_attention, and each row's
+    positions continue after them. Its own slots hold each row's tokens after the prefix."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype, prefix):
+        super().__init__(cfg, batch_size, max_len, device, dtype)
+        self.shared = prefix.pos
+        self.prefix_k = [k[:, :, :prefix.pos] for k in prefix.k]          # (1, nkv, P, hd) a layer
+        self.prefix_v = [v[:, :, :prefix.pos] for v in prefix.v]
+        self.lengths += prefix.pos
+
+    def attend(self, layer, q, k, v, attn_mask):
+        T = k.shape[2]
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return cascade_attention(q, self.prefix_k[layer], self.prefix_v[layer], self.k[layer][:, :, :self.pos + T],
+                                 self.v[layer][:, :, :self.pos + T], attn_mask)
 
 
 # -----------------------------------------------------------------------------
