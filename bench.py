@@ -209,14 +209,15 @@ def run_stops_case(cfg):
     seeds = comparisons.read_seeds(os.path.join(HERE, "data", "stories", "seed_openings.txt"))[1][:cfg.queries]
     for g in almost.PROFILES["stories"].generators:
         model, tok = load(g.model)
-        demos = comparisons.read_demos(g.prompt_file)
-        prompts = [comparisons.turn_prompt(tok, "story", *demos, g.shots, [("user", q)]) for q in seeds]
+        prompted = comparisons.speaker(g, model, tok, "story")
+        prompts = [prompted.prompt([("user", q)]) for q in seeds]
         runs.append((g.name, model, tok, prompts, g.max_new_tokens, lambda t, tok=tok: tok.decode(t), None))
     if cfg.model:
         model, tok = load(cfg.model)
-        demos = comparisons.read_demos(os.path.join(HERE, "data", "almost", "HHH_prompt.txt"))
+        hhh = comparisons.Generator("hhh", cfg.model, os.path.join(HERE, "data", "almost", "HHH_prompt.txt"), 3, 200)
+        prompted = comparisons.speaker(hhh, model, tok, "dialogue")
         queries = comparisons.read_seeds(os.path.join(HERE, "data", "almost", "seed_prompts.txt"))[1][:cfg.queries]
-        prompts = [comparisons.turn_prompt(tok, "dialogue", *demos, 3, [("user", q)]) for q in queries]
+        prompts = [prompted.prompt([("user", q)]) for q in queries]
         runs.append((f"{os.path.basename(cfg.model.rstrip('/'))}, HHH 3-shot", model, tok, prompts, 200,
                      lambda t, tok=tok: postprocess_response(tok.decode(t)), TURN_ENDS))
     for name, model, tok, prompts, budget, kept, stops in runs:
@@ -248,7 +249,7 @@ def run_stages_case(cfg):
                 return almost.resolve(almost.Config(profile=profile, model=model, out=out, n_queries=cfg.queries,
                                                     reward_model=os.path.join(d, "rm")))
             queries = comparisons.read_seeds(config(d).seeds)[1][:cfg.queries]
-            RewardModel.from_pretrained(config(d).rm_model).save_pretrained(os.path.join(d, "rm"))
+            RewardModel.from_pretrained(config(d).rm.model).save_pretrained(os.path.join(d, "rm"))
             files, figures = {}, {}
             for mode in ("before", "after"):
                 run = config(os.path.join(d, mode))
@@ -289,10 +290,10 @@ def run_prefix_case(cfg):
     if not cfg.model:
         raise UserError("--cases=prefix needs --model: a chat model folder (SmolLM2-135M-Instruct, say).")
     model, tok = load(cfg.model)
-    preamble, demos = comparisons.read_demos(os.path.join(HERE, "data", "almost", "HHH_prompt.txt"))
+    hhh = comparisons.Generator("hhh", cfg.model, os.path.join(HERE, "data", "almost", "HHH_prompt.txt"), 5, 200)
+    prompted = comparisons.speaker(hhh, model, tok, "dialogue")
     queries = comparisons.read_seeds(os.path.join(HERE, "data", "almost", "seed_prompts.txt"))[1][:cfg.queries]
-    prompts = {s: [comparisons.turn_prompt(tok, "dialogue", preamble, demos, s, [("user", q)]) for q in queries]
-               for s in (0, 5)}
+    prompts = {s: [prompted.prompt([("user", q)], shots=s) for q in queries] for s in (0, 5)}
     kw = dict(temperature=1.0, top_p=0.9, seed=0, stop_ids=[])   # no early stop: every row makes new_tokens
     runs = [("0-shot", prompts[0], {}), ("5-shot, prefix shared", prompts[5], {}),
             ("5-shot, every row in full", prompts[5], dict(share_prefix=0))]

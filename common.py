@@ -44,13 +44,16 @@ def print_help(cls):
     cfg, helps = cls(), flag_help(cls)
     print(f"usage: python {os.path.basename(sys.argv[0])} [--flag=value ...]\n\nflags (default, what it does):")
     for f in dataclasses.fields(cls):
-        print(f"  --{f.name}={getattr(cfg, f.name)!r}".ljust(34) + " " + helps.get(f.name, ""))
+        shown = f"  --{f.name}.FLAG=..." if dataclasses.is_dataclass(f.type) else f"  --{f.name}={getattr(cfg, f.name)!r}"
+        print(shown.ljust(34) + " " + helps.get(f.name, ""))
 
 
 def parse_args(cls, argv):
-    """--key=value (or --key value) flags onto the dataclass `cls`, type-checked. Unknown flags are errors."""
-    cfg, types = cls(), {f.name: f.type for f in dataclasses.fields(cls)}
-    cfg._given = set()      # the flags given, which a profile or preset never replaces (user_set)
+    """--key=value (or --key value) flags onto the dataclass `cls`, type-checked. A field that is itself a dataclass
+    (the pipeline's trainer configs) takes its fields as --field.key=value. Unknown flags are errors; a flag of
+    another spelling (cls.RENAMED) names this one."""
+    cfg = cls()
+    cfg._given = set()      # the flags given ("key", "field.key"), which a profile never replaces (user_set)
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -64,32 +67,46 @@ def parse_args(cls, argv):
             if i + 1 >= len(argv):
                 raise UserError(f"flag --{key} needs a value: --{key}=VALUE.")
             val, i = argv[i + 1], i + 1
-        if key not in types:
-            raise UserError(f"unknown flag --{key}. Known flags: " + ", ".join("--" + k for k in types))
-        typ = types[key]
+        head, dot, name = key.partition(".")
+        target = getattr(cfg, head, None) if dot else cfg
+        types = {f.name: f.type for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+        if not dot and dataclasses.is_dataclass(types.get(key)):
+            raise UserError(f"--{key}={val}: give its flags one by one, --{key}.FLAG=VALUE (python {key}.py --help).")
+        if (name if dot else key) not in types:
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed:
+                raise UserError(f"--{key}: spelled {renamed} here.")
+            known = ", ".join(f"--{head}." + k for k in types) if dot and types else \
+                ", ".join("--" + f.name + (".FLAG" if dataclasses.is_dataclass(f.type) else "")
+                          for f in dataclasses.fields(cls))
+            raise UserError(f"unknown flag --{key}. Known flags: {known}")
+        name = name if dot else key
+        typ = types[name]
         try:
             if typ is bool:
                 if val.lower() not in ("1", "0", "true", "false"):
                     raise ValueError
-                setattr(cfg, key, val.lower() in ("1", "true"))
+                setattr(target, name, val.lower() in ("1", "true"))
             else:
-                setattr(cfg, key, typ(val))
+                setattr(target, name, typ(val))
         except ValueError:
             raise UserError(f"--{key}={val!r}: expected a {typ.__name__}.") from None
-        if typ is float and not math.isfinite(getattr(cfg, key)):
-            raise UserError(f"--{key}={val}: not a finite number. Give a number such as --{key}={getattr(cls(), key)}.")
+        if typ is float and not math.isfinite(getattr(target, name)):
+            raise UserError(f"--{key}={val}: not a finite number. Give a number such as "
+                            f"--{key}={getattr(type(target)(), name)}.")
         cfg._given.add(key)
         i += 1
     return cfg
 
 
-def user_set(cfg, key):
-    """Whether the user set `key`, so that a profile or a preset must not replace it: for a config parse_args made,
-    whether the flag was given on the command line (whatever its value, the default's too); for a config built in
-    code, whether the field differs from its default."""
-    given = getattr(cfg, "_given", None)
+def user_set(cfg, key, flag=None, parsed=None):
+    """Whether the user set field `key` of cfg, so that a profile or a preset must not replace it: for a config
+    parse_args made (`parsed`, when cfg is one of its nested configs, `flag` its spelling there: "rm.lr"), whether the
+    flag was given on the command line (whatever its value, the default's too); for a config built in code, whether
+    the field differs from its default."""
+    given = getattr(parsed if parsed is not None else cfg, "_given", None)
     if given is not None:
-        return key in given
+        return (flag or key) in given
     return getattr(cfg, key) != getattr(type(cfg)(), key)
 
 
@@ -294,7 +311,7 @@ def commit_dir(tmp, path):
 # seeds: every random stream of a run is seeded from --seed, a stream constant and the stream's keys, so a rerun or
 # a resumed run draws the same numbers
 
-STREAMS = {"queries": 7919, "rl_queries": 7927, "epoch": 1000, "ppo_step": 100003, "sampling": 1_000_003}
+STREAMS = {"queries": 7919, "rl_queries": 7927, "epoch": 1000, "ppo_step": 100003, "sampling": 1_000_003, "dpo_answers": 7933}
 
 
 def derive_seed(seed, stream, *keys, bits=63):

@@ -2,9 +2,9 @@
 Step 1 of ALMoST: synthetic comparisons from prompted vanilla models, with no human labels. The reward model is
 trained on them by rm.py.
 
-    1a  initial queries     make_queries       10-shot prompts from a growing pool; the length rule (bad_query_length)
+    1a  initial queries     query_stream       10-shot prompts from a growing pool; the length rule (bad_query_length)
                                                and the novelty filter (ROUGE-L F1 < 0.5 against the pool, rouge_l)
-    1b  prompted responses  stage_responses    every generator (model size x shots x prompt quality) answers every
+    1b  prompted responses  answers            every generator (model size x shots x prompt quality) answers every
                                                query; the BAD rules drop failed answers (is_bad_response)
     1c  comparisons         make_comparisons   the rubric's ranking of the generators turned into pairs by the
                                                heuristic length filter (the authors' exact rule)
@@ -174,18 +174,66 @@ def dialogue_prompt_text(preamble, demos, shots, turns, role="assistant"):
     return head + dialogue_text(turns) + ("\n\nAssistant: " if role == "assistant" else "\n\nHuman: ")
 
 
-def turn_prompt(tok, fmt, preamble, demos, shots, turns, role="assistant"):
-    """The prompt that makes a model write the next turn (step 1's response is the assistant's first turn): the
-    dialogue prompt above (BOS first), or in the story format the demonstration stories after BOS, then the story
-    so far. (A tokenizer that normalizes whitespace, like the bundled one, drops the trailing space.)"""
-    if fmt == "dialogue":
-        return tok.encode(dialogue_prompt_text(preamble, demos, shots, turns, role), bos=True)
-    return [i for d in demos[:shots] for i in tok.encode(d.strip(), bos=True)] + tok.encode(story_so_far(turns))
+@dataclass
+class Speaker:
+    """A prompted model that writes the next turn of dialogues: step 1b's generators answer a query, step 2's
+    assistant and user take turns. Its prompt (prompt): in the paper's format the prompt file's preamble and first
+    `shots` dialogues, then the dialogue so far (dialogue_prompt_text), after BOS; in the story format the
+    demonstration stories, each after BOS, then the story so far. (A tokenizer that normalizes whitespace, like the
+    bundled one, drops the prompt's trailing space.)"""
+    model: object
+    tok: object
+    fmt: str                 # "dialogue" (the paper's) or "story"
+    preamble: str            # the prompt file's preamble ("" in the story format)
+    demos: list              # its demonstrations: dialogues, or stories
+    shots: int               # demonstrations in the prompt
+    max_new_tokens: int      # a turn's token budget
+    trim_cut: bool = False   # a dialogue turn the budget cut goes back to its last full sentence (--trim_cut)
+
+    def prompt(self, turns, role="assistant", shots=None):
+        """The ids that make the model write the next turn of `role` after `turns` [(role, text)]."""
+        shots = self.shots if shots is None else shots
+        if self.fmt == "dialogue":
+            return self.tok.encode(dialogue_prompt_text(self.preamble, self.demos, shots, turns, role), bos=True)
+        return [i for d in self.demos[:shots] for i in self.tok.encode(d.strip(), bos=True)] + \
+            self.tok.encode(story_so_far(turns))
+
+    def speak(self, dialogues, role, seed, shots=None):
+        """One turn of `role` for each dialogue ([(role, text)] each), sampled with THE sampler at temperature 1 and
+        top-p 0.9 (the paper's), stopping where a dialogue turn ends (TURN_ENDS; a story at its EOS) -> texts, None
+        where the prompt leaves fewer than 8 tokens of the context window (no room for the turn). A dialogue turn is
+        postprocess_response's cut; a story's assistant continues the story (back to its last full sentence when the
+        budget cut it), its user adds one sentence."""
+        prompts = [self.prompt(turns, role, shots) for turns in dialogues]
+        ctx = self.model.config.context
+        fit = [i for i, p in enumerate(prompts) if len(p) + 8 <= ctx]
+        texts = [None] * len(prompts)
+        if not fit:
+            return texts
+        budget = min(self.max_new_tokens, ctx - max(len(prompts[i]) for i in fit))
+        stops = TURN_ENDS if self.fmt == "dialogue" else None          # a story ends at its EOS
+        outs, _ = generate(self.model, [prompts[i] for i in fit], budget, temperature=1.0, top_p=0.9, seed=seed,
+                           stop_strings=stops, tokenizer=self.tok)
+        for i, o in zip(fit, outs):
+            t, cut = self.tok.decode(o), len(o) >= budget                # cut: the budget ended it
+            if self.fmt == "dialogue":
+                cut = cut and not any(s in t for s in TURN_ENDS)
+                t = postprocess_response(t)
+                t = trim_to_sentence(t) if cut and self.trim_cut else t
+            elif role == "assistant":
+                t = trim_to_sentence(t.strip()).strip() if cut else t.strip()
+            else:
+                t = extract_query(t, "story")
+            texts[i] = t
+        return texts
 
 
-def story_response(text, ended):
-    return text.strip() if ended else trim_to_sentence(text.strip()).strip()
-
+def speaker(g, model, tok, fmt, trim_cut=False):
+    """The Speaker of a Generator (its prompt file read here) on its loaded model."""
+    preamble, demos = read_demos(g.prompt_file)
+    if g.shots > len(demos):
+        raise UserError(f"{g.prompt_file}: {g.name} asks for {g.shots} shots, the file has {len(demos)}.")
+    return Speaker(model, tok, fmt, preamble, demos, g.shots, g.max_new_tokens, trim_cut)
 
 
 # -----------------------------------------------------------------------------
@@ -281,32 +329,55 @@ class NoveltyPool:
             if 2 * lcs_length(tokens, t) / (m + len(t)) >= self.threshold:                 # is_novel's test
                 return False
         return True
+def sample_queries(model, tok, fmt, rule, instruction, pool, rng, rows, per_prompt):
+    """1a, one sampler call: `rows` samples at temperature 1.2 and top-p 0.9 (the authors'), each continuing a 10-shot
+    prompt of queries drawn from `pool` (query_prompt; a draw serves per_prompt samples, whose common prompt the
+    sampler computes once), stopped where the query is complete -> the query of each sample (extract_query)."""
+    prompts = []
+    while len(prompts) < rows:
+        prompts += [query_prompt(tok, fmt, instruction, rng.sample(pool, min(10, len(pool))))] * per_prompt
+    prompts = prompts[:rows]
+    budget = min(64, model.config.context - max(map(len, prompts)))
+    if budget < 16:
+        raise UserError(f"queries: a 10-shot query prompt of {max(map(len, prompts))} tokens leaves no room in the "
+                        f"context window ({model.config.context}): use shorter seeds or a model with a longer context.")
+    stop = QUERY_STOPS[rule] if fmt == "dialogue" else STORY_QUERY_STOP
+    outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31),
+                       stop_strings=[stop], tokenizer=tok)
+    return [extract_query(tok.decode(o), fmt, rule) for o in outs]
+
+
+def query_rejection(q, novelty):
+    """Why 1a drops a query ("empty", "length": bad_query_length, "overlap": ROUGE-L >= 0.5 against the pool), or
+    None when it is kept."""
+    qt = rouge_tokens(q)
+    return "empty" if not qt else "length" if bad_query_length(q) else "overlap" if not novelty.is_novel(qt) else None
+
+
+def query_stream(model, tok, fmt, rule, instruction, pool, novelty, rng, rows, per_prompt):
+    """1a as a stream: rounds of `rows` samples (sample_queries) whose shots are drawn from `pool`; a sample that
+    query_rejection passes joins `pool` and `novelty` (a NoveltyPool) -> yields (query, None) for it, (query, the
+    reason) for one dropped, for ever."""
+    while True:
+        for q in sample_queries(model, tok, fmt, rule, instruction, pool, rng, rows, per_prompt):
+            reason = query_rejection(q, novelty)
+            if reason is None:
+                pool.append(q)
+                novelty.add(rouge_tokens(q))
+            yield q, reason
+
+
 def stage_queries(cfg):
     """1a: the self-play queries (queries.jsonl; the last 10% held out), then the RL prompts (rl_queries.jsonl): a
     second set made the same way, novel against every query of the first (the paper's figure 1), so PPO optimises on
     prompts that the SFT demonstrations never answered."""
-    make_queries(cfg, "queries.jsonl", cfg.n_queries, others="rl_queries.jsonl")
-    make_queries(cfg, "rl_queries.jsonl", cfg.n_rl_queries, others="queries.jsonl")
+    queries_file(cfg, "queries.jsonl", cfg.n_queries, others="rl_queries.jsonl")
+    queries_file(cfg, "rl_queries.jsonl", cfg.n_rl_queries, others="queries.jsonl")
 
 
-def ensure_rl_queries(cfg, world=1):
-    """PPO's prompts, made now by a run whose queries stage predates them (they became a set of their own)."""
-    rl = os.path.join(cfg.out, "rl_queries.jsonl")
-    have = len(read_records(rl))
-    if have < cfg.n_rl_queries:
-        if world > 1:
-            raise UserError(f"{rl} holds {have} of --n_rl_queries={cfg.n_rl_queries} RL prompts: make them first in "
-                            f"one process (python almost.py --stages=queries --out={cfg.out}).")
-        print(f"ppo: {rl} holds {have} of {cfg.n_rl_queries} RL prompts (the queries stage makes them since the RL "
-              f"prompts became their own set): making them now")
-        make_queries(cfg, "rl_queries.jsonl", cfg.n_rl_queries, others="queries.jsonl")
-    return read_records(rl)[:cfg.n_rl_queries]
-
-
-def make_queries(cfg, name, n, others):
-    """Sample queries into {out}/name until it holds n: 10 examples drawn from the seeds and this set's queries (a
-    draw for every queries_per_prompt samples), a query kept if it passes the length rule and is novel (ROUGE-L < 0.5)
-    against the seeds, this set and `others`."""
+def queries_file(cfg, name, n, others):
+    """The queries of query_stream into {out}/name until it holds n, a record each as it is kept (novel against the
+    seeds, this set and `others`); a rerun goes on from what is on disk."""
     path = os.path.join(cfg.out, name)
     done = read_records(path)
     if len(done) >= n:
@@ -321,44 +392,26 @@ def make_queries(cfg, name, n, others):
     rng = random.Random(derive_seed(cfg.seed, name.removesuffix(".jsonl"), len(done)))
     rejected = {"empty": 0, "length": 0, "overlap": 0}
     tries, n_new = 0, 0
+    stream = query_stream(model, tok, cfg.format, cfg.query_line, instruction, pool, novelty, rng, cfg.batch_size,
+                          cfg.queries_per_prompt)
     with RecordWriter(path) as w, tqdm(total=n, initial=len(done), desc=name.removesuffix(".jsonl")) as bar:
-        while len(done) + n_new < n:
+        for q, reason in stream:
+            tries += 1
             if tries > 50 * n:
                 hint = (" Most samples had no line starting with \"Query:\" (the authors' rule takes the second query "
                         "a model writes): --query_line=first takes the first." if cfg.format == "dialogue" and
                         cfg.query_line == "authors" and rejected["empty"] > tries // 2 else "")
                 flag = "--n_queries" if name == "queries.jsonl" else "--n_rl_queries"
-                raise UserError(f"queries: only {len(done) + n_new} of {n} accepted into {path} after {tries} "
+                raise UserError(f"queries: only {len(done) + n_new} of {n} accepted into {path} after {tries - 1} "
                                 f"samples ({rejected}). Lower {flag} or add seeds to {cfg.seeds}.{hint}")
-            prompts = []   # each 10-shot prompt serves queries_per_prompt rows (a shared prefix: computed once)
-            while len(prompts) < cfg.batch_size:
-                prompts += [query_prompt(tok, cfg.format, instruction, rng.sample(pool, min(10, len(pool))))] * \
-                    cfg.queries_per_prompt
-            prompts = prompts[:cfg.batch_size]
-            budget = min(64, model.config.context - max(map(len, prompts)))
-            if budget < 16:
-                raise UserError(f"queries: a 10-shot query prompt of {max(map(len, prompts))} tokens leaves no room "
-                                f"in the context window ({model.config.context}) of "
-                                f"{cfg.query_model}: use shorter seeds or a model with a longer context.")
-            stop = QUERY_STOPS[cfg.query_line] if cfg.format == "dialogue" else STORY_QUERY_STOP
-            outs, _ = generate(model, prompts, budget, temperature=1.2, top_p=0.9, seed=rng.randrange(2**31),
-                               stop_strings=[stop], tokenizer=tok)
-            for o in outs:
-                tries += 1
-                q = extract_query(tok.decode(o), cfg.format, cfg.query_line)
-                qt = rouge_tokens(q)
-                reason = ("empty" if not qt else "length" if bad_query_length(q)
-                          else "overlap" if not novelty.is_novel(qt) else None)
-                if reason:
-                    rejected[reason] += 1
-                    continue
-                pool.append(q)
-                novelty.add(qt)
-                w.write({"id": len(done) + n_new, "query": q})
-                n_new += 1
-                bar.update(1)
-                if len(done) + n_new >= n:
-                    break
+            if reason:
+                rejected[reason] += 1
+                continue
+            w.write({"id": len(done) + n_new, "query": q})
+            n_new += 1
+            bar.update(1)
+            if len(done) + n_new >= n:
+                break
     print(f"queries: {n_new} new ({tries} samples; rejected: {rejected}) -> {path}")
 
 # -----------------------------------------------------------------------------
@@ -375,7 +428,20 @@ def is_bad_response(text):
             or re.search(r"[<]Image[>]", t, flags=re.IGNORECASE) is not None)
 
 
+def answers(speaker, queries, seed, batch_size):
+    """1b: the speaker's answer to each query ({"id", "query"}; "" where its prompt leaves no room), in batches of
+    prompts of similar length, a batch seeded by seed + its first query's id -> yields [(query, answer)] a batch."""
+    lengths = {q["id"]: len(speaker.prompt([("user", q["query"])])) for q in queries}
+    queries = sorted(queries, key=lambda q: lengths[q["id"]])           # similar lengths batch together
+    for b in range(0, len(queries), batch_size):
+        batch = queries[b:b + batch_size]
+        texts = speaker.speak([[("user", q["query"])] for q in batch], "assistant", (seed + batch[0]["id"]) % 2**31)
+        yield [(q, t or "") for q, t in zip(batch, texts)]
+
+
 def stage_responses(cfg):
+    """1b: every generator's answer to every query (answers), a record each with its BAD mark (is_bad_response),
+    appended to responses.jsonl; one model in memory at a time; a rerun answers what is not on disk."""
     queries = read_records(os.path.join(cfg.out, "queries.jsonl"))[:cfg.n_queries]
     if not queries:
         raise UserError(f"{cfg.out}/queries.jsonl is empty or missing: run the queries stage first "
@@ -395,56 +461,21 @@ def stage_responses(cfg):
                 free_memory()
                 model, tok = load(g.model, device=cfg.device)
                 loaded = g.model
-            preamble, demos = read_demos(g.prompt_file)
-            if g.shots > len(demos):
-                raise UserError(f"{g.prompt_file}: {g.name} asks for {g.shots} shots, the file has {len(demos)}.")
-            prompts = {q["id"]: turn_prompt(tok, cfg.format, preamble, demos, g.shots, [("user", q["query"])])
-                       for q in todo}
-            ctx = model.config.context
-            longest = max(map(len, prompts.values()))
+            sp = speaker(g, model, tok, cfg.format, cfg.trim_cut)
+            longest, ctx = max(len(sp.prompt([("user", q["query"])])) for q in todo), model.config.context
             if longest >= ctx:
                 raise UserError(f"{g.name}: a prompt of {longest} tokens does not fit the context window ({ctx}) "
                                 f"of {g.model}: use fewer shots.")
             if longest + g.max_new_tokens > ctx:   # as vLLM does: the budget stops at the context window
                 print(f"note: {g.name}: the longest prompt ({longest} tokens) leaves {ctx - longest} of the "
                       f"{g.max_new_tokens} new tokens inside the context window ({ctx}); longer answers are cut")
-            todo.sort(key=lambda q: len(prompts[q["id"]]))           # similar lengths batch together
-            for b in tqdm(range(0, len(todo), cfg.batch_size), desc=f"responses {g.name}"):
-                batch = todo[b:b + cfg.batch_size]
-                seed = derive_seed(cfg.seed, "sampling", zlib.crc32(g.name.encode()) + batch[0]["id"], bits=31)
-                resps = sample_turns(model, tok, [prompts[q["id"]] for q in batch], g, cfg.format, "assistant", seed,
-                                     cfg.trim_cut)
-                for q, resp in zip(batch, resps):
-                    resp = resp or ""
+            seed = derive_seed(cfg.seed, "sampling", zlib.crc32(g.name.encode()), bits=31)
+            for batch in tqdm(answers(sp, todo, seed, cfg.batch_size), total=-(-len(todo) // cfg.batch_size),
+                              desc=f"responses {g.name}"):
+                for q, resp in batch:
                     w.write({"query_id": q["id"], "query": q["query"], "config": g.name, "response": resp,
                              "bad": is_bad_response(resp)})
     print(f"responses -> {path}")
-def sample_turns(model, tok, prompts, g, fmt, role, seed, trim_cut=False):
-    """Sample one turn per prompt with THE sampler; returns texts, None where the prompt leaves fewer than 8 tokens of
-    the context window (no room for the turn). trim_cut: a dialogue turn that the token budget cut short goes back to
-    its last full sentence (--trim_cut)."""
-    ctx = model.config.context
-    fit = [i for i, p in enumerate(prompts) if len(p) + 8 <= ctx]
-    texts = [None] * len(prompts)
-    if not fit:
-        return texts
-    budget = min(g.max_new_tokens, ctx - max(len(prompts[i]) for i in fit))
-    stops = TURN_ENDS if fmt == "dialogue" else None          # a story ends at its EOS
-    outs, _ = generate(model, [prompts[i] for i in fit], budget, temperature=1.0, top_p=0.9, seed=seed,
-                       stop_strings=stops, tokenizer=tok)
-    for i, o in zip(fit, outs):
-        t = tok.decode(o)
-        if fmt == "dialogue":
-            cut = len(o) >= budget and not any(s in t for s in TURN_ENDS)     # the budget ended the turn
-            t = postprocess_response(t)
-            if cut and trim_cut:
-                t = trim_to_sentence(t)
-        elif role == "assistant":
-            t = story_response(t, ended=len(o) < budget)
-        else:   # the story's user adds one sentence
-            t = extract_query(t, "story")
-        texts[i] = t
-    return texts
 
 
 # -----------------------------------------------------------------------------

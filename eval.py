@@ -21,7 +21,7 @@ TruthfulQA MC1, each with a 95% interval. --protocol=authors (the default) uses 
   scores each answer alone) and, with --judge, by an LLM in both orders, scores read from the review's first line
   as the authors read them; its prompts are the authors' review prompts if you give their file (--review_prompts,
   FastChat's prompt.jsonl layout; not shipped here), else ours in the same layout.
---protocol=ours keeps our earlier wording (README, "The evaluations"): the judge and TruthfulQA prompts reworded in
+--protocol=ours is our own wording (README, "The evaluations"): the judge and TruthfulQA prompts reworded in
 the paper's dialogue format, the probability of the whole word " A" / " true" (several tokens with a small
 vocabulary), Vicuna answers in the dialogue format for every model.
 Writes results.json, results.md (and the Vicuna answers, reused on a rerun) to --out. Evaluation sets only: never
@@ -377,7 +377,8 @@ def eval_vicuna(name, base, answers, questions, reward_model, judge):
     res = {"baseline": base, "n": len(qs), "example": answers[name][0]}
     if reward_model is not None:
         sa, sb = reward_model.score(qs, answers[name]).tolist(), reward_model.score(qs, answers[base]).tolist()
-        res["rm"] = {**tally(sa, sb), "mean_score": sum(sa) / len(sa), "mean_score_baseline": sum(sb) / len(sb)}
+        res["rm"] = {**tally(sa, sb), "mean_score": sum(sa) / len(sa), "mean_score_baseline": sum(sb) / len(sb),
+                     "scores": sa}
     if judge is not None:
         pairs = list(zip(answers[base], answers[name])) + list(zip(answers[name], answers[base]))
         lines = llm_reviews(*judge, questions + questions, pairs)

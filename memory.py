@@ -10,7 +10,7 @@ read), and whether it fits. The trainers print theirs with --dry_run=true.
 
 --model is a folder with a config.json or one of the named shapes below. The accounting follows this project's
 code line by line (which tensors its forward saves for backward, in which dtype), checked against the saved
-tensors of real forwards on the CPU (tests/test_scale.py). Assumed: fused attention (flash / memory-efficient,
+tensors of real forwards on the CPU (tests/test_memory.py). Assumed: fused attention (flash / memory-efficient,
 no T x T scores kept; what PyTorch picks on recent GPUs), and nothing for the caching allocator's fragmentation:
 leave a few GiB of headroom.
 """
@@ -197,14 +197,14 @@ def block_activation_bytes(cfg, compute_bytes, residual_bytes, trained, lora_ran
 
 @dataclass
 class Job:
-    job: str = "rm"                 # rm | sft | ppo | sample
+    job: str = "rm"                 # rm | sft | dpo | ppo | sample
     dtype: str = "bf16"             # compute dtype: bf16 (GPU) or fp32
     lora_rank: int = 0              # > 0: LoRA adapters of this rank are trained, the base frozen
     lora_targets: str = ",".join(LORA_TARGETS)  # the linear layers that get adapters
     grad_checkpointing: bool = False  # each block's activations recomputed in backward
     world: int = 1                  # processes (GPUs)
     fsdp: bool = False              # weights, gradients and optimizer state sharded over the processes
-    rows: int = 16                  # rows per forward (rm: 2 x micro_batch; sft: micro_batch; ppo: minibatch / world)
+    rows: int = 16                  # rows per forward (rm, dpo: 2 x micro_batch; sft: micro_batch; ppo: minibatch / world)
     shared: int = 0                 # sample: tokens of a prompt prefix every row shares (prefilled and cached once)
     seq: int = 1024                 # tokens per row (ppo: prompt + response; sample: prompt + new tokens)
     new: int = 0                    # sample: the new tokens of seq (0: a prompt of seq tokens, the largest prefill)
@@ -256,9 +256,9 @@ def sampler_rows(cfg, j, cb):
 
 
 def trained_models(j):
-    """The models a job trains, each as whether it has an LM head: rm -> trunk + head; sft -> causal LM; ppo ->
-    policy (LM) and value (trunk + head)."""
-    return {"rm": [False], "sft": [True], "ppo": [True, False]}[j.job]
+    """The models a job trains, each as whether it has an LM head: rm -> trunk + head; sft, dpo -> causal LM; ppo ->
+    policy (LM) and value (trunk + head). (DPO's reference is its logprobs, computed before training: no model.)"""
+    return {"rm": [False], "sft": [True], "dpo": [True], "ppo": [True, False]}[j.job]
 
 
 def state_rows(cfg, j, cb, lora, targets, fsdp):
@@ -325,7 +325,7 @@ def phase_rows(cfg, j, cb, lora, targets, fsdp, grads):
 
     if j.job == "rm":
         return {"train": train("the head's backward", 0)}
-    if j.job == "sft":
+    if j.job in ("sft", "dpo"):   # (DPO: chosen and rejected, the rows, in one forward)
         return {"train": train("the logits' backward (fp32 log-softmax and gradients)", 12 * V * tokens)}
     resp = j.rows * j.response
     prompt = j.seq - j.response
@@ -350,8 +350,8 @@ def phase_rows(cfg, j, cb, lora, targets, fsdp, grads):
 def plan(cfg, j):
     """-> (rows [(component, bytes)], peak bytes, note). Every figure is per GPU: what the run keeps throughout
     (state_rows) plus the largest phase of a step (phase_rows)."""
-    if j.job not in ("rm", "sft", "ppo", "sample"):
-        raise UserError(f"--job={j.job!r}: plan one of rm, sft, ppo, sample.")
+    if j.job not in ("rm", "sft", "dpo", "ppo", "sample"):
+        raise UserError(f"--job={j.job!r}: plan one of rm, sft, dpo, ppo, sample.")
     cb = 4 if j.dtype == "fp32" else 2
     context = [("CUDA context and kernels (about)", 0.6 * GiB)] if j.device == "cuda" else []
     if j.job == "sample":
@@ -417,7 +417,7 @@ CHECK_SHAPES = {   # (model shape, rows and tokens of the jobs)
     "small": (dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
                    num_key_value_heads=2, max_position_embeddings=512), 128),
 }
-CHECK_JOBS = {"rm": 8, "sft": 4, "ppo": 4, "sample": 8}   # rows per forward (rm: 4 pairs)
+CHECK_JOBS = {"rm": 8, "sft": 4, "dpo": 8, "ppo": 4, "sample": 8}   # rows per forward (rm, dpo: 4 pairs)
 CHECK_SETTINGS = {   # the paper's profile on a GPU (bf16, LoRA, checkpointing) and a CPU run's (fp32, every weight or LoRA)
     "paper": dict(dtype="bf16", lora_rank=8, grad_checkpointing=True), "full": dict(dtype="fp32"),
     "lora": dict(dtype="fp32", lora_rank=8)}
@@ -443,7 +443,7 @@ def check_jobs(shapes):
 
 def measure(cfg, j):
     """The peak of allocated bytes (AllocationTracker) of one step of job j on a random model of shape cfg, on the CPU,
-    through the project's own code: an RM or SFT step of two micro-batches (the first one's gradients are there while
+    through the project's own code: an RM, SFT or DPO step of two micro-batches (the first one's gradients are there while
     the second runs) after a first step (AdamW's moments exist); a PPO step (rollout, scoring, PPO epoch) after a first;
     the sampler on rows prompts. Its weights and the models' are counted from the start."""
     import tempfile
@@ -451,6 +451,7 @@ def measure(cfg, j):
     from rm import RewardModel, TrainConfig, train_step
     from sample import generate
     from sft import Config as SFTConfig, sft_loss
+    from dpo import Config as DPOConfig, train_step as dpo_train_step
     from model import Llama
     from tokenizer import Tokenizer
     from trainer import make_optimizer, optimizer_step, prepare_for_training
@@ -467,13 +468,17 @@ def measure(cfg, j):
         with AllocationTracker(*weights(model)) as t:
             generate(model, prompts, j.new, temperature=1.0, seed=0, stop_ids=[], share_prefix=0)
         return t.peak
-    if j.job in ("rm", "sft"):
-        model = Llama(cfg, lm_head=j.job == "sft").init_weights()
+    if j.job in ("rm", "sft", "dpo"):
+        model = Llama(cfg, lm_head=j.job != "rm").init_weights()
         if j.lora_rank:                                       # a LoRA base is frozen in the compute dtype
             model = model.to(dtype)
         if j.job == "rm":
             model, tc = RewardModel(model, tok, max_length=j.seq), TrainConfig(**scale, micro_batch=j.rows // 2)
             batch = [(ids(j.seq), ids(j.seq), {}) for _ in range(j.rows)]
+        elif j.job == "dpo":                                  # pairs of a 1-token prompt and an answer, with reference
+            tc = DPOConfig(**scale, micro_batch=j.rows // 2)  # logprobs
+            batch = [(ids(j.seq), [False] + [True] * (j.seq - 1), ids(j.seq), [False] + [True] * (j.seq - 1), 0.0, 0.0)
+                     for _ in range(j.rows)]
         else:
             tc, batch = SFTConfig(**scale), [(ids(j.seq), [True] * j.seq) for _ in range(2 * j.rows)]
         with AllocationTracker(*weights(model)) as t:
@@ -483,6 +488,8 @@ def measure(cfg, j):
                 t.reset()
                 if j.job == "rm":                            # rm.train_step runs the micro-batches
                     train_step(model, batch, tc, dev, dtype, [0.0] * 4)
+                if j.job == "dpo":                           # so does dpo.train_step
+                    dpo_train_step(model, batch, tc, dev, dtype, [0.0] * 6)
                 for k in range(2 if j.job == "sft" else 0):  # sft.train's loop
                     loss, n = sft_loss(model, batch[k * j.rows:(k + 1) * j.rows], dev, dtype)
                     (loss / n).backward()

@@ -283,23 +283,23 @@ class KVCache:
         self.padded = False                   # True once any slot is padding: attention then needs the mask
 
     def add(self, T, mask):
-        """The next T tokens' mask (B, T), None for no padding, recorded -> (which slots so far are real (B, S), whether
-        any is padding). Without padding no value is read on the host: a decode step needs no sync."""
+        """Slots for the next T tokens, mask (B, T) marking the real ones (None: all of them) -> (which slots so far are
+        real (B, S), whether any is padding, each row's real tokens before these (B, 1): the first new position). The
+        forward's layers then write these slots (attend). Without padding no value is read on the host: a decode step
+        needs no sync."""
         self.mask[:, self.pos:self.pos + T] = True if mask is None else mask
         self.padded = self.padded or (mask is not None and not bool(mask.all()))
-        return self.mask[:, :self.pos + T], self.padded
+        start = self.lengths[:, None]
+        self.pos += T
+        self.lengths = self.lengths + (T if mask is None else mask.sum(-1))
+        return self.mask[:, :self.pos], self.padded, start
 
     def attend(self, layer, q, k, v, attn_mask):
-        """The layer's new keys and values k, v (B, nkv, T, hd) into their slots; q attends over every slot so far."""
+        """The layer's keys and values k, v (B, nkv, T, hd) into the slots add made; q attends over every slot so far."""
         T = k.shape[2]
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return attention(q, self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T], attn_mask)
-
-    def advance(self, T, mask):
-        """After a forward: T more slots filled, `mask`'s real tokens (all T without one) added to each row's length."""
-        self.pos += T
-        self.lengths += T if mask is None else mask.sum(-1)
+        self.k[layer][:, :, self.pos - T:self.pos] = k
+        self.v[layer][:, :, self.pos - T:self.pos] = v
+        return attention(q, self.k[layer][:, :, :self.pos], self.v[layer][:, :, :self.pos], attn_mask)
 
     def keep(self, rows):
         """Keep only the batch rows `rows` (a (b,) index): rows that finished leave the batch. One layer at a time, so
@@ -381,8 +381,6 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, None, i, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attn_mask, cache, i)
-        if cache is not None:
-            cache.advance(idx.shape[1], mask)
         h = self.norm(x)                                                        # (B, T, C)
         if isinstance(logits, str) and logits == "none" or self.lm_head is None:
             out = None
@@ -393,7 +391,7 @@ class Llama(nn.Module):
 
     def positions_and_mask(self, idx, positions, mask, cache):
         """The RoPE positions (B, T) of a forward's tokens and its attention mask (B, 1, T, S), or None where plain
-        causal attention (or none, a padding-free decode step) is right; records the tokens' mask in the cache."""
+        causal attention (or none, a padding-free decode step) is right; with a cache, takes the tokens' slots in it (KVCache.add)."""
         B, T = idx.shape
         dev = idx.device
         past = cache.pos if cache is not None else 0
@@ -401,11 +399,10 @@ class Llama(nn.Module):
             raise ValueError(f"{past} + {T} tokens do not fit the KV cache or {self.config.context_note()}")
         # which keys are real: mask None means no padding, and then the decode path needs no host sync
         if cache is not None:
-            key_mask, padded = cache.add(T, mask)                              # (B, S)
+            key_mask, padded, start = cache.add(T, mask)                       # (B, S), bool, (B, 1)
         else:
-            key_mask, padded = mask, mask is not None and not bool(mask.all())
+            key_mask, padded, start = mask, mask is not None and not bool(mask.all()), 0
         if positions is None:
-            start = cache.lengths[:, None] if cache is not None else 0
             if mask is None:
                 positions = start + torch.arange(T, device=dev)[None]            # (B or 1, T)
             else:
@@ -574,10 +571,10 @@ class SharedPrefixCache(KVCache):
 
     def attend(self, layer, q, k, v, attn_mask):
         T = k.shape[2]
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return cascade_attention(q, self.prefix_k[layer], self.prefix_v[layer], self.k[layer][:, :, :self.pos + T],
-                                 self.v[layer][:, :, :self.pos + T], attn_mask)
+        self.k[layer][:, :, self.pos - T:self.pos] = k
+        self.v[layer][:, :, self.pos - T:self.pos] = v
+        return cascade_attention(q, self.prefix_k[layer], self.prefix_v[layer], self.k[layer][:, :, :self.pos],
+                                 self.v[layer][:, :, :self.pos], attn_mask)
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ A PPO step, as train() runs it:
   2. score        the logprobs of the policy and of the frozen reference (the SFT policy) and the values,
                   recomputed on one token layout; the reward model's score of each response
   3. advantages   per-token rewards -beta * (logp - logp_ref), the score added at the last real token (token_rewards);
-                  GAE backwards over the response (gae); whitened advantages (masked_whiten)
+                  GAE backwards over the response (gae); whitened advantages (masked_whiten): advantages
   4. PPO epochs   ppo_epochs passes of minibatches over fresh permutations, each a gradient step on ppo_loss
                   (less ent_coef x entropy_bonus)
   5. KL control   beta follows the measured KL towards --kl_target (adaptive_kl, Ziegler et al. 2019)
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from common import (UserError, commit_dir, derive_seed, model_folder, out_lock, parse_args, rank, read_json, run_cli,
+from common import (UserError, commit_dir, derive_seed, model_folder, out_lock, parse_args, rank, run_cli,
                     world_size)
 from lora import lora_disabled
 from model import Llama, PAD_ID, last_token_index, load_config
@@ -98,6 +98,18 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
         last = (delta + gamma * lam * next_m * last) * m[:, t]
         adv[:, t] = last
     return adv, (adv + values) * m
+
+
+def advantages(score, logp, ref_logp, values, mask, beta, gamma=1.0, lam=0.95, whiten_rewards=False):
+    """Step 3's advantage estimate on a rollout of B responses, (B, R) tensors, score (B,): the KL-shaped per-token
+    rewards (token_rewards), GAE backwards over them (gae), the advantages whitened over the global batch
+    (masked_whiten). whiten_rewards: the rewards whitened, without re-centring, before GAE.
+    Returns (advantages, returns: the value model's targets, taken before the whitening, the KL part of the rewards)."""
+    rewards, non_score = token_rewards(score, logp, ref_logp, mask, beta)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = gae(rewards, values, mask, gamma, lam)
+    return masked_whiten(adv, mask), returns, non_score
 
 
 def ppo_loss(logp, old_logp, values, old_values, advantages, returns, mask, n_tokens, clip=0.2, value_clip=0.2):
@@ -244,9 +256,6 @@ def load_models(cfg, tok, dev, dtype, last):
         ref = Llama.from_pretrained(cfg.policy, device=dev, dtype=frozen_dtype(cfg, dtype)).requires_grad_(False)
         reward_model = RewardModel.from_pretrained(cfg.rm, device=dev, dtype=frozen_dtype(cfg, dtype))
         reward_model.requires_grad_(False)
-    if resuming and read_json(os.path.join(last, "policy", "trainer_state.json")).get("value_scale") != "normalised":
-        raise UserError(f"{last} was written before the value model was put on the reward's normalised scale, so its "
-                        f"value head cannot be resumed here. Start over with --resume=false (or a new --out).")
     reward_scale_value_model(value, reward_model.normalizer, fold=not resuming)
     p_params = prepare_for_training(policy, cfg, dtype, seed=cfg.seed, trained_from=policy_adapters)
     v_params = prepare_for_training(value, cfg, dtype, heads=[value.head], seed=cfg.seed + 1,
@@ -398,11 +407,8 @@ def score_rollout(models, r, cfg, beta):
         # the sampler's logprobs against the recomputed ones: any gap means rollout and training disagree
         r.mismatch = max((abs(a - b) for t, s, row in zip(r.toks, r.sampled_lp, r.old_logp.tolist())
                           for a, b in zip(s, row[:len(t)])), default=0.0)
-        rewards, r.non_score = token_rewards(r.score, r.old_logp, r.ref_logp, r.rmask, beta)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, r.rmask, shift_mean=False)
-        adv, r.returns = gae(rewards, r.old_values, r.rmask, cfg.gamma, cfg.lam)   # returns before whitening
-        r.adv = masked_whiten(adv, r.rmask)                                        # over the global batch
+        r.adv, r.returns, r.non_score = advantages(r.score, r.old_logp, r.ref_logp, r.old_values, r.rmask, beta,
+                                                   cfg.gamma, cfg.lam, cfg.whiten_rewards)
     return r
 
 
@@ -545,8 +551,7 @@ def train(cfg):
     models, resuming, p_params, v_params = load_models(cfg, tok, dev, dtype, last)
     policy, value = models.policy, models.value
     opts = make_optimizer(policy, cfg.lr, 0.0), make_optimizer(value, cfg.value_lr, 0.0)
-    run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm), "lora": lora_key(cfg),
-           "value_scale": "normalised"}
+    run = {"policy": os.path.abspath(cfg.policy), "rm": os.path.abspath(cfg.rm), "lora": lora_key(cfg)}
     loads = [(p_params, opts[0], os.path.join(last, "policy")), (v_params, opts[1], os.path.join(last, "value"))]
     state, log = start_or_resume(cfg, cfg.out, os.path.join(last, "policy"), {"step": 0, "beta": cfg.beta}, run,
                                  loads if resuming else [])

@@ -13,11 +13,10 @@ import torch
 from tqdm import tqdm
 
 import memory
-import rm as rmlib
 from common import UserError, read_json, read_records, write_json, write_text
-from comparisons import parse_generator, parse_generators, parse_rubric, read_demos, rouge_tokens, turn_prompt
+from comparisons import parse_generator, parse_generators, parse_rubric, rouge_tokens, speaker
 from eval import MIN_VERDICT_ITEMS, RM_SETS, decided, difference_interval, eval_hhh_judge, mean_interval, \
-    results_markdown, spread, wilson
+    results_markdown, spread, tally, wilson
 from model import free_memory, load
 from readers import read_pairs
 from sample import shared_prefix_length
@@ -33,9 +32,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def stage_check(cfg):
     """Per config, over its non-BAD responses: the judge model's mean NLL per token of the response given the
     query alone (no demonstrations), the rate of repeated word 3-grams, and the mean length. The judge is the
-    rm_model (stories: the larger stories260K), which sampled some of these answers itself: lower NLL favours its
+    reward model's base (--rm.model; stories: the larger stories260K), which sampled some of these answers itself:
+    lower NLL favours its
     own outputs, so read the size axis with that in mind."""
-    model, tok = load(cfg.rm_model, device=cfg.device)
+    model, tok = load(cfg.rm.model, device=cfg.device)
     rs = [r for r in read_records(os.path.join(cfg.out, "responses.jsonl")) if not r["bad"]]
     out = {}
     for name in dict.fromkeys(r["config"] for r in rs):
@@ -60,14 +60,14 @@ def stage_check(cfg):
                      "mean_chars": statistics.fmean([len(r["response"]) for r in rs if r["config"] == name])}
     result = {"configs": out}
     if cfg.format == "dialogue":
-        judge = cfg.judge or cfg.rm_model
-        if judge != cfg.rm_model:   # one model in memory at a time
+        judge = cfg.judge or cfg.rm.model
+        if judge != cfg.rm.model:   # one model in memory at a time
             model = tok = None
             free_memory()
             model, tok = load(judge, device=cfg.device)
         result["axes"] = judge_rubric(cfg, rs, judge, model, tok)
     write_json(os.path.join(cfg.out, "check_stats.json"), result)
-    print("check (judge " + os.path.basename(cfg.rm_model.rstrip("/")) + "): " + "; ".join(
+    print("check (judge " + os.path.basename(cfg.rm.model.rstrip("/")) + "): " + "; ".join(
         f"{n}: NLL/token {v['nll_per_token']:.3f}, repeated 3-grams {v['repeated_3grams']:.1%}" for n, v in out.items()))
     for axis, a in result.get("axes", {}).items():
         lo, hi = a["ci95"]
@@ -83,7 +83,7 @@ def rubric_axes(rubric):
 
 def judge_rubric(cfg, responses, judge, model, tok):
     """Is the rubric's ranking true on this model? For each adjacent pair of ranks (A above B), on queries where
-    both answered (not BAD), the judge model (--judge, default the rm_model) reads the query and the two answers in the
+    both answered (not BAD), the judge model (--judge, default --rm.model) reads the query and the two answers in the
     authors' static-HHH judge prompt, in both orders, and prefers A when P(A) summed over the orders is at least
     P(B)'s (eval.eval_hhh_judge). A win rate whose 95% interval lies above 50% supports the rubric's claim; one
     below refutes it. The judge must not be the generators' model to be independent: when it is, say so."""
@@ -261,8 +261,7 @@ def small_data_warnings(cfg, which=None):
         train = read_records(os.path.join(cfg.out, "rm_data", "train_filter.jsonl"))
         held = read_records(os.path.join(cfg.out, "rm_data", "val_filter.jsonl"))
         if train:
-            tc = rmlib.TrainConfig(data="x", model=cfg.rm_model or "x", preset=cfg.rm_preset)
-            rmlib.check_config(tc)
+            tc = cfg.rm
             steps = max(1, int(tc.epochs * max(1, len(train) // tc.batch_size)))
             counts["rm_steps"] = (steps, f"reward-model optimizer steps ({len(train)} training pairs, batches of "
                                          f"{tc.batch_size}, {tc.epochs:g} epochs)", "--n_queries")
@@ -274,7 +273,7 @@ def small_data_warnings(cfg, which=None):
     rl = read_records(os.path.join(cfg.out, "rl_queries.jsonl"))
     if rl:
         counts["rl_prompts"] = (len(rl), "RL prompts for PPO", "--n_rl_queries")
-    least = dict(SMALL, rl_prompts=cfg.rollout_batch)    # RL prompts: one PPO rollout batch
+    least = dict(SMALL, rl_prompts=cfg.ppo.batch_size)    # RL prompts: one PPO rollout batch
     for k, (n, what, flag) in counts.items():
         if (which is None or k in which) and n < least[k]:
             out.append(f"warning: {n} {what}, fewer than the {least[k]} this step needs to mean something: raise "
@@ -301,7 +300,8 @@ def verdict(key, claim, line, value, lo=None, hi=None, n=0, holds=None, share=Tr
 def verdicts(cfg, rs, sft, ev, div=None):
     """"Did it work?": a verdict (above) per step against a baseline measured on the same items, with 95%
     intervals. div: the diversity of each policy's Vicuna-80 answers (diversity())."""
-    return rm_verdicts(cfg, rs) + step2_verdicts(cfg, sft) + ppo_verdicts(cfg, ev, div) + eval_verdicts(ev)
+    return rm_verdicts(cfg, rs) + step2_verdicts(cfg, sft) + ppo_verdicts(cfg, ev, div) + dpo_verdicts(cfg, ev, div) + \
+        eval_verdicts(ev)
 
 
 def pct(p):
@@ -374,7 +374,7 @@ def step2_verdicts(cfg, sft):
 
 def ppo_verdicts(cfg, ev, div):
     """Step 3: PPO's own training reward (last quarter against the first), its diversity against SFT's, and its
-    Vicuna-80 answers against SFT's by the reward model."""
+    Vicuna-80 answers against SFT's by the reward model (diversity_verdict, vicuna_verdict)."""
     out = []
     ppo_rows = read_records(os.path.join(cfg.out, "ppo", "metrics.jsonl"))
     if len(ppo_rows) >= 8:   # PPO's own training reward: the last quarter of the steps against the first
@@ -387,31 +387,77 @@ def ppo_verdicts(cfg, ev, div):
                 f"change of {g:+.3f} [{lo:+.3f}, {hi:+.3f}] (Welch t interval over the steps): **{text}**.")
         out.append(verdict("ppo_reward", "PPO training reward, last quarter minus first (> 0)", line,
                            g, lo, hi, q, holds=lo > 0, share=False, bar=0.0))
-    if div and "sft" in div and "ppo" in div:
-        r = div["ppo"]["distinct_2"] / max(div["sft"]["distinct_2"], 1e-9)
-        lo, hi = div["ppo"].get("ratio_ci", (None, None))
-        text = decided("kept its diversity" if lo is not None and lo >= 0.8 else "collapsed onto what the reward model "
-                       "likes" if hi is not None and hi < 0.8 else "too close to the bar to tell", div["ppo"]["texts"])
-        ci = f" [{lo:.0%}, {hi:.0%}] (bootstrap over the prompts)" if lo is not None else ""
-        line = (f"- Step 3, diversity: PPO's distinct-2 is {r:.0%}{ci} of the SFT policy's "
-                f"({div['ppo']['distinct_2']:.3f} vs {div['sft']['distinct_2']:.3f}); its most shared 4-gram, "
-                f"\"{div['ppo']['top_phrase']}\", is in {div['ppo']['top_phrase_share']:.0%} of its answers: **{text}** "
-                f"(80% of SFT's is the bar).")
-        out.append(verdict("ppo_diversity", "PPO's distinct-2 over SFT's (>= 80%)", line, r, lo, hi,
-                           n=div["ppo"]["texts"], holds=lo is not None and lo >= 0.8, bar=0.8))
-    if ev and ev.get("vicuna", {}).get("ppo", {}).get("rm"):
-        v = ev["vicuna"]["ppo"]["rm"]
-        n = v["win"] + v["loss"]                                 # the pairs the reward model decides
-        lo, hi = wilson(v["win"], n)
-        text = decided("raised the reward on these unseen prompts" if lo > 0.5 else "lowered it" if hi < 0.5 else
-                       "no clear change", n)
-        line = (f"- Step 3, PPO against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
-                f"{v['tie']} / {v['loss']} (mean score {v['mean_score']:.2f} vs {v['mean_score_baseline']:.2f}); "
-                f"PPO's answer scores higher in {pct(v['win'] / max(n, 1))} [{pct(lo)}, {pct(hi)}] of the {n} decided "
-                f"pairs: **{text}**. **Caveat: this judge is the reward model PPO optimised**; a higher score shows "
-                f"the reward went up, not that the answers are better.")
-        out.append(verdict("ppo_vicuna_rm", "PPO's answer above SFT's on Vicuna-80 by the RM (> 50%)", line,
-                           v["win"] / max(n, 1), lo, hi, n, holds=lo > 0.5, bar=0.5))
+    out += [v for v in (diversity_verdict("PPO", "ppo", div), vicuna_verdict("PPO", "ppo", ev)) if v]
+    return out
+
+
+def diversity_verdict(name, key, div):
+    """A policy's distinct-2 on Vicuna-80 over the SFT policy's, with its bootstrap interval: kept (the interval above
+    80%), collapsed (below), or too close to the bar to tell."""
+    if not div or "sft" not in div or key not in div:
+        return None
+    d, base = div[key], div["sft"]
+    r = d["distinct_2"] / max(base["distinct_2"], 1e-9)
+    lo, hi = d.get("ratio_ci", (None, None))
+    text = decided("kept its diversity" if lo is not None and lo >= 0.8 else "collapsed onto what the reward model "
+                   "likes" if hi is not None and hi < 0.8 else "too close to the bar to tell", d["texts"])
+    ci = f" [{lo:.0%}, {hi:.0%}] (bootstrap over the prompts)" if lo is not None else ""
+    line = (f"- Step 3, diversity: {name}'s distinct-2 is {r:.0%}{ci} of the SFT policy's ({d['distinct_2']:.3f} vs "
+            f"{base['distinct_2']:.3f}); its most shared 4-gram, \"{d['top_phrase']}\", is in "
+            f"{d['top_phrase_share']:.0%} of its answers: **{text}** (80% of SFT's is the bar).")
+    return verdict(f"{key}_diversity", f"{name}'s distinct-2 over SFT's (>= 80%)", line, r, lo, hi, n=d["texts"],
+                   holds=lo is not None and lo >= 0.8, bar=0.8)
+
+
+def vicuna_verdict(name, key, ev):
+    """A policy against the SFT policy on Vicuna-80, judged by the reward model: the share of the decided pairs in
+    which its answer scores higher, with its Wilson interval."""
+    v = (ev or {}).get("vicuna", {}).get(key, {}).get("rm")
+    if not v:
+        return None
+    n = v["win"] + v["loss"]                                     # the pairs the reward model decides
+    lo, hi = wilson(v["win"], n)
+    text = decided("raised the reward on these unseen prompts" if lo > 0.5 else "lowered it" if hi < 0.5 else
+                   "no clear change", n)
+    line = (f"- Step 3, {name} against the SFT policy on Vicuna-80, judged by the reward model: {v['win']} / "
+            f"{v['tie']} / {v['loss']} (mean score {v['mean_score']:.2f} vs {v['mean_score_baseline']:.2f}); "
+            f"{name}'s answer scores higher in {pct(v['win'] / max(n, 1))} [{pct(lo)}, {pct(hi)}] of the {n} decided "
+            f"pairs: **{text}**. **Caveat: this judge is the reward model {name} "
+            f"{'optimised' if key == 'ppo' else 'ranked its pairs with'}**; a higher score shows the reward went up, "
+            f"not that the answers are better.")
+    return verdict(f"{key}_vicuna_rm", f"{name}'s answer above SFT's on Vicuna-80 by the RM (> 50%)", line,
+                   v["win"] / max(n, 1), lo, hi, n, holds=lo > 0.5, bar=0.5)
+
+
+def dpo_verdicts(cfg, ev, div):
+    """Step 3 without RL: DPO's implicit reward on its held-out pairs, its Vicuna-80 answers against SFT's and against
+    PPO's by the reward model, and its diversity against SFT's."""
+    out = []
+    held = [r for r in read_records(os.path.join(cfg.out, "dpo", "metrics.jsonl")) if r.get("split") == "val"]
+    if held:
+        m, n = held[-1]["accuracy"], held[-1]["n"]
+        lo, hi = wilson(round(m * n), n)
+        text = decided("learned the preferences" if lo > 0.5 else "did not learn them beyond chance", n)
+        line = (f"- Step 3 without RL, DPO's implicit reward on its {n} held-out pairs ({cfg.dpo_pairs}): prefers the "
+                f"chosen answer in {pct(m)} [{pct(lo)}, {pct(hi)}]: **{text}**.")
+        out.append(verdict("dpo_heldout", "DPO's implicit reward on held-out pairs (> 50%)", line, m, lo, hi, n,
+                           holds=lo > 0.5, bar=0.5))
+    out += [v for v in (vicuna_verdict("DPO", "dpo", ev),) if v]
+    v = (ev or {}).get("vicuna", {})
+    a, b = v.get("dpo", {}).get("rm", {}).get("scores"), v.get("ppo", {}).get("rm", {}).get("scores")
+    if a and b and len(a) == len(b):
+        t = tally(a, b)
+        n = t["win"] + t["loss"]
+        lo, hi = wilson(t["win"], n)
+        text = decided("DPO's answers score higher" if lo > 0.5 else "PPO's answers score higher" if hi < 0.5 else
+                       "no clear difference", n)
+        line = (f"- Step 3, DPO against PPO on Vicuna-80, judged by the reward model: {t['win']} / {t['tie']} / "
+                f"{t['loss']} (mean score {statistics.fmean(a):.2f} vs {statistics.fmean(b):.2f}); DPO's answer scores "
+                f"higher in {pct(t['win'] / max(n, 1))} [{pct(lo)}, {pct(hi)}] of the {n} decided pairs: **{text}** "
+                f"(PPO optimised this reward model; DPO saw only pairs it ranked).")
+        out.append(verdict("dpo_vs_ppo_vicuna_rm", "DPO's answer above PPO's on Vicuna-80 by the RM (> 50%)", line,
+                           t["win"] / max(n, 1), lo, hi, n, holds=lo > 0.5, bar=0.5))
+    out += [v for v in (diversity_verdict("DPO", "dpo", div),) if v]
     return out
 
 
@@ -441,12 +487,13 @@ def stage_report(cfg):
                                j("sft_stats.json"), j(os.path.join("eval", "results.json")), j("timings.json"))
     ppo_rows = read_records(os.path.join(cfg.out, "ppo", "metrics.jsonl"))
     answers = {n: [r["text"] for r in read_records(os.path.join(cfg.out, "eval", "vicuna", f"{n}.jsonl"))]
-               for n in ("base", "sft", "ppo")}
+               for n in ("base", "sft", "ppo", "dpo")}
     answers = {n: a for n, a in answers.items() if a}
     div = {n: diversity(a) for n, a in answers.items()}
-    if "ppo" in div and "sft" in div and len(answers["ppo"]) == len(answers["sft"]):
-        div["ppo"]["ratio_ci"] = distinct_2_ratio_interval(answers["ppo"], answers["sft"])
-    table = figures_table(cs, rs, sp, sft, ppo_rows, div, tm)
+    for n in ("ppo", "dpo"):
+        if n in div and "sft" in div and len(answers[n]) == len(answers["sft"]):
+            div[n]["ratio_ci"] = distinct_2_ratio_interval(answers[n], answers["sft"])
+    table = figures_table(cfg, cs, rs, sp, sft, ppo_rows, div, tm)
     md = ["# ALMoST run report", "", f"Output folder `{cfg.out}`, profile `{cfg.profile}`.", ""]
     warnings = small_data_warnings(cfg)
     if warnings:
@@ -467,7 +514,7 @@ def stage_report(cfg):
     print(f"report -> {os.path.join(cfg.out, 'report.md')}")
 
 
-def figures_table(cs, rs, sp, sft, ppo_rows, div, tm):
+def figures_table(cfg, cs, rs, sp, sft, ppo_rows, div, tm):
     """The figures of every stage that has run, as a markdown table."""
     rows = []
     if cs:
@@ -486,6 +533,12 @@ def figures_table(cs, rs, sp, sft, ppo_rows, div, tm):
     if sft:
         rows.append(("held-out RM score: SFT on RMSP / plain self-play / base", " / ".join(
             f"{sft[k]['mean_rm_score']:.3f}" for k in ("sft", "sft_plain", "base") if k in sft)))
+    dpo_rows = read_records(os.path.join(cfg.out, "dpo", "metrics.jsonl"))
+    held = [r for r in dpo_rows if r.get("split") == "val"]
+    if held:
+        rows.append(("DPO: held-out implicit reward accuracy / loss, first -> last evaluation",
+                     f"{held[0]['accuracy']:.3f} -> {held[-1]['accuracy']:.3f} / {held[0]['loss']:.4f} -> "
+                     f"{held[-1]['loss']:.4f}"))
     if ppo_rows:
         a, b = ppo_rows[:5], ppo_rows[-5:]
         m = lambda rr, k: sum(r[k] for r in rr) / len(rr)
@@ -505,7 +558,7 @@ def samples_markdown(cfg, answers):
     md = []
     if answers:
         qs = read_records(os.path.join(HERE, "data", "vicuna_bench", "question.jsonl"))
-        md += ["## Samples: the same questions before and after self-play and PPO", ""]
+        md += ["## Samples: the same questions before and after self-play, PPO and DPO", ""]
         for i in range(min(2, min(map(len, answers.values())))):
             md.append(f"**{qs[i]['turns'][0]}**\n")
             md += [f"- {n}: {a[i][:400]!r}" for n, a in answers.items()] + [""]
@@ -559,11 +612,11 @@ def shared_prefix_tokens(model, g, fmt):
         tok = Tokenizer(model)
     except UserError:
         return 0
-    demos = read_demos(g.prompt_file)   # what the sampler will share: the common start of two rows' prompts
-    return shared_prefix_length([turn_prompt(tok, fmt, *demos, g.shots, [("user", q)]) for q in ("Yes?", "No.")])
+    prompted = speaker(g, None, tok, fmt)   # what the sampler will share: the common start of two rows' prompts
+    return shared_prefix_length([prompted.prompt([("user", q)]) for q in ("Yes?", "No.")])
 
 
-def print_plan(cfg, stages, ppo_settings, trainer_dry_runs):
+def print_plan(cfg, stages, trainer_dry_runs):
     """The dry run: what each stage would do and roughly how many tokens it would generate, and the memory per GPU
     of each sampling stage; then trainer_dry_runs (callables) print the trainers' plans."""
     print(f"plan for --profile={cfg.profile} into {cfg.out}:")
@@ -585,16 +638,20 @@ def print_plan(cfg, stages, ppo_settings, trainer_dry_runs):
             t = k * (cfg.turns * ns * a.max_new_tokens + (cfg.turns - 1) * 2 * u.max_new_tokens)
             line = f"{k} dialogues, {cfg.turns} turns, n={cfg.n} (+ baseline), assistant {a.model}, <= {t:,} tokens"
         elif s == "ppo":
-            p = ppo_settings
-            t = p["steps"] * p["batch_size"] * p["max_new_tokens"]
-            line = (f"{p['steps']} steps x {p['batch_size']} rollouts from {os.path.join(cfg.out, 'sft', 'best')}, "
+            p = cfg.ppo
+            t = p.steps * p.batch_size * p.max_new_tokens
+            line = (f"{p.steps} steps x {p.batch_size} rollouts from {os.path.join(cfg.out, 'sft', 'best')}, "
                     f"<= {t:,} tokens")
+        elif s == "dpo":
+            t = cfg.n_rl_queries * cfg.dpo_n * cfg.ppo.max_new_tokens if cfg.dpo_pairs == "onpolicy" else 0
+            line = (f"DPO from {os.path.join(cfg.out, 'sft', 'best')} on {cfg.dpo_pairs} pairs" +
+                    (f" ({cfg.n_rl_queries} RL prompts x {cfg.dpo_n} answers, <= {t:,} tokens)" if t else ""))
         elif s == "eval":
-            t = 3 * 80 * (120 if cfg.format == "story" else 1024)
-            line = f"static HHH, HH, TruthfulQA MC1, Vicuna-80 (base, SFT, PPO), <= {t:,} tokens"
+            t = 4 * 80 * (120 if cfg.format == "story" else 1024)
+            line = f"static HHH, HH, TruthfulQA MC1, Vicuna-80 (base, SFT, PPO, DPO), <= {t:,} tokens"
         else:
             t, line = 0, {"compare": "the comparison rule (no sampling)", "check": "judge NLL of every answer",
-                          "rm": f"reward model(s) from {cfg.rm_model}", "sft": "SFT of the assistant model, 2 runs",
+                          "rm": f"reward model(s) from {cfg.rm.model}", "sft": "SFT of the assistant model, 2 runs",
                           "report": os.path.join(cfg.out, "report.md")}[s]
         total += t
         print(f"  {s:9s} {line}")

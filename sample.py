@@ -185,6 +185,71 @@ def prefill(model, prompts, max_new_tokens, share_prefix, sync, device):
     return cache, model(idx, mask=mask, cache=cache, logits="last")[:, -1]
 
 
+def decode(model, cache, logits, pick, rows, on_token=None):
+    """2) The decode loop. From the logits after each prompt (B, V): pick a token for every row still in the batch
+    (sample_next, through pick), record it, let the rows' ending rule see it (Rows.update, which drops the rows that
+    have ended from the batch and the cache), and feed the rest through the cached forward, until no row is left or
+    the budget is spent. -> tokens and logprobs (B, budget), and the number kept per row (a list of B ints)."""
+    B, device = logits.shape[0], logits.device
+    toks = torch.zeros(B, rows.budget, dtype=torch.long, device=device)
+    lps = torch.zeros(B, rows.budget, dtype=torch.float32, device=device)
+    for step in range(rows.budget):
+        nxt, lp = pick(logits, rows)                                                  # (b,), (b,)
+        toks[rows.index, step], lps[rows.index, step] = nxt, lp.float()
+        if on_token is not None:
+            on_token(step, nxt)
+        nxt = rows.update(step, nxt, cache)                                           # the rows still running
+        if rows.done:
+            break
+        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]             # (b, V)
+    return toks, lps, rows.n_new
+
+
+class Rows:
+    """The rows of a decode and the rule that ends them: a row ends at a stop id (not kept), when its text holds a
+    stop string (kept: StopStrings), or at the budget. Every check_every steps (every step with stop strings) the rule
+    looks at which rows have ended: one transfer of the step's tokens, ended flags and kept counts, the host sync of
+    that step. Then the decode is done when every row has ended (in every process, under sync), and with compact the
+    ended rows leave the batch and the KV cache, so they cost no more forwards. Between looks an ended row runs on;
+    its tokens are dropped. rows (host) and index (device): the original index of each row still in the batch."""
+
+    def __init__(self, B, budget, stop, device, stops=None, check_every=1, sync=False, compact=True):
+        self.budget, self.stop, self.stops, self.every, self.sync, self.compact = budget, stop, stops, check_every, \
+            sync, compact
+        self.rows, self.index = list(range(B)), torch.arange(B, device=device)
+        self.ended = torch.zeros(B, dtype=torch.bool, device=device)            # (b,) the row has ended
+        self.kept = torch.full((B,), budget, device=device)                     # (b,) the tokens it keeps
+        self.n_new, self.done = [budget] * B, False                             # tokens kept per row, at the looks
+
+    def update(self, step, nxt, cache):
+        """Step `step`'s tokens nxt (b,) -> those of the rows still in the batch (the cache keeps only their slots)."""
+        new = torch.isin(nxt, self.stop) & ~self.ended                          # a stop id is not kept
+        self.ended, self.kept = self.ended | new, torch.where(new, step, self.kept)
+        last = step == self.budget - 1
+        if not (last or self.stops is not None or (step + 1) % self.every == 0):
+            return nxt
+        tokens, ended, kept = torch.stack([nxt, self.ended.long(), self.kept]).tolist()   # the host sync of this step
+        if self.stops is not None:   # a stop string, found in the rows' text: the row keeps this token
+            hit = self.stops.hits(self.rows, tokens, ended)
+            if hit:
+                for j in hit:
+                    ended[j], kept[j] = 1, step + 1
+                hit = torch.tensor([j in hit for j in range(len(self.rows))], device=nxt.device)
+                self.ended, self.kept = self.ended | hit, torch.where(hit, step + 1, self.kept)
+        for r, e, k in zip(self.rows, ended, kept):
+            if e:
+                self.n_new[r] = k
+        self.done = last or (all_ranks(all(ended), nxt.device) if self.sync else all(ended))
+        n = max(1, len(self.rows) - sum(ended))   # (under sync a process keeps a finished row as a placeholder)
+        if self.done or not self.compact or n == len(self.rows):
+            return nxt
+        keep = torch.argsort(self.ended.to(torch.uint8), stable=True)[:n]       # the running rows, first, in order
+        cache.keep(keep)
+        self.rows = [r for r, e in zip(self.rows, ended) if not e] or self.rows[:1]
+        self.index, self.ended, self.kept = self.index[keep], self.ended[keep], self.kept[keep]
+        return nxt[keep]
+
+
 class StopStrings:
     """The stopping rule on text: a row ends as soon as the decoded text of its new tokens contains one of the plain
     strings, or a compiled pattern matches it. Each new token decodes the row's text again (a string may span tokens
@@ -210,56 +275,6 @@ class StopStrings:
         return [j for j, (r, t, e) in enumerate(zip(rows, tokens, ended)) if not e and self.complete(r, t)]
 
 
-def decode(model, cache, logits, pick, max_new_tokens, stop, stops=None, sync=False, compact=True, on_token=None,
-           check_every=1):
-    """2) The decode loop. From the logits after each prompt (B, V): pick a token for every row in the batch
-    (pick(logits, rows, index) -> ids, logprobs), run it through the cached forward, repeat. A row ends at a stop id
-    (not kept) or when `stops` finds a stop string in its text (kept). Every check_every steps (every step with stop
-    strings or on_token) the ended rows reach the host in one transfer, the host sync of that step: the loop stops
-    when every row has ended (in every process, under sync) and, with compact, the ended rows leave the batch, so they
-    cost no more forwards. Between checks an ended row runs on; its tokens are dropped. rows (host) and index
-    (device) hold the original index of each row still in the batch.
-    -> tokens and logprobs (B, max_new_tokens), and the number kept per row (a list of B ints)."""
-    B, device = logits.shape[0], logits.device
-    toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-    n_new = [max_new_tokens] * B                                      # tokens kept per row, known at the checks
-    rows, index = list(range(B)), torch.arange(B, device=device)
-    ended = torch.zeros(B, dtype=torch.bool, device=device)           # (b,) the row has ended
-    kept = torch.full((B,), max_new_tokens, device=device)            # (b,) the tokens it keeps
-    for step in range(max_new_tokens):
-        nxt, lp = pick(logits, rows if len(rows) < B else None, index)                # (b,), (b,)
-        toks[index, step], lps[index, step] = nxt, lp.float()
-        new = torch.isin(nxt, stop) & ~ended                                         # a stop id is not kept
-        ended, kept = ended | new, torch.where(new, step, kept)
-        if on_token is not None:
-            on_token(step, nxt)
-        last = step == max_new_tokens - 1
-        if last or stops is not None or on_token is not None or (step + 1) % check_every == 0:
-            host = torch.stack([nxt, ended.long(), kept]).tolist()                   # the host sync of this step
-            ended_h, kept_h = host[1], host[2]
-            if stops is not None:   # a stop string, found in the rows' text: the row keeps this token
-                hit = stops.hits(rows, host[0], ended_h)
-                if hit:
-                    for j in hit:
-                        ended_h[j], kept_h[j] = 1, step + 1
-                    hit = torch.tensor([j in hit for j in range(len(rows))], device=device)
-                    ended, kept = ended | hit, torch.where(hit, step + 1, kept)
-            for r, e, k in zip(rows, ended_h, kept_h):
-                if e:
-                    n_new[r] = k
-            if last or (all_ranks(all(ended_h), device) if sync else all(ended_h)):
-                break
-            n = max(1, len(rows) - sum(ended_h))   # (under sync a process keeps a finished row as a placeholder)
-            if compact and n < len(rows):   # the rows still running, first in their order (argsort needs no sync)
-                keep = torch.argsort(ended.to(torch.uint8), stable=True)[:n]
-                cache.keep(keep)
-                rows = [r for r, e in zip(rows, ended_h) if not e] or rows[:1]
-                index, nxt, ended, kept = index[keep], nxt[keep], ended[keep], kept[keep]
-        logits = model(nxt[:, None], cache=cache, logits="last")[:, -1]             # (b, V)
-    return toks, lps, n_new
-
-
 CHECK_EVERY = 8   # decode's checks on a GPU: one host sync every 8 tokens (on a CPU a sync is free: every token)
 
 
@@ -283,7 +298,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     Query: is complete").
     A row that has ended leaves the batch: its slots of the KV cache are dropped and no forward pass is spent on it
     (compact=False keeps it in the batch to the end: the baseline bench.py measures against).
-    check_every: decoded tokens between the loop's looks at which rows have ended (a host sync each). None:
+    check_every: decoded tokens between the loop's looks at which rows have ended (a host sync each; Rows). None:
     CHECK_EVERY on a GPU, 1 on a CPU; stop strings and on_token look at every token. The tokens do not depend on it.
     sync: every torchrun process runs the same number of forwards (the model is sharded, so each forward is a
     collective): the batch decodes until the rows of every process have ended, a process whose rows have all ended
@@ -312,12 +327,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     model.eval()
     with gathered(model) if is_sharded(model) else contextlib.nullcontext(), merged(model):
         # 1) prefill the prompts; 2) decode one token a step
+        B = len(prompts)
         cache, logits = prefill(model, prompts, max_new_tokens, share_prefix, sync, device)   # (B, V)
-        stops = StopStrings(stop_strings, tokenizer, len(prompts)) if stop_strings else None
-        pick = lambda logits, rows, index: sample_next(logits, temperature, top_k, top_p, generator, rows, index,
-                                                       len(prompts))
-        toks, lps, n_new = decode(model, cache, logits, pick, max_new_tokens, stop, stops, sync, compact, on_token,
-                                  check_every)
+        stops = StopStrings(stop_strings, tokenizer, B) if stop_strings else None
+        rows = Rows(B, max_new_tokens, stop, device, stops, 1 if on_token else check_every, sync, compact)
+        pick = lambda logits, r: sample_next(logits, temperature, top_k, top_p, generator,  # noqa: E731
+                                             r.rows if len(r.rows) < B else None, r.index, B)
+        toks, lps, n_new = decode(model, cache, logits, pick, rows, on_token)
         del cache
     model.train(was_training)
     toks, lps = toks.tolist(), lps.tolist()

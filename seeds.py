@@ -72,7 +72,7 @@ def status(held, of, edges, bar):
         return f"held on {held} of {of} runs"
     spread = statistics.stdev(edges) if len(edges) > 1 else 0.0
     if bar is not None and edges and min(edges) - bar <= spread:
-        return f"borderline: held on every run, its nearest interval edge within the runs' spread of the bar"
+        return "borderline: held on every run, its nearest interval edge within the runs' spread of the bar"
     return "held on every run"
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import rm as rmlib
 from common import RecordWriter, UserError, derive_seed, read_records, write_json
-from comparisons import is_bad_response, parse_generator, read_demos, sample_turns, turn_prompt
+from comparisons import is_bad_response, parse_generator, speaker
 from eval import policy_answers
 from model import free_memory, load
 from tokenizer import dialogue_text
@@ -50,19 +50,15 @@ class Dialogue:
                 "candidates": self.candidates, **({"no_room": self.no_room} if self.no_room else {})}
 
 
-def best_of(scores, bad):
-    """Index of the highest score among the candidates that are not BAD (None if all are BAD)."""
-    ok = [i for i in range(len(scores)) if not bad[i]]
-    return max(ok, key=lambda i: scores[i]) if ok else None
-
-
-def best_of_n_turn(dialogues, candidates, scores, n):
-    """RMSP's assistant turn: each dialogue's n candidates (candidates[i*n:(i+1)*n]) with their reward-model scores;
-    the best candidate that is not BAD becomes the turn. A dialogue whose candidates are all BAD ends here."""
+def best_of_n_turn(dialogues, candidates, reward_model, n):
+    """RMSP's assistant turn: the reward model scores each dialogue's n candidates (candidates[i*n:(i+1)*n]) given the
+    dialogue so far; the best candidate that is not BAD becomes the turn. A dialogue whose candidates are all BAD ends
+    here. Every candidate is recorded in the dialogue with its score."""
+    scores = reward_model.score([dialogue_text(d.turns) for d in dialogues for _ in range(n)], candidates).tolist()
     for i, d in enumerate(dialogues):
         cs, sc = candidates[i * n:(i + 1) * n], scores[i * n:(i + 1) * n]
         bad = [is_bad_response(c) for c in cs]
-        pick = best_of(sc, bad)
+        pick = max((j for j in range(n) if not bad[j]), key=lambda j: sc[j], default=None)   # the best not BAD
         d.candidates.append([{"text": c, "score": x, "bad": y} for c, x, y in zip(cs, sc, bad)])
         if pick is None:
             d.ended = True
@@ -71,8 +67,42 @@ def best_of_n_turn(dialogues, candidates, scores, n):
             d.turns.append(("assistant", cs[pick]))
 
 
-def selfplay(cfg, n, path, assistant, user, reward_model):
-    """Self-play dialogues of the self-play queries not yet in `path`, best of n at each assistant turn, appended to
+def selfplay(queries, assistant, user, reward_model, n, turns, later_shots=-1, seed=0):
+    """Step 2, RM-guided self-play (RMSP): a dialogue from each query ({"id", "query"}), up to `turns` assistant
+    turns long. At each assistant turn the assistant (a comparisons.Speaker) writes n candidates in one sampler call
+    and the reward model keeps the best one that is not BAD (best_of_n_turn); between them the user (a Speaker too)
+    writes the human's next turn, and a dialogue whose user has nothing to say (under 10 characters) ends. Turn t
+    samples with seed + t, its user turn with one more; after the first turn the assistant's prompt shows later_shots
+    demonstrations (-1: as many as the first). A dialogue ends early where its prompt leaves no room in the context
+    window (Dialogue.no_room). -> [Dialogue]"""
+    dialogues = [Dialogue(q["id"], q["query"], [("user", q["query"])]) for q in queries]
+    for t in range(turns):
+        live = [d for d in dialogues if not d.ended]
+        if not live:
+            break
+        s = (seed + t) % 2**31
+        cands = assistant.speak([d.turns for d in live for _ in range(n)], "assistant", s,
+                                None if t == 0 or later_shots < 0 else later_shots)
+        for i, d in enumerate(live):
+            if cands[i * n] is None:
+                d.ended, d.no_room = True, f"assistant turn {t + 1}"
+        live, cands = [d for d in live if not d.ended], [c for c in cands if c is not None]
+        best_of_n_turn(live, cands, reward_model, n)
+        if t == turns - 1:
+            break
+        live = [d for d in dialogues if not d.ended]
+        for d, u in zip(live, user.speak([d.turns for d in live], "user", s + 1)):
+            if u is None:
+                d.ended, d.no_room = True, f"user turn {t + 2}"
+            elif len(u) < 10:
+                d.ended = True
+            else:
+                d.turns.append(("user", u))
+    return dialogues
+
+
+def selfplay_file(cfg, n, path, assistant, user, reward_model):
+    """Self-play (selfplay) of the self-play queries not yet in `path`, best of n at each assistant turn, appended to
     `path` a chunk of dialogues at a time (their n candidates share one sampler call)."""
     queries, _ = split_queries(cfg)
     done = {r["query_id"] for r in read_records(path)}
@@ -82,47 +112,16 @@ def selfplay(cfg, n, path, assistant, user, reward_model):
         return
     a_model, a_tok = load(assistant.model, device=cfg.device)
     u_model, u_tok = (a_model, a_tok) if user.model == assistant.model else load(user.model, device=cfg.device)
-    a_demos, u_demos = read_demos(assistant.prompt_file), read_demos(user.prompt_file)
+    a, u = speaker(assistant, a_model, a_tok, cfg.format, cfg.trim_cut), speaker(user, u_model, u_tok, cfg.format,
+                                                                                  cfg.trim_cut)
     per_call = max(1, cfg.batch_size // n)
     with RecordWriter(path) as w:
         for b in tqdm(range(0, len(todo), per_call), desc=f"selfplay n={n}"):
             chunk = todo[b:b + per_call]
-            dls = [Dialogue(q["id"], q["query"], [("user", q["query"])]) for q in chunk]
-            for t in range(cfg.turns):
-                seed = derive_seed(cfg.seed, "sampling", zlib.crc32(f"{n}".encode()) + chunk[0]["id"] * 31 + t,
-                                   bits=31)
-                shots = assistant.shots if t == 0 or cfg.later_shots < 0 else cfg.later_shots
-                live = [d for d in dls if not d.ended]
-                if not live:
-                    break
-                prompts = [turn_prompt(a_tok, cfg.format, *a_demos, shots, d.turns, "assistant")
-                           for d in live for _ in range(n)]
-                cands = sample_turns(a_model, a_tok, prompts, assistant, cfg.format, "assistant", seed, cfg.trim_cut)
-                for i, d in enumerate(live):
-                    if cands[i * n] is None:   # no room for the turn: the dialogue ends, and the stage says so
-                        d.ended, d.no_room = True, f"assistant turn {t + 1}"
-                live = [d for d in live if not d.ended]
-                cands = [c for c in cands if c is not None]
-                scores = reward_model.score([dialogue_text(d.turns) for d in live for _ in range(n)], cands).tolist()
-                best_of_n_turn(live, cands, scores, n)
-                if t == cfg.turns - 1:
-                    break
-                user_turn([d for d in dls if not d.ended], u_model, u_tok, u_demos, user, cfg, seed + 1, t)
-            for d in dls:
+            seed = derive_seed(cfg.seed, "sampling", zlib.crc32(f"{n}".encode()) + chunk[0]["id"] * 31, bits=31)
+            for d in selfplay(chunk, a, u, reward_model, n, cfg.turns, cfg.later_shots, seed):
                 w.write(d.record(n))
     warn_no_room(read_records(path), n, a_model.config.context, assistant.shots)
-
-
-def user_turn(live, model, tok, demos, user, cfg, seed, t):
-    """The prompted user's next turn in each dialogue; one shorter than 10 characters (no usable turn) ends it."""
-    prompts = [turn_prompt(tok, cfg.format, *demos, user.shots, d.turns, "user") for d in live]
-    for d, u in zip(live, sample_turns(model, tok, prompts, user, cfg.format, "user", seed, cfg.trim_cut)):
-        if u is None:
-            d.ended, d.no_room = True, f"user turn {t + 2}"
-        elif len(u) < 10:
-            d.ended = True
-        else:
-            d.turns.append(("user", u))
 
 
 def warn_no_room(records, n, ctx, shots):
@@ -142,7 +141,7 @@ def stage_selfplay(cfg):
     reward_model = rmlib.RewardModel.from_pretrained(rmlib.RewardModel.check(cfg.reward_model, "--reward_model"),
                                                      device=cfg.device)
     for n in [cfg.n] + ([1] if cfg.selfplay_baseline and cfg.n != 1 else []):
-        selfplay(cfg, n, os.path.join(cfg.out, f"selfplay_n{n}.jsonl"), assistant, user, reward_model)
+        selfplay_file(cfg, n, os.path.join(cfg.out, f"selfplay_n{n}.jsonl"), assistant, user, reward_model)
     stats = selfplay_stats(read_records(os.path.join(cfg.out, f"selfplay_n{cfg.n}.jsonl")))
     write_json(os.path.join(cfg.out, "selfplay_stats.json"), stats)
     print(f"selfplay: {stats['dialogues']} dialogues ({stats['usable']} usable, {stats['assistant_turns']} "

@@ -1,8 +1,7 @@
 """
 What the three trainers (rm.py, sft.py, ppo.py) share, so that each of them holds only its own loss and loop:
 torchrun processes, precision, LoRA / gradient checkpointing / FSDP, batches, the optimizer and its schedule,
-gradient sync and clipping, checkpoints with resume, the memory plan of a dry run, and the config the pipeline
-hands a trainer (trainer_config).
+gradient sync and clipping, checkpoints with resume, and the memory plan of a dry run.
 
 Precision: trained weights are fp32 (the master copy AdamW updates) and the matmuls run in --dtype under autocast
 (bf16 on CUDA). A LoRA base is frozen and stored in --dtype; PPO's reference and reward model are stored as the
@@ -20,13 +19,12 @@ import math
 import os
 import sys
 import random
-import shlex
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
 import memory
-from common import MetricsLog, UserError, derive_seed, parse_args, rank, read_json, world_size, write_json
+from common import MetricsLog, UserError, derive_seed, rank, read_json, world_size, write_json
 from lora import LORA_TARGETS, LoRALinear, add_lora, full_tensor
 from model import DTYPES, Block, Llama, default_dtype, hf_name
 
@@ -452,35 +450,3 @@ def memory_dry_run(cfg, model, job, rows, seq, **job_fields):
     if rank() == 0:
         print(text)
     return fits
-
-
-# -----------------------------------------------------------------------------
-# a trainer run by the pipeline (almost.py)
-
-def scale_flags(cfg):
-    """The device / precision / LoRA / checkpointing / FSDP flags, handed to each trainer."""
-    return {f.name: getattr(cfg, f.name) for f in fields(ScaleConfig)}
-
-
-PIPELINE_OWNED = ("data", "val_data", "model", "out", "policy", "rm", "prompts", "dry_run")
-
-
-def trainer_config(cls, flag, args, **settings):
-    """A trainer's own Config, parsed by its own parser from `args` (the --rm_args / --sft_args / --ppo_args string),
-    with the pipeline's `settings` (its files and folders, the profile's values, the shortcut flags) where args is
-    silent. The files and folders that connect the stages are the pipeline's to choose."""
-    try:
-        cfg = parse_args(cls, shlex.split(args))
-    except (UserError, ValueError) as e:
-        raise UserError(f"{flag}={args!r}: {e}") from None
-    owned = sorted(cfg._given & set(PIPELINE_OWNED))
-    if owned:
-        raise UserError(f"{flag}: --{owned[0]} is set by the pipeline (the stages read each other's files); leave it "
-                        f"out.")
-    default = cls()
-    for k, v in settings.items():
-        if k not in cfg._given:
-            setattr(cfg, k, v)
-            if v != getattr(default, k):
-                cfg._given.add(k)   # a preset (rm.py's) must not replace what the pipeline chose
-    return cfg

@@ -1,6 +1,9 @@
 import json
 import os
 import random
+import shutil
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -149,4 +152,128 @@ def qwen2_stories(tmp_path_factory):
     shutil.copy(os.path.join(STORIES, "tokenizer.model"), d / "tokenizer.model")
     tc = json.load(open(os.path.join(STORIES, "tokenizer_config.json")))
     (d / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": CHATML_TEMPLATE}))
+    return str(d)
+
+
+# -----------------------------------------------------------------------------
+# helpers that several test files share
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A writable copy of the bundled model."""
+    d = tmp_path / "m"
+    shutil.copytree(STORIES, d)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    return d
+
+
+def edit_config(d, **kw):
+    """Set fields of the config.json in model folder d."""
+    cfg = json.load(open(d / "config.json"))
+    cfg.update(kw)
+    json.dump(cfg, open(d / "config.json", "w"))
+
+
+def small_cfg(**kw):
+    """A small random LLaMA's config (2 layers, GQA, biases, untied), with fields overridden by kw."""
+    from model import LlamaConfig
+    d = dict(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False,
+             attention_bias=True)
+    d.update(kw)
+    return LlamaConfig.from_dict({"model_type": "llama", **d})
+
+
+def saved_bytes(fn, exclude):
+    """Bytes of the distinct storages autograd saves for backward while fn runs (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def tiny(tmp_path, **kw):
+    """The pipeline's resolved config on the story profile with tiny counts, out under tmp_path, fields set by kw."""
+    from almost import Config, resolve
+    cfg = Config(out=str(tmp_path / "out"), n_queries=6, n_rl_queries=4, batch_size=2, device="cpu",
+                 rm_filter_ablation=False)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return resolve(cfg)
+
+
+def interrupt_after(monkeypatch, n_calls):
+    """Make the sampler fail on its (n_calls + 1)-th call, as a kill would."""
+    import comparisons
+    real, calls = comparisons.generate, [0]
+
+    def flaky(*a, **k):
+        calls[0] += 1
+        if calls[0] > n_calls:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(comparisons, "generate", flaky)
+
+
+def launch(script, args, n, tmp_path, timeout=300):
+    """Run a script alone (n=1) or under torchrun with n gloo processes; fails the test on a nonzero exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, os.path.join(ROOT, script), *args] if n == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+         os.path.join(ROOT, script), *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:   # a hang: end torchrun's workers too, not only torchrun
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"{script} did not finish in {timeout} s (processes out of step?)")
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+FAMILIES = {   # name: (transformers' prefix, config fields)
+    "qwen2_tied": ("Qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0, num_key_value_heads=2)),
+    "qwen2_untied": ("Qwen2", dict(tie_word_embeddings=False, rope_theta=1000000.0, num_key_value_heads=1)),
+    "mistral": ("Mistral", dict(sliding_window=4096, head_dim=24, rope_theta=1000000.0)),
+}
+
+
+def hf_family(name, seed=0, **kw):
+    """A random transformers model of a FAMILIES entry, its biases and norms perturbed."""
+    prefix, fields = FAMILIES[name]
+    base = dict(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    cfg = getattr(transformers, prefix + "Config")(**{**base, **fields, **kw})
+    torch.manual_seed(seed)
+    m = getattr(transformers, prefix + "ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # the biases HF zero-initialises, and the norms, perturbed so that they are tested
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def tiny_bpe_model(d, tokenizer_folder):
+    """A random 1-layer LLaMA with a byte-level BPE tokenizer folder's files (and chat template), in folder d."""
+    import shutil
+    from model import Llama, LlamaConfig
+    from tokenizer import Tokenizer
+    tok = Tokenizer(tokenizer_folder)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_id,
+                      eos_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    Llama(cfg).init_weights().save_pretrained(str(d))
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if os.path.isfile(os.path.join(tokenizer_folder, f)):
+            shutil.copy(os.path.join(tokenizer_folder, f), d / f)
     return str(d)

@@ -1,4 +1,5 @@
-"""model.py: golden outputs of the real stories260K, parity with transformers, checkpoint round trips."""
+"""model.py: golden outputs of the real stories260K, parity with transformers, checkpoint round trips, a bad model folder
+in one message, attention (cascade, chunked, masked on a GPU), gradient checkpointing."""
 import json
 import os
 import subprocess
@@ -6,9 +7,11 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, STORIES, needs_transformers, transformers
-from model import Llama, LlamaConfig, Tokenizer, load
+from conftest import (FAMILIES, ROOT, STORIES, edit_config, hf_family, needs_transformers, saved_bytes, small_cfg,
+                      transformers)
+from model import Llama, LlamaConfig, UserError, last_token_index, load
 from sample import generate
 
 REF = json.load(open(os.path.join(STORIES, "reference_outputs.json")))
@@ -43,15 +46,6 @@ def test_teacher_forced_nll(stories):
         logits = model(ids)
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
     assert abs(nll - tf["nll_sum"]) < 1e-3
-
-
-def test_tokenizer(stories):
-    _, tok = stories
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (512, 1, 2)
-    ids = tok.encode("Lily saw a dog.", bos=True, eos=True)
-    assert ids[0] == 1 and ids[-1] == 2 and tok.encode("Lily saw a dog.", bos=False) == ids[1:-1]
-    assert tok.decode(ids) == "Lily saw a dog."
-    assert Tokenizer(os.path.join(STORIES, "tokenizer.model")).encode("hi") == tok.encode("hi")
 
 
 def test_stop_ids_come_from_generation_config(stories):
@@ -277,27 +271,6 @@ print(max(peak[0], anon()) - base)
 # -----------------------------------------------------------------------------
 # the LLaMA family: Qwen2 / Qwen2.5 (a bias on q, k and v; tied or untied heads) and Mistral (a sliding window)
 
-FAMILIES = {   # name: (transformers' prefix, config fields)
-    "qwen2_tied": ("Qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0, num_key_value_heads=2)),
-    "qwen2_untied": ("Qwen2", dict(tie_word_embeddings=False, rope_theta=1000000.0, num_key_value_heads=1)),
-    "mistral": ("Mistral", dict(sliding_window=4096, head_dim=24, rope_theta=1000000.0)),
-}
-
-
-def hf_family(name, seed=0, **kw):
-    prefix, fields = FAMILIES[name]
-    base = dict(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-    cfg = getattr(transformers, prefix + "Config")(**{**base, **fields, **kw})
-    torch.manual_seed(seed)
-    m = getattr(transformers, prefix + "ForCausalLM")(cfg).eval()
-    with torch.no_grad():  # the biases HF zero-initialises, and the norms, perturbed so that they are tested
-        for n, p in m.named_parameters():
-            if n.endswith("bias") or "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
-
-
 @needs_transformers
 @pytest.mark.parametrize("name", FAMILIES)
 def test_qwen2_and_mistral_match_transformers(tmp_path, name):
@@ -331,41 +304,6 @@ def test_qwen2_and_mistral_match_transformers(tmp_path, name):
 
 
 @needs_transformers
-def test_a_qwen2_reward_model_scores_as_transformers_both_ways(tmp_path, chatml_tokenizer):
-    """A Qwen2 trunk with a vocabulary larger than its tokenizer (Qwen pads it): our reward model saves as
-    Qwen2ForSequenceClassification and transformers gives its scores; a transformers-saved one loads in ours with
-    the same scores."""
-    import shutil
-    from rm import RewardModel, encode
-    hf = hf_family("qwen2_untied")
-    hf.save_pretrained(tmp_path / "base")
-    for f in os.listdir(chatml_tokenizer):
-        shutil.copy(os.path.join(chatml_tokenizer, f), tmp_path / "base")
-    rm = RewardModel.from_pretrained(str(tmp_path / "base"), seed=3)
-    assert rm.tok.vocab_size < rm.model.config.vocab_size
-    rm.save_pretrained(str(tmp_path / "rm"))
-    cfg = json.load(open(tmp_path / "rm" / "config.json"))
-    assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and cfg["model_type"] == "qwen2"
-    seq_cls = transformers.Qwen2ForSequenceClassification
-    texts = [("What is a cat?", "A cat is a small animal."), ("Hi", "Hello there, how are you?")]
-    ours = rm.score(*zip(*texts))
-    with torch.no_grad():
-        theirs = torch.cat([seq_cls.from_pretrained(tmp_path / "rm").eval()(torch.tensor([encode(rm.tok, p, r, 320)]))
-                            .logits[:, 0] for p, r in texts])
-    assert (theirs - ours).abs().max() < 1e-4
-    torch.manual_seed(4)
-    hf.config.num_labels, hf.config.pad_token_id = 1, 0
-    hf_rm = seq_cls(hf.config).eval()
-    hf_rm.save_pretrained(tmp_path / "hf_rm")
-    for f in os.listdir(chatml_tokenizer):
-        shutil.copy(os.path.join(chatml_tokenizer, f), tmp_path / "hf_rm")
-    loaded = RewardModel.from_pretrained(str(tmp_path / "hf_rm"))
-    with torch.no_grad():
-        want = torch.cat([hf_rm(torch.tensor([encode(loaded.tok, p, r, 320)])).logits[:, 0] for p, r in texts])
-    assert (loaded.score(*zip(*texts)) - want).abs().max() < 1e-4
-
-
-@needs_transformers
 def test_a_sliding_window_is_the_context_limit(tmp_path):
     """Mistral attends within a sliding window; sliding-window attention is not written here, so the window is the
     longest sequence this code runs: within it the logits are transformers' (the window changes nothing there), past
@@ -388,3 +326,180 @@ def test_a_sliding_window_is_the_context_limit(tmp_path):
             "num_attention_heads": 2, "max_position_embeddings": 64, "sliding_window": 16}
     assert LlamaConfig.from_dict(qwen).context == 64
     assert LlamaConfig.from_dict({**qwen, "use_sliding_window": True}).context == 16
+
+
+# -----------------------------------------------------------------------------
+# a bad model folder ends in one message naming the file and the fix
+
+def check(d, *words):
+    with pytest.raises(UserError) as e:
+        load(str(d))
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def edit_tensors(d, fn):
+    state = load_file(d / "model.safetensors")
+    fn(state)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_folder(tmp_path):
+    check(tmp_path / "nope", "nope", "no such model folder")
+
+
+def test_missing_config(ckpt):
+    os.remove(ckpt / "config.json")
+    check(ckpt, "config.json", "missing")
+
+
+def test_config_not_json(ckpt):
+    (ckpt / "config.json").write_text("{ not json")
+    check(ckpt, "config.json", "not valid JSON")
+
+
+def test_config_not_llama(ckpt):
+    edit_config(ckpt, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    check(ckpt, "config.json", "not a LLaMA", "gpt2")
+
+
+def test_config_bad_heads(ckpt):
+    edit_config(ckpt, num_key_value_heads=3)
+    check(ckpt, "config.json", "num_key_value_heads=3")
+
+
+def test_unsupported_rope_scaling(ckpt):
+    edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    check(ckpt, "config.json", "yarn")
+
+
+def test_missing_weights_file(ckpt):
+    os.remove(ckpt / "model.safetensors")
+    check(ckpt, "model.safetensors", "never pickles")
+
+
+def test_corrupt_weights_file(ckpt):
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 100)
+    check(ckpt, "model.safetensors", "not a readable safetensors")
+
+
+def test_missing_tensor(ckpt):
+    edit_tensors(ckpt, lambda s: s.pop("model.layers.3.mlp.up_proj.weight"))
+    check(ckpt, "model.layers.3.mlp.up_proj.weight", "lacks")
+
+
+def test_extra_tensor(ckpt):
+    edit_tensors(ckpt, lambda s: s.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(2, 2)))
+    check(ckpt, "model.safetensors", "unexpected tensor", "model.layers.9.mlp.up_proj.weight")
+
+
+def test_wrong_shape(ckpt):
+    edit_tensors(ckpt, lambda s: s.__setitem__("model.norm.weight", torch.ones(65)))
+    check(ckpt, "model.norm.weight", "(65,)", "(64,)")
+
+
+def test_weights_of_another_config(ckpt):
+    edit_config(ckpt, hidden_size=128)
+    check(ckpt, "shape", "config.json")
+
+
+def test_missing_shard(tmp_path, stories):
+    model, _ = stories
+    model.save_pretrained(str(tmp_path / "s"), max_shard_bytes=100_000)
+    index = json.load(open(tmp_path / "s" / "model.safetensors.index.json"))
+    gone = sorted(set(index["weight_map"].values()))[1]
+    os.remove(tmp_path / "s" / gone)
+    with pytest.raises(UserError, match=gone):
+        Llama.from_pretrained(str(tmp_path / "s"))
+
+
+def test_missing_tokenizer(ckpt):
+    os.remove(ckpt / "tokenizer.model")
+    check(ckpt, "tokenizer.model", "missing")
+
+
+def test_tokenizer_vocab_larger_than_model(ckpt):
+    edit_config(ckpt, vocab_size=256)
+    edit_tensors(ckpt, lambda s: s.__setitem__("model.embed_tokens.weight", s["model.embed_tokens.weight"][:256].clone()))
+    check(ckpt, "tokenizer.model", "512 pieces", "vocab_size is 256")
+
+
+# -----------------------------------------------------------------------------
+# attention, padding and gradient checkpointing
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert last_token_index(mask).tolist() == [3, 2, 0, 3]
+
+
+def test_cascade_attention_equals_attention_over_the_concatenation():
+    """Hydragen's merge: attention over a shared prefix (read once) and each row's own keys, combined by their
+    log-sum-exps, equals one softmax over prefix + own keys, with GQA, padding and a causal mask."""
+    from model import cascade_attention
+    torch.manual_seed(0)
+    B, nh, nkv, T, P, S, hd = 3, 6, 2, 4, 7, 9, 8
+    q = torch.randn(B, nh, T, hd)
+    pk, pv = torch.randn(1, nkv, P, hd), torch.randn(1, nkv, P, hd)
+    k, v = torch.randn(B, nkv, S, hd), torch.randn(B, nkv, S, hd)
+    real = torch.ones(B, S, dtype=torch.bool)
+    real[1, :3] = False                                                  # row 1 is left-padded
+    qi, kj = torch.arange(S - T, S)[:, None], torch.arange(S)[None]
+    mask = (((kj <= qi) & real[:, None]) | (kj == qi))[:, None]          # (B, 1, T, S)
+    full_mask = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), mask], -1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2),
+        attn_mask=full_mask, enable_gqa=True)
+    assert (cascade_attention(q, pk, pv, k, v, mask) - ref).abs().max() < 1e-5
+    ref1 = torch.nn.functional.scaled_dot_product_attention(      # a decode step, nothing masked
+        q[:, :, -1:], torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2),
+        enable_gqa=True)
+    assert (cascade_attention(q[:, :, -1:], pk, pv, k, v, None) - ref1).abs().max() < 1e-5
+
+
+def test_attention_with_lse_in_chunks_equals_at_once(monkeypatch):
+    """The scores are computed a chunk of queries at a time when they would pass SCORES_BYTES: same output."""
+    import model as modellib
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 3, 37, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 3, 11, 8)
+    mask = torch.rand(2, 1, 37, 11) > 0.3
+    mask[..., 0] = True
+    whole = [modellib.attention_with_lse(q, k, v, m) for m in (None, mask, mask[:, :, :1])]
+    monkeypatch.setattr(modellib, "SCORES_BYTES", 8 * 11 * 6 * 5)         # 5 query rows a chunk
+    for (o, lse), m in zip(whole, (None, mask, mask[:, :, :1])):
+        o2, lse2 = modellib.attention_with_lse(q, k, v, m)
+        assert (o - o2).abs().max() < 1e-6 and (lse - lse2).abs().max() < 1e-6
+
+
+def test_masked_attention_on_a_gpu_leaves_cudnn_out():
+    """The pinned torch's cuDNN attention returns NaN gradients for some masked inputs on H100 / H200: a masked
+    forward on a GPU runs with cuDNN's kernel switched off, every other choice is left to PyTorch."""
+    from model import attention_kernels
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels("cuda", masked=True):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for device, masked in (("cuda", False), ("cpu", True)):
+        with attention_kernels(device, masked):
+            assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_only_block_inputs():
+    torch.manual_seed(0)
+    model = Llama(small_cfg(num_hidden_layers=3)).init_weights()
+    idx = torch.randint(0, 96, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, :4] = False
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    grads = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.zero_grad()
+        nbytes, logits = saved_bytes(lambda: model(idx, mask=mask), params)
+        logits[mask].logsumexp(-1).sum().backward()
+        grads.append((nbytes, [p.grad.clone() for p in model.parameters()]))
+    (full, g0), (ckpt, g1) = grads
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+    assert ckpt < 0.4 * full

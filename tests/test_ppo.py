@@ -1,13 +1,16 @@
-"""ppo.py: GAE, masked statistics, reward placement, the KL controller, the first-minibatch sanity, a learnable run."""
+"""ppo.py: GAE, masked statistics, reward placement, the KL controller, the first-minibatch sanity, a learnable run, a
+reward model of another tokenizer refused."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import ppo
 import rm as rmlib
-from conftest import STORIES, eos_prone_policy, toy_pairs, write_jsonl
+from conftest import ROOT, STORIES, eos_prone_policy, tiny_bpe_model, toy_pairs, write_jsonl
 from ppo import (adaptive_kl, entropy_bonus, gae, layout, masked_mean, masked_whiten, missing_eos_scores, ppo_loss,
                  token_rewards)
 
@@ -166,17 +169,29 @@ def test_first_minibatch_is_on_policy_and_resume_continues(toy, tmp_path, capsys
 
 @pytest.mark.slow
 def test_ppo_raises_a_learnable_reward_with_bounded_kl_and_a_value_model_that_fits(toy, tmp_path):
+    """40 steps against a reward model that prefers happy stories. Each check is a property, or has a margin from
+    measurements over seeds 1337, 1 and 2 with one and two torch threads (other orders of float sums), not one
+    machine's trajectory:
+    - the reward rises clear of its step-to-step noise: the Welch interval of the last 8 steps' mean score against the
+      first 8's lies above 0 (the report's own verdict; lower edges 0.07-0.20 measured);
+    - KL is exactly 0 at step 1 (the reference is the policy then) and well away from 0 later (a reference that moved
+      with the policy would read 0; the last 10 steps' least KL measured 16-22 nats, the bar 5);
+    - the KL penalty holds the KL: over steps 16-20 it is under 0.6 of the KL of the same run without the penalty
+      (beta 0), measured 0.35-0.40 (19-23 nats against 56);
+    - the value model fits the returns: explained variance over the last 10 steps above 0.4 and 0.3 above its first 3
+      steps' (measured 0.66-0.84, and 0.79-1.31 above)."""
+    from eval import difference_interval
     out = tmp_path / "learn"
     ppo.train(toy_cfg(toy, out, steps=40, save_every=100))
     rows = metrics(out)
-    start = sum(r["rm_score_mean"] for r in rows[:4]) / 4
-    end = sum(r["rm_score_mean"] for r in rows[-8:]) / 8
-    assert end - start > 0.15, (start, end)
-    # KL: exactly 0 at step 1 (the reference is the policy then), well away from 0 later (a reference that moved
-    # with the policy would read 0), and held by the controller (measured: 15-26 nats over the last 30 steps)
+    score = [r["rm_score_mean"] for r in rows]
+    rise, (lo, hi) = difference_interval(score[:8], score[-8:])
+    assert lo > 0, (rise, lo, hi, score)
     kl = [r["kl"] for r in rows]
-    assert kl[0] == pytest.approx(0, abs=1e-6) and min(kl[-10:]) > 5 and max(kl) < 40, kl
-    # the value model fits the returns: explained variance about 0.7 over the last 10 steps (measured), from below 0
+    assert kl[0] == pytest.approx(0, abs=1e-6) and min(kl[-10:]) > 5, kl
+    ppo.train(toy_cfg(toy, tmp_path / "free", steps=20, save_every=100, beta=0.0, adaptive_kl=False))
+    free = [r["kl"] for r in metrics(tmp_path / "free")]
+    assert sum(kl[15:20]) < 0.6 * sum(free[15:20]), (kl, free)
     ev = [r["explained_variance"] for r in rows]
     assert sum(ev[-10:]) / 10 > 0.4 and sum(ev[-10:]) / 10 > sum(ev[:3]) / 3 + 0.3, ev
 
@@ -334,3 +349,17 @@ def test_trim_cut_scores_a_truncated_response_back_to_its_last_sentence(toy, tmp
     assert 0 < rec["trimmed_share"] < 1 and "trimmed_share" not in metrics(tmp_path / "runFalse")[0]
     with pytest.raises(ppo.UserError, match="--trim_cut"):
         ppo.check_config(toy_cfg(toy, tmp_path / "x", trim_cut=True, penalize_missing_eos=True))
+
+
+@pytest.mark.slow
+def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path, chatml_tokenizer):
+    """The value model starts from the reward model and reads the policy's ids: their tokenizers must agree."""
+    from rm import RewardModel
+    d = tiny_bpe_model(tmp_path / "other", chatml_tokenizer)
+    RewardModel.from_pretrained(d).save_pretrained(str(tmp_path / "rm"))
+    (tmp_path / "prompts.txt").write_text("Tell me a story.\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), f"--policy={STORIES}", f"--rm={tmp_path / 'rm'}",
+                        f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'ppo'}", "--device=cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "tokenizer differs from the policy's" in r.stderr and str(tmp_path / "rm") in r.stderr

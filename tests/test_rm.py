@@ -1,4 +1,5 @@
-"""rm.py: Bradley-Terry loss and metrics, scoring invariances, training, resume, HF parity, bad input."""
+"""rm.py: Bradley-Terry loss and metrics, scoring invariances, training, resume, HF parity (LLaMA, Qwen2, chat models
+and templates), fp32 scores under bf16, bad input."""
 import json
 import math
 import os
@@ -8,10 +9,8 @@ import sys
 import pytest
 import torch
 
-import readers
-from conftest import ROOT, STORIES, needs_transformers, toy_pairs, transformers, write_jsonl
-from model import UserError, last_token_index
-from readers import read_pairs
+from conftest import ROOT, STORIES, hf_family, needs_transformers, tiny_bpe_model, toy_pairs, transformers, write_jsonl
+from model import Llama, UserError
 from rm import RewardModel, TrainConfig, bt_loss, encode, pad_batch, pair_metrics, tokenize_pairs, train
 from tokenizer import format_dialogue
 
@@ -52,27 +51,6 @@ def test_format_and_truncation(rm):
     ids = encode(rm.tok, "Tell me a story.", long, 64)
     assert len(ids) == 64 and ids[-1] == rm.tok.eos_id and rm.tok.bos_id not in ids
     assert rm.tok.decode(ids[:-1]).endswith("The end.")   # left-truncated: the response's end survives
-
-
-def test_last_token_index_left_and_right_padding():
-    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    assert last_token_index(mask).tolist() == [3, 2, 0, 3]
-
-
-def test_hh_layout_is_split_at_the_last_assistant_turn(tmp_path):
-    line = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: Goodbye!",
-            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: No."}
-    p = read_pairs(write_jsonl(tmp_path / "hh.jsonl", [line]))[0]
-    assert p["prompt"] == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye?"
-    assert (p["chosen"], p["rejected"]) == ("Goodbye!", "No.")
-    assert format_dialogue(p["prompt"], p["chosen"]) == line["chosen"]
-
-
-def test_bundled_eval_sets_load():
-    hhh = read_pairs(os.path.join(ROOT, "data", "almost", "hhh_eval.json"))
-    assert len(hhh) == 221 and {p["type"] for p in hhh} == {"helpful", "harmless", "honest", "other"}
-    hh = read_pairs(os.path.join(ROOT, "data", "hh-rlhf", "harmless-base", "test.jsonl.gz"))
-    assert len(hh) == 2312
 
 
 # -----------------------------------------------------------------------------
@@ -158,8 +136,6 @@ def test_resume_continues_where_it_stopped(tmp_path):
 # -----------------------------------------------------------------------------
 # transformers parity
 
-
-
 @needs_transformers
 def test_transformers_gives_the_same_scores(tmp_path, rm):
     torch.manual_seed(1)
@@ -184,23 +160,6 @@ def test_transformers_gives_the_same_scores(tmp_path, rm):
 
 # -----------------------------------------------------------------------------
 # bad input
-
-def test_malformed_line_stops_with_file_and_line(tmp_path):
-    rows = toy_pairs(3) + ['{"prompt": "x", "chosen": "y"'] + toy_pairs(2, seed=1)
-    path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(UserError, match=r"bad\.jsonl:4: bad pair.*--on_error=skip"):
-        read_pairs(path)
-    assert len(read_pairs(path, on_error="skip")) == 5
-
-
-def test_missing_fields_and_empty_data(tmp_path):
-    with pytest.raises(UserError, match=r"x\.jsonl:1.*\"chosen\" and \"rejected\""):
-        read_pairs(write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "chosen": "b"}]))
-    with pytest.raises(UserError, match="no usable pairs"):
-        read_pairs(write_jsonl(tmp_path / "empty.jsonl", []))
-    with pytest.raises(UserError, match="no such data file"):
-        read_pairs(str(tmp_path / "nope.jsonl"))
-
 
 def test_long_texts_are_truncated_with_a_note(rm, capsys):
     long = {"prompt": "Tell me a story.", "chosen": "Lily ran. " * 200 + "The end.", "rejected": "No."}
@@ -277,42 +236,108 @@ def test_parity_on_an_untied_gqa_config_with_biases(tmp_path):
     assert (rm2.score(*zip(*TEXTS)) - ref2).abs().max().item() < 1e-4
 
 
-def test_trl_and_conversational_pair_formats(tmp_path):
-    """TRL's standard and implicit-prompt layouts, as text and as conversations, all become the paper's dialogue."""
-    user = [{"role": "user", "content": "Is the sky blue?"}]
-    yes, no = [{"role": "assistant", "content": "Yes."}], [{"role": "assistant", "content": "No."}]
-    rows = [{"prompt": "Is the sky blue?", "chosen": "Yes.", "rejected": "No."},                  # standard
-            {"chosen": "The sky is blue.", "rejected": "The sky is green."},                      # implicit prompt
-            {"prompt": [{"role": "system", "content": "Be brief."}] + user, "chosen": yes, "rejected": no},
-            {"chosen": user + yes, "rejected": user + no},                                        # implicit, conversational
-            {"chosen": "\n\nHuman: Is the sky blue?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Is the sky blue?\n\nAssistant: No."}]
-    pairs = read_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
-    got = [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
-    assert got == [("Is the sky blue?", "Yes.", "No."), ("The sky is", " blue.", " green."),
-                   ("Be brief.\n\nHuman: Is the sky blue?", "Yes.", "No."), ("\n\nHuman: Is the sky blue?", "Yes.", "No."),
-                   ("\n\nHuman: Is the sky blue?", "Yes.", "No.")]
-    for bad, words in [({"chosen": user + yes, "rejected": [{"role": "user", "content": "x"}] + no}, "differ in the last"),
-                       ({"prompt": user, "chosen": yes + yes, "rejected": no}, "one assistant message"),
-                       ({"prompt": [{"role": "robot", "content": "x"}], "chosen": yes, "rejected": no}, '"role"')]:
-        with pytest.raises(UserError, match=words):
-            read_pairs(write_jsonl(tmp_path / "bad.jsonl", [bad]))
+# -----------------------------------------------------------------------------
+# precision, other families and chat models
+
+def test_reward_scores_are_fp32_under_bf16_autocast():
+    """The reward / value head computes in fp32 on fp32 hidden states whatever the autocast: under bf16 autocast the
+    scores equal the fp32 head applied to the same hidden states, and are not bf16 numbers."""
+    from model import load_tokenizer
+    from rm import RewardModel
+    trunk = Llama.from_pretrained(STORIES, lm_head=False)
+    reward_model = RewardModel(trunk, load_tokenizer(STORIES, trunk.config))
+    torch.manual_seed(0)
+    idx, mask = torch.randint(3, 500, (6, 20)), torch.ones(6, 20, dtype=torch.bool)
+    mask[1, :5] = False
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = reward_model(idx, mask)
+        _, h = trunk(idx, mask=mask, return_hidden=True, logits="none")
+    want = h[torch.arange(6), -1].float() @ reward_model.head.weight[0].float()
+    assert scores.dtype == torch.float32 and torch.allclose(scores, want, rtol=1e-6, atol=1e-6)
+    assert (scores.bfloat16().float() != scores).any()                    # not rounded to bf16
 
 
-@pytest.mark.parametrize("content,words", [(b"PAR1\x00\x01binary", "Parquet"),
-                                           (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff"}\n',
-                                            "p.jsonl:2: not UTF-8"),
-                                           (b"\x89PNG\r\n\x1a\n\x00\x00", "a binary file")])
-def test_binary_and_parquet_files_end_in_one_message(tmp_path, content, words):
-    f = tmp_path / "p.jsonl"
-    f.write_bytes(content)
-    with pytest.raises(UserError, match=words):
-        read_pairs(str(f))
-    with pytest.raises(UserError, match=words.replace("p.jsonl", "q.jsonl")):
-        (tmp_path / "q.jsonl").write_bytes(content)
-        readers.read_prompts(str(tmp_path / "q.jsonl"))
+@needs_transformers
+def test_a_qwen2_reward_model_scores_as_transformers_both_ways(tmp_path, chatml_tokenizer):
+    """A Qwen2 trunk with a vocabulary larger than its tokenizer (Qwen pads it): our reward model saves as
+    Qwen2ForSequenceClassification and transformers gives its scores; a transformers-saved one loads in ours with
+    the same scores."""
+    import shutil
+    from rm import RewardModel, encode
+    hf = hf_family("qwen2_untied")
+    hf.save_pretrained(tmp_path / "base")
+    for f in os.listdir(chatml_tokenizer):
+        shutil.copy(os.path.join(chatml_tokenizer, f), tmp_path / "base")
+    rm = RewardModel.from_pretrained(str(tmp_path / "base"), seed=3)
+    assert rm.tok.vocab_size < rm.model.config.vocab_size
+    rm.save_pretrained(str(tmp_path / "rm"))
+    cfg = json.load(open(tmp_path / "rm" / "config.json"))
+    assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and cfg["model_type"] == "qwen2"
+    seq_cls = transformers.Qwen2ForSequenceClassification
+    texts = [("What is a cat?", "A cat is a small animal."), ("Hi", "Hello there, how are you?")]
+    ours = rm.score(*zip(*texts))
+    with torch.no_grad():
+        theirs = torch.cat([seq_cls.from_pretrained(tmp_path / "rm").eval()(torch.tensor([encode(rm.tok, p, r, 320)]))
+                            .logits[:, 0] for p, r in texts])
+    assert (theirs - ours).abs().max() < 1e-4
+    torch.manual_seed(4)
+    hf.config.num_labels, hf.config.pad_token_id = 1, 0
+    hf_rm = seq_cls(hf.config).eval()
+    hf_rm.save_pretrained(tmp_path / "hf_rm")
+    for f in os.listdir(chatml_tokenizer):
+        shutil.copy(os.path.join(chatml_tokenizer, f), tmp_path / "hf_rm")
+    loaded = RewardModel.from_pretrained(str(tmp_path / "hf_rm"))
+    with torch.no_grad():
+        want = torch.cat([hf_rm(torch.tensor([encode(loaded.tok, p, r, 320)])).logits[:, 0] for p, r in texts])
+    assert (loaded.score(*zip(*texts)) - want).abs().max() < 1e-4
 
 
-def test_ppo_prompts_accept_conversations(tmp_path):
-    f = write_jsonl(tmp_path / "q.jsonl", [{"query": "Tell me a story."},
-                                           {"prompt": [{"role": "user", "content": "Hi"}]}, {"prompt": "Bye"}])
-    assert readers.read_prompts(f) == ["Tell me a story.", "\n\nHuman: Hi", "Bye"]
+@pytest.mark.slow
+def test_reward_model_on_smollm2_scores_the_same_in_transformers(smollm2, tmp_path):
+    """rm.py trains a few steps on SmolLM2; transformers' sequence classifier on the checkpoint gives our scores."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import toy_pairs, write_jsonl
+    from rm import RewardModel, TrainConfig, train
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(12))
+    train(TrainConfig(data=data, model=smollm2, out=str(tmp_path / "rm"), max_length=64, batch_size=4,
+                      micro_batch=4, epochs=1.0, lr=1e-5, eval_every=2, device="cpu"))
+    ours = RewardModel.from_pretrained(str(tmp_path / "rm" / "best"))
+    prompts, responses = ["What is a cat?", "Tell me about Paris."], ["A small animal.", "It is in France."]
+    scores = ours.score(prompts, responses)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "rm" / "best"))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "best"),
+                                                                       dtype=torch.float32).eval()
+    from tokenizer import format_dialogue
+    texts = [format_dialogue(p, r) + hf_tok.eos_token for p, r in zip(prompts, responses)]
+    batch = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert hf_tok.pad_token_id != hf_tok.eos_token_id
+    with torch.no_grad():
+        theirs = hf(**batch).logits[:, 0]
+    assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)
+
+
+@pytest.mark.slow
+def test_reward_model_in_a_chat_template_scores_the_same_in_transformers(tmp_path, chatml_tokenizer):
+    """rm.py --chat_template=true: the texts are the chat template's, the flag is saved with the reward model, and
+    transformers scores the same text (rendered by its own apply_chat_template) the same."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    from conftest import toy_pairs, write_jsonl
+    from rm import RewardModel, TrainConfig, train
+    base = tiny_bpe_model(tmp_path / "base", chatml_tokenizer)
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(10))
+    train(TrainConfig(data=data, model=base, out=str(tmp_path / "rm"), max_length=128, batch_size=4, micro_batch=4,
+                      epochs=1.0, lr=1e-3, eval_every=1, chat_template=True, device="cpu"))
+    ours = RewardModel.from_pretrained(str(tmp_path / "rm" / "best"))
+    assert ours.chat and json.load(open(tmp_path / "rm" / "best" / "config.json"))["chat_template"] is True
+    scores = ours.score(["What is a cat?", "Hi"], ["A small animal.", "Hello! How can I help?"])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "rm" / "best"))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "best")).eval()
+    texts = [hf_tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                        tokenize=False).rstrip()
+             for q, a in [("What is a cat?", "A small animal."), ("Hi", "Hello! How can I help?")]]
+    batch = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert hf_tok.pad_token_id != hf_tok.eos_token_id                                 # HF scores the last non-pad token
+    with torch.no_grad():
+        theirs = hf(**batch).logits[:, 0]
+    assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)

@@ -1,14 +1,16 @@
-"""sample.py: the KV cache, left padding, filtering, seeds, stop ids and logprobs."""
-
+"""sample.py: the KV cache, left padding, filtering, seeds, stop ids and logprobs, shared prefixes, host syncs, the CLI,
+and FSDP (every process runs as many forwards)."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from model import UserError
+from conftest import ROOT, STORIES, edit_config, launch
+from model import Llama, UserError
 from sample import filter_logits, generate, sample_next
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPTS = ["Once upon a time", "Lily and Tom went to the park. They", "The dog", "A"]
 
@@ -250,30 +252,6 @@ def test_per_row_seeds_and_greedy_rows_survive_others_leaving(stories):
         assert generate(model, prompts, 30, stop_ids=[stop], compact=False, **kw)[0] == cut   # finished rows kept
 
 
-def test_cascade_attention_equals_attention_over_the_concatenation():
-    """Hydragen's merge: attention over a shared prefix (read once) and each row's own keys, combined by their
-    log-sum-exps, equals one softmax over prefix + own keys, with GQA, padding and a causal mask."""
-    from model import cascade_attention
-    torch.manual_seed(0)
-    B, nh, nkv, T, P, S, hd = 3, 6, 2, 4, 7, 9, 8
-    q = torch.randn(B, nh, T, hd)
-    pk, pv = torch.randn(1, nkv, P, hd), torch.randn(1, nkv, P, hd)
-    k, v = torch.randn(B, nkv, S, hd), torch.randn(B, nkv, S, hd)
-    real = torch.ones(B, S, dtype=torch.bool)
-    real[1, :3] = False                                                  # row 1 is left-padded
-    qi, kj = torch.arange(S - T, S)[:, None], torch.arange(S)[None]
-    mask = (((kj <= qi) & real[:, None]) | (kj == qi))[:, None]          # (B, 1, T, S)
-    full_mask = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), mask], -1)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q, torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2),
-        attn_mask=full_mask, enable_gqa=True)
-    assert (cascade_attention(q, pk, pv, k, v, mask) - ref).abs().max() < 1e-5
-    ref1 = torch.nn.functional.scaled_dot_product_attention(      # a decode step, nothing masked
-        q[:, :, -1:], torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2),
-        enable_gqa=True)
-    assert (cascade_attention(q[:, :, -1:], pk, pv, k, v, None) - ref1).abs().max() < 1e-5
-
-
 def test_shared_prefix_is_computed_once_with_the_same_output(stories, monkeypatch):
     """Prompts that begin alike (a few-shot prompt): the sampler prefills the common prefix once and reads it
     through cascade attention; greedy tokens, seeded samples, stop strings and logprobs are those of computing
@@ -316,27 +294,14 @@ def test_shared_prefix_on_a_real_chat_model(smollm2):
     from model import load
     model, tok = load(smollm2)
     preamble, demos = comparisons.read_demos(os.path.join(ROOT, "data", "almost", "HHH_prompt.txt"))
-    prompts = [comparisons.turn_prompt(tok, "dialogue", preamble, demos, 1, [("user", q)])
+    prompted = comparisons.Speaker(model, tok, "dialogue", preamble, demos, 1, 16)
+    prompts = [prompted.prompt([("user", q)])
                for q in ("How do I boil an egg?", "What is the capital of France?", "Tell me a joke.")]
     for kw in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3)):
         shared, slp = generate(model, prompts, 16, stop_ids=[], **kw)
         full, flp = generate(model, prompts, 16, stop_ids=[], share_prefix=0, **kw)
         assert shared == full
         assert max(abs(a - b) for x, y in zip(slp, flp) for a, b in zip(x, y)) < 1e-3
-
-
-def test_attention_with_lse_in_chunks_equals_at_once(monkeypatch):
-    """The scores are computed a chunk of queries at a time when they would pass SCORES_BYTES: same output."""
-    import model as modellib
-    torch.manual_seed(1)
-    q, k, v = torch.randn(2, 3, 37, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 3, 11, 8)
-    mask = torch.rand(2, 1, 37, 11) > 0.3
-    mask[..., 0] = True
-    whole = [modellib.attention_with_lse(q, k, v, m) for m in (None, mask, mask[:, :, :1])]
-    monkeypatch.setattr(modellib, "SCORES_BYTES", 8 * 11 * 6 * 5)         # 5 query rows a chunk
-    for (o, lse), m in zip(whole, (None, mask, mask[:, :, :1])):
-        o2, lse2 = modellib.attention_with_lse(q, k, v, m)
-        assert (o - o2).abs().max() < 1e-6 and (lse - lse2).abs().max() < 1e-6
 
 
 # the tokens this sampler draws for these seeds (recorded once): a change to the draws, the filters or the loop shows
@@ -401,3 +366,183 @@ def test_top_p_over_the_whole_sorted_vocabulary_needs_no_sync_and_keeps_the_same
             full = filter_logits(logits, top_p=p, full_sort=True)
         assert c.syncs == 0
         assert torch.equal(torch.isfinite(full), torch.isfinite(filter_logits(logits, top_p=p, full_sort=False)))
+
+
+# -----------------------------------------------------------------------------
+# the CLI: a message and exit status 2, never a traceback
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,words", [
+    (["--model=/nonexistent/llama"], ["/nonexistent/llama", "no such model folder"]),
+    (["--bogus=1"], ["unknown flag --bogus"]),
+    (["--temperature=hot"], ["--temperature", "float"]),
+    (["--prompt=" + "Once upon a time " * 200], ["context window", "shorten"]),
+    (["--max_new_tokens=600"], ["max_new_tokens", "context window"]),
+    (["--prompt_file=/nonexistent.txt"], ["/nonexistent.txt", "prompt file"]),
+    (["--dtype=int3"], ["--dtype"]),
+])
+def test_cli_errors(args, words):
+    r = cli(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_cli_error_on_bad_config(ckpt):
+    edit_config(ckpt, model_type="bert")
+    r = cli(f"--model={ckpt}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "config.json" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_samples(tmp_path):
+    r = cli("--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=40", "--num_samples=1", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside "
+                               "in the park. One day, she saw a big, red ball.")
+    f = tmp_path / "p.txt"
+    f.write_text("The dog\n\nLily and Tom\n")
+    r = cli(f"--prompt_file={f}", "--num_samples=2", "--max_new_tokens=20", "--stream=false", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("The dog") == 2 and r.stdout.count("Lily and Tom") == 2
+
+
+# -----------------------------------------------------------------------------
+# a real chat model, and FSDP: every process runs as many forwards
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers_and_sample_py_streams_it(smollm2):
+    """sample.py on a real chat model (byte-level BPE, no BOS, ChatML): our greedy tokens equal transformers'."""
+    transformers = pytest.importorskip("transformers")
+    from model import load
+    from sample import generate
+    model, tok = load(smollm2)
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode(prompt, bos=True)
+    ours, _ = generate(model, [ids], 20, temperature=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    n = len(ours[0])
+    assert ours[0] == theirs[:n] and (n == 20 or theirs[n] == tok.eos_id), (tok.decode(ours[0]), tok.decode(theirs))
+    assert "Paris" in tok.decode(ours[0])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--model={smollm2}", f"--prompt={prompt}",
+                        "--temperature=0", "--num_samples=1", "--max_new_tokens=20", "--device=cpu"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and tok.decode(ours[0]) in r.stdout, r.stdout + r.stderr
+
+
+SYNCED_SAMPLING = """
+import json, sys
+import torch
+from common import rank
+from model import load
+from sample import generate, shared_prefix_length, SHARE_PREFIX
+from trainer import ScaleConfig, end_distributed, prepare_for_training, setup_distributed
+setup_distributed("cpu")
+sharded, tok = load(sys.argv[1])
+alone, _ = load(sys.argv[1])                       # the same model unsharded: what each process must get
+prepare_for_training(sharded, ScaleConfig(device="cpu", fsdp=True), torch.float32)
+enc = lambda t: tok.encode(t, bos=True)
+out = {}
+# 1. process 0's rows end at their first token (the stop id is the token each samples first); process 1's never stop
+prompts = [[enc("Tom has a ball.")], [enc("Once upon a time"), enc("Lily saw a big dog.")]][rank()]
+first = [t[0] for t in generate(alone, prompts, 1, temperature=0, stop_ids=[])[0]]
+stop = first if rank() == 0 else []
+out["ends"] = generate(sharded, prompts, 16, temperature=0, stop_ids=stop)[0]
+assert out["ends"] == generate(alone, prompts, 16, temperature=0, stop_ids=stop)[0], out
+assert (rank() == 0) == (max(map(len, out["ends"])) == 0) and (rank() == 0 or min(map(len, out["ends"])) == 16)
+# 2. prompts that share a long prefix on process 0 only (prefilled once there: one forward more than process 1)
+story = enc("Once upon a time, there was a little girl named Lily. She loved to play in the park with her "
+            "friends every day. One day she saw a big red ball.")
+prompts = [[story + tok.encode(" She", bos=False), story + tok.encode(" Tom", bos=False)],
+           [enc("The sun was hot."), enc("A dog ran.")]][rank()]
+out["prefix"] = shared_prefix_length(prompts)
+assert (rank() == 0) == (out["prefix"] >= SHARE_PREFIX)
+out["shared"] = generate(sharded, prompts, 12, temperature=1.0, seed=[1, 2])[0]
+assert out["shared"] == generate(alone, prompts, 12, temperature=1.0, seed=[1, 2], share_prefix=0)[0], out
+open(f"{sys.argv[2]}/out{rank()}.json", "w").write(json.dumps({"rank": rank(), **out}))
+del sharded
+end_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_sampling_keeps_the_processes_in_step(tmp_path):
+    """Under FSDP every forward gathers the weights from all processes, so the sampler must run as many forwards in
+    each: here process 0's rows all end at their first token while process 1's decode to the budget, and then only
+    process 0's prompts share a prefix long enough to be prefilled once. Without the agreement the processes wait for
+    each other for ever (the timeout fails the test); with it every process gets what one process alone gets."""
+    script = tmp_path / "synced.py"
+    script.write_text(SYNCED_SAMPLING)
+    launch(str(script), [STORIES, str(tmp_path)], 2, tmp_path, timeout=120)
+    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in (0, 1)]
+    assert len(outs) == 2 and outs[0]["ends"] == [[]] and all(len(t) == 16 for t in outs[1]["ends"])
+
+
+FSDP_ROLLOUT_AND_SAVE = """
+import json, sys
+import torch
+from bench import DispatchCounter
+from common import rank
+from memory import AllocationTracker
+from model import load
+from sample import generate
+from sft import Config
+from trainer import end_distributed, prepare_for_training, setup_distributed
+folder, out_dir = sys.argv[1:]
+setup_distributed("cpu")
+model, tok = load(folder)
+alone, _ = load(folder)
+prepare_for_training(model, Config(device="cpu", fsdp=True), torch.float32)
+prompts = [tok.encode(p) for p in ("Once upon a time", "The dog")][rank():rank() + 1]
+out = {"rank": rank(), "gathers": {}}
+for n in (4, 16):
+    with DispatchCounter() as c:
+        toks, _ = generate(model, prompts, n, temperature=1.0, seed=[rank()], stop_ids=[])
+    out["gathers"][n] = sum(v for k, v in c.collectives.items() if "allgather" in k or "all_gather" in k)
+    assert toks == generate(alone, prompts, n, temperature=1.0, seed=[rank()], stop_ids=[])[0]
+largest = max(p.numel() * p.element_size() for p in alone.parameters())
+with AllocationTracker() as t:
+    base = t.live
+    model.save_pretrained(out_dir + "/saved", max_shard_bytes=60_000)
+    out.update(save_peak=t.peak - base, save_after=t.live - base, largest=largest)
+open(f"{out_dir}/out{rank()}.json", "w").write(json.dumps(out))
+del model
+end_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_rollouts_gather_once_and_saves_hold_one_tensor_at_a_time(tmp_path):
+    """FSDP over 2 gloo processes. A rollout gathers every block's weights once (sample.gathered), not once a token:
+    the all-gathers of 4 and of 16 decoded tokens are as many, and the tokens are one process's. A save gathers one
+    tensor at a time (a collective) and writes shards: process 1 keeps nothing and never holds more than one full
+    tensor in flight; process 0 holds one shard and the tensor in flight; the sharded folder loads in transformers."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_ROLLOUT_AND_SAVE)
+    launch(str(script), [STORIES, str(tmp_path)], 2, tmp_path, timeout=180)
+    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in (0, 1)]
+    for o in outs:
+        assert o["gathers"]["4"] == o["gathers"]["16"] > 0
+    # (a gathered tensor is freed when gloo's worker thread lets go of it, a moment after the save drops it: the one
+    # before may still be there when the next arrives; the whole model is 8x the largest tensor)
+    zero, one = outs
+    assert one["save_peak"] <= 2 * one["largest"] and one["save_after"] < one["largest"] / 100
+    assert zero["save_peak"] <= 60_000 + 2 * zero["largest"] and zero["save_after"] < zero["largest"] / 100
+    files = sorted(os.listdir(tmp_path / "saved"))
+    assert "model.safetensors.index.json" in files and sum(f.startswith("model-0") for f in files) > 5
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    ours = Llama.from_pretrained(STORIES)
+    idx = torch.tensor([[1, 400, 300, 200, 100]])
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max() < 1e-4

@@ -1,15 +1,13 @@
-"""tokenizer.py: byte-level BPE from tokenizer.json, token for token as transformers; the files checkpoints carry."""
+"""tokenizer.py: byte-level BPE from tokenizer.json, token for token as transformers; the files checkpoints carry; the
+bundled SentencePiece tokenizer; the authors' post-processing of a response."""
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, STORIES
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, postprocess_response
 
 PARITY_TEXTS = [
     "Hello world", "The quick brown fox jumps over the lazy dog.",
@@ -186,18 +184,6 @@ def test_chat_templates_render_as_transformers(which, tmp_path, request):
     assert ids[-1] == tok.eos_id and tok.decode(ids).endswith("6." + tok.decode([tok.eos_id]))
 
 
-def test_sft_mask_under_a_chat_template(chatml_tokenizer):
-    from sft import encode_dialogue
-    tok = Tokenizer(chatml_tokenizer)
-    turns = [("user", "Hi!"), ("assistant", "Hello there."), ("user", "Bye."), ("assistant", "Goodbye!")]
-    ids, mask = encode_dialogue(tok, turns, 512, chat=True, loss_on="all")
-    assert tok.decode(ids) == tok.apply_chat_template([{"role": r, "content": t} for r, t in turns], False)
-    said = tok.decode([i for i, m in zip(ids, mask) if m])
-    assert said == "Hello there.<|im_end|>\nGoodbye!<|im_end|>\n"                 # the assistant's turns, and only them
-    ids, mask = encode_dialogue(tok, turns, 512, chat=True)                          # the default: the final one
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Goodbye!<|im_end|>\n"
-
-
 def test_unsupported_and_missing_tokenizers(tmp_path):
     from model import UserError
     with pytest.raises(UserError, match="no tokenizer.model"):
@@ -230,109 +216,6 @@ def test_checkpoints_carry_complete_tokenizer_files(tmp_path, stories):
     assert cfg["pad_token_id"] == transformers.AutoTokenizer.from_pretrained(str(tmp_path / "rm")).pad_token_id
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_matches_transformers_and_sample_py_streams_it(smollm2):
-    """sample.py on a real chat model (byte-level BPE, no BOS, ChatML): our greedy tokens equal transformers'."""
-    transformers = pytest.importorskip("transformers")
-    from model import load
-    from sample import generate
-    model, tok = load(smollm2)
-    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(prompt, bos=True)
-    ours, _ = generate(model, [ids], 20, temperature=0)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    with torch.no_grad():
-        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
-    n = len(ours[0])
-    assert ours[0] == theirs[:n] and (n == 20 or theirs[n] == tok.eos_id), (tok.decode(ours[0]), tok.decode(theirs))
-    assert "Paris" in tok.decode(ours[0])
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--model={smollm2}", f"--prompt={prompt}",
-                        "--temperature=0", "--num_samples=1", "--max_new_tokens=20", "--device=cpu"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0 and tok.decode(ours[0]) in r.stdout, r.stdout + r.stderr
-
-
-@pytest.mark.slow
-def test_reward_model_on_smollm2_scores_the_same_in_transformers(smollm2, tmp_path):
-    """rm.py trains a few steps on SmolLM2; transformers' sequence classifier on the checkpoint gives our scores."""
-    transformers = pytest.importorskip("transformers")
-    from conftest import toy_pairs, write_jsonl
-    from rm import RewardModel, TrainConfig, train
-    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(12))
-    train(TrainConfig(data=data, model=smollm2, out=str(tmp_path / "rm"), max_length=64, batch_size=4,
-                      micro_batch=4, epochs=1.0, lr=1e-5, eval_every=2, device="cpu"))
-    ours = RewardModel.from_pretrained(str(tmp_path / "rm" / "best"))
-    prompts, responses = ["What is a cat?", "Tell me about Paris."], ["A small animal.", "It is in France."]
-    scores = ours.score(prompts, responses)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "rm" / "best"))
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "best"),
-                                                                       dtype=torch.float32).eval()
-    from tokenizer import format_dialogue
-    texts = [format_dialogue(p, r) + hf_tok.eos_token for p, r in zip(prompts, responses)]
-    batch = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    assert hf_tok.pad_token_id != hf_tok.eos_token_id
-    with torch.no_grad():
-        theirs = hf(**batch).logits[:, 0]
-    assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)
-
-
-def tiny_bpe_model(d, tokenizer_folder):
-    """A random 1-layer LLaMA with a byte-level BPE tokenizer folder's files (and chat template), in folder d."""
-    import shutil
-    from model import Llama, LlamaConfig
-    tok = Tokenizer(tokenizer_folder)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_id,
-                      eos_token_id=tok.eos_id)
-    torch.manual_seed(0)
-    Llama(cfg).init_weights().save_pretrained(str(d))
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if os.path.isfile(os.path.join(tokenizer_folder, f)):
-            shutil.copy(os.path.join(tokenizer_folder, f), d / f)
-    return str(d)
-
-
-@pytest.mark.slow
-def test_reward_model_in_a_chat_template_scores_the_same_in_transformers(tmp_path, chatml_tokenizer):
-    """rm.py --chat_template=true: the texts are the chat template's, the flag is saved with the reward model, and
-    transformers scores the same text (rendered by its own apply_chat_template) the same."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("jinja2")
-    from conftest import toy_pairs, write_jsonl
-    from rm import RewardModel, TrainConfig, train
-    base = tiny_bpe_model(tmp_path / "base", chatml_tokenizer)
-    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(10))
-    train(TrainConfig(data=data, model=base, out=str(tmp_path / "rm"), max_length=128, batch_size=4, micro_batch=4,
-                      epochs=1.0, lr=1e-3, eval_every=1, chat_template=True, device="cpu"))
-    ours = RewardModel.from_pretrained(str(tmp_path / "rm" / "best"))
-    assert ours.chat and json.load(open(tmp_path / "rm" / "best" / "config.json"))["chat_template"] is True
-    scores = ours.score(["What is a cat?", "Hi"], ["A small animal.", "Hello! How can I help?"])
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "rm" / "best"))
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "best")).eval()
-    texts = [hf_tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                        tokenize=False).rstrip()
-             for q, a in [("What is a cat?", "A small animal."), ("Hi", "Hello! How can I help?")]]
-    batch = hf_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    assert hf_tok.pad_token_id != hf_tok.eos_token_id                                 # HF scores the last non-pad token
-    with torch.no_grad():
-        theirs = hf(**batch).logits[:, 0]
-    assert torch.allclose(scores, theirs, atol=1e-4), (scores, theirs)
-
-
-@pytest.mark.slow
-def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path, chatml_tokenizer):
-    """The value model starts from the reward model and reads the policy's ids: their tokenizers must agree."""
-    from rm import RewardModel
-    d = tiny_bpe_model(tmp_path / "other", chatml_tokenizer)
-    RewardModel.from_pretrained(d).save_pretrained(str(tmp_path / "rm"))
-    (tmp_path / "prompts.txt").write_text("Tell me a story.\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "ppo.py"), f"--policy={STORIES}", f"--rm={tmp_path / 'rm'}",
-                        f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'ppo'}", "--device=cpu"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "tokenizer differs from the policy's" in r.stderr and str(tmp_path / "rm") in r.stderr
-
-
 def test_chat_template_mistakes_end_in_one_message(tmp_path, stories, smollm2_tokenizer):
     import shutil
     from model import UserError
@@ -348,3 +231,26 @@ def test_chat_template_mistakes_end_in_one_message(tmp_path, stories, smollm2_to
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
     with pytest.raises(UserError, match="refused a dialogue.*no system role"):
         tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
+
+
+# -----------------------------------------------------------------------------
+# the bundled SentencePiece tokenizer, and the authors' post-processing
+
+def test_tokenizer(stories):
+    _, tok = stories
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (512, 1, 2)
+    ids = tok.encode("Lily saw a dog.", bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and tok.encode("Lily saw a dog.", bos=False) == ids[1:-1]
+    assert tok.decode(ids) == "Lily saw a dog."
+    assert Tokenizer(os.path.join(STORIES, "tokenizer.model")).encode("hi") == tok.encode("hi")
+
+
+def test_postprocess_response():
+    assert postprocess_response(" Sure, here it is.\n\nHuman: thanks") == "Sure, here it is."
+    assert postprocess_response(" An answer.\n\n-----\n\nHuman: next") == "An answer."
+    assert postprocess_response(" First.\n\nAssistant: again") == "First."
+
+
+def test_postprocess_cuts_only_at_a_demonstration_break():
+    assert postprocess_response(" Use -----  as a divider.\n\n-----\n\nHuman: next") == "Use -----  as a divider."
+    assert postprocess_response("\n A tab stays\t\n\n") == "A tab stays\t"
