@@ -112,12 +112,12 @@ PROFILES = {
         # PPO: responses as long as the evaluations' (120 tokens), rarely a finished story, so a cut one keeps its RM
         # score, read back to its last full sentence (trim_cut); beta adapts towards 4 nats; two passes a batch and an
         # entropy bonus keep the answers off one phrase (docs/notes/2026-12-01-ppo-story-profile-over-seeds.md)
-        ppo=ppolib.Config(steps=80, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, ppo_epochs=2, ent_coef=0.05,
+        ppo=ppolib.Config(steps=80, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, ppo_epochs=2, ent_coef=0.1,
                           max_new_tokens=120, beta=0.15, kl_target=4.0, kl_horizon=640, penalize_missing_eos=False,
                           trim_cut=True),
         # DPO: the SFT policy's best and worst of 4 answers to each RL prompt by the reward model (as long as PPO's
-        # rollouts, a cut one back to its last full sentence); settings for a 260K model on CPU
-        dpo=dpolib.Config(lr=5e-5, beta=0.1, batch_size=16, micro_batch=8, epochs=2.0, warmup=0.1, eval_every=10,
+        # rollouts, a cut one back to its last full sentence); settings for a 260K model on CPU (docs/results.md)
+        dpo=dpolib.Config(lr=1e-4, beta=0.1, batch_size=16, micro_batch=8, epochs=2.0, warmup=0.1, eval_every=10,
                           log_every=2)),
     # the paper's method on one real chat model (--model, e.g. SmolLM2-135M-Instruct) sized for 2 CPU cores: the
     # paper's prompt files and seed queries; generators differ in prompt quality (the long, well-formatted Faithful
