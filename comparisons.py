@@ -449,7 +449,7 @@ def stage_responses(cfg):
     gens = parse_generators(cfg.generators, cfg.format)
     path = os.path.join(cfg.out, "responses.jsonl")
     done = {(r["query_id"], r["config"]) for r in read_records(path)}
-    loaded, model, tok = None, None, None
+    loaded, model, tok, sp = None, None, None, None
     with RecordWriter(path) as w:
         for g in gens:
             todo = [q for q in queries if (q["id"], g.name) not in done]
@@ -457,7 +457,7 @@ def stage_responses(cfg):
                 print(f"responses: {g.name}: all {len(queries)} on disk, skipping")
                 continue
             if g.model != loaded:   # one model in memory at a time: the last one goes before the next loads
-                model = tok = None
+                model = tok = sp = None   # (the speaker holds its model too)
                 free_memory()
                 model, tok = load(g.model, device=cfg.device)
                 loaded = g.model

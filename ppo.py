@@ -455,7 +455,7 @@ def ppo_epochs(models, r, opts, params, cfg, g, state):
 
 
 def step_metrics(r, stats, cfg, state, t0):
-    """6. The step's metrics: means over the global batch; the std, explained variance, minibatch statistics and
+    """5. The step's metrics: means over the global batch; the std, explained variance, minibatch statistics and
     speeds are this process's. The first minibatch's statistics are kept apart: on it the ratio must be 1, the
     approximate KL and the clip fraction 0 (the rollout and training forwards agree)."""
     rmask, world = r.rmask, world_size()
@@ -576,11 +576,11 @@ def train(cfg):
         # 1. rollout
         batch = rollout(models, [prompt_ids[i] for i in pick], [prompt_texts[i] for i in pick],
                         [derive_seed(cfg.seed, "sampling", step, j) for j in rows], tok, cfg)
-        # 2, 3. score, rewards, advantages
-        score_rollout(models, batch, cfg, state["beta"])
+        # 2, 3. score, rewards, advantages (filled into the record)
+        batch = score_rollout(models, batch, cfg, state["beta"])
         # 4. PPO epochs
         stats = ppo_epochs(models, batch, opts, (p_params, v_params), cfg, g, state)
-        # 5. KL control, once per rollout batch, on the per-sequence KL of the global batch
+        # 5. the step's metrics; KL control, once per rollout batch, on the per-sequence KL of the global batch
         rec = step_metrics(batch, stats, cfg, state, t0)
         if cfg.adaptive_kl:
             state["beta"] = adaptive_kl(state["beta"], rec["kl"], cfg.kl_target, cfg.kl_horizon, cfg.batch_size)

@@ -35,10 +35,11 @@ def test_whole_pipeline_tiny(tmp_path):
     assert stats["pairs"] == len(pairs) > 0 and stats["pairs_without_length_rule"] >= len(pairs)
     assert all(set(p) == {"prompt", "chosen", "rejected", "meta"} for p in pairs)
     assert set(json.load(open(out / "timings.json"))) == {"queries", "responses", "compare", "check", "rm",
-                                                            "selfplay", "sft", "ppo", "eval", "report"}
+                                                            "selfplay", "sft", "ppo", "dpo", "eval", "report"}
     ev = json.load(open(out / "eval" / "results.json"))
     assert ev["protocol"] == "authors" and ev["rm"] == {}      # the rm stage scores the reward models
-    assert list(ev["models"]) == ["base", "sft", "ppo"] and set(ev["vicuna"]) == {"base", "ppo"}
+    assert list(ev["models"]) == ["base", "sft", "ppo", "dpo"] and set(ev["vicuna"]) == {"base", "ppo", "dpo"}
+    assert (out / "dpo" / "last" / "config.json").exists() and read_records(str(out / "dpo_pairs.jsonl"))
     assert all(sum(v["rm"][k] for k in ("win", "tie", "loss")) == 8 for v in ev["vicuna"].values())
     assert all(m["static_hhh"]["all"]["n"] == 8 and m["truthfulqa_mc1"]["n"] == 8 for m in ev["models"].values())
     assert (out / "eval" / "vicuna" / "ppo.jsonl").exists()
@@ -201,11 +202,12 @@ def test_chat_profile_runs_end_to_end_small(smollm2, tmp_path):
     assert sp and all(len(r["candidates"][0]) == 2 for r in sp if r["candidates"])
     assert all(len([t for t in r["turns"] if t["role"] == "assistant"]) <= 1 for r in sp)   # the profile's 1 turn
     ev = read_json(str(tmp_path / "eval" / "results.json"))
-    assert set(ev["models"]) == {"base", "sft", "ppo"} and not ev["vicuna"] and not ev["rm"]
+    assert set(ev["models"]) == {"base", "sft", "ppo", "dpo"} and not ev["vicuna"] and not ev["rm"]
     assert set(read_json(str(tmp_path / "timings.json"))) == set(almost.STAGES)
     report = (tmp_path / "report.md").read_text()
     for line in ("reward model on static HHH (3 pairs)", "the HH harmless test split (3 pairs)",
-                 "the rubric's claim faithful-3shot > hhh-3shot", "ppo as judge on static HHH"):
+                 "the rubric's claim faithful-3shot > hhh-3shot", "ppo as judge on static HHH",
+                 "dpo as judge on static HHH"):
         assert line in report
 
 
@@ -364,15 +366,16 @@ def test_chat_profile_runs_end_to_end_on_a_qwen2_folder(qwen2_stories, tmp_path)
                  "--rubric=faithful-1shot>hhh-1shot>hhh-0shot", f"--assistant={m}:{d}/Faithful_prompt.txt:1:32",
                  f"--user={m}:{d}/HHH_prompt.txt:1:24", "--n=2", "--selfplay_baseline=false", "--ppo.steps=1",
                  "--eval_max_items=3", "--eval_rm_items=3", "--check_items=3", "--sft.epochs=1",
-                 "--ppo.batch_size=4", "--ppo.minibatch=4", "--ppo.ppo_epochs=1", "--ppo.max_new_tokens=16"])
-    for f in ("rm/last", "sft/best", "ppo/last/policy", "ppo/last/value"):
+                 "--ppo.batch_size=4", "--ppo.minibatch=4", "--ppo.ppo_epochs=1", "--ppo.max_new_tokens=16",
+                 "--dpo_pairs=synthetic"])   # (a random model's 16-token answers rarely end a sentence: few on-policy pairs)
+    for f in ("rm/last", "sft/best", "ppo/last/policy", "ppo/last/value", "dpo/last"):
         cfg = read_json(str(tmp_path / f / "config.json"))
         kind = "ForSequenceClassification" if f.startswith("rm") or f.endswith("value") else "ForCausalLM"
         assert cfg["model_type"] == "qwen2" and cfg["architectures"] == ["Qwen2" + kind], f
     transformers = pytest.importorskip("transformers")
     transformers.Qwen2ForSequenceClassification.from_pretrained(str(tmp_path / "rm" / "last"))
     assert len(read_records(str(tmp_path / "responses.jsonl"))) == 120 and read_records(str(tmp_path / "comparisons.jsonl"))
-    assert set(read_json(str(tmp_path / "eval" / "results.json"))["models"]) == {"base", "sft", "ppo"}
+    assert set(read_json(str(tmp_path / "eval" / "results.json"))["models"]) == {"base", "sft", "ppo", "dpo"}
     assert "## Did it work?" in (tmp_path / "report.md").read_text()
 
 
