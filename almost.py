@@ -111,7 +111,7 @@ PROFILES = {
         sft=sftlib.Config(lr=5e-4, batch_size=16, micro_batch=16, epochs=3.0, eval_every=10),
         # PPO: responses as long as the evaluations' (120 tokens), rarely a finished story, so a cut one keeps its RM
         # score, read back to its last full sentence (trim_cut); beta adapts towards 4 nats; two passes a batch and an
-        # entropy bonus keep the answers off one phrase (docs/notes/2026-12-01-ppo-story-profile-over-seeds.md)
+        # entropy bonus keep the answers off one phrase (docs/results.md; docs/notes/ has the rounds that found them)
         ppo=ppolib.Config(steps=80, lr=5e-5, value_lr=3e-4, batch_size=16, minibatch=8, ppo_epochs=2, ent_coef=0.1,
                           max_new_tokens=120, beta=0.15, kl_target=4.0, kl_horizon=640, penalize_missing_eos=False,
                           trim_cut=True),
