@@ -302,7 +302,7 @@ def test_interrupted_stages_resume_with_no_duplicate_and_no_missing_record(tmp_p
 
 
 @pytest.mark.slow
-def test_rl_prompts_are_their_own_set(tmp_path, capsys):
+def test_rl_prompts_are_their_own_set(tmp_path):
     """1a makes the RL prompts as a second set (rl_queries.jsonl) by the same rules, novel against every self-play
     query, so PPO never optimises on a prompt that SFT's demonstrations answered, and the held-out queries stay
     unseen. Without them the ppo stage says which stage makes them."""
